@@ -1,0 +1,191 @@
+"""Model spec -> pipeline. Local sources only; safetensors only.
+
+Specs: ``"embedded"`` (the model shipped in this package), a diffusers folder (model_index.json,
+unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single-file SD 1.x ``.safetensors`` checkpoint
+in the original CompVis key layout (configs shipped in ``pipelines/configs/sd1``), or a Hugging Face
+repo id already in the local cache (looked up with ``local_files_only``; nothing is downloaded).
+Pickle-based files (.ckpt, .bin, .pt, .pth) are refused: loading them can execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.text_to_image import SDComponents, TextToImagePipeline
+
+if TYPE_CHECKING:
+    import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EMBEDDED_MODEL_DIR = PACKAGE_DIR / "embedded" / "shapes-tiny"
+SD1_CONFIG_DIR = PACKAGE_DIR / "configs" / "sd1"
+CLIP_TOKENIZER_DIR = PACKAGE_DIR / "configs" / "clip-tokenizer"
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
+COMPONENT_FOLDERS = ("unet", "vae", "text_encoder")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the file or folder and what to do."""
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise for pickle-based weight files, which can run arbitrary code when loaded."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{path}: '{path.suffix}' files are Python pickles and are never loaded (they can run code). "
+            "Convert it to .safetensors first, e.g. with the safetensors convert tool "
+            "(https://huggingface.co/spaces/safetensors/convert) on a trusted machine."
+        )
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp16 on CUDA (SD 1.x holds quality in half precision), fp32 on CPU."""
+    import torch
+
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def file_hash(path: Path) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def resolve_spec(spec: str | Path) -> Path:
+    """Turn a spec into a local path: the embedded folder, a file/folder, or a cached HF repo."""
+    text = str(spec).strip()
+    if not text:
+        raise ModelLoadError("model spec is empty; use 'embedded', a folder, or a .safetensors file")
+    if text == "embedded":
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"the embedded model is not built in {EMBEDDED_MODEL_DIR}; train and export it with "
+                "`python -m pipelines.training.all` (see weights.md)"
+            )
+        return EMBEDDED_MODEL_DIR
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _cached_repo(text)
+    raise ModelLoadError(f"model not found: {path} (no such file or folder)")
+
+
+def _cached_repo(repo_id: str) -> Path:
+    """A repo already in the local Hugging Face cache; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"model not found: {repo_id!r} is neither a local path nor in the local Hugging Face cache "
+            "(nothing is downloaded; put the weights on disk and pass their path)"
+        ) from error
+
+
+def load_pipeline(
+    spec: str | Path = "embedded",
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    vae: str | Path | None = None,
+    config: str | Path | None = None,
+) -> TextToImagePipeline:
+    """Load a text-to-image pipeline from a local model spec (see module docstring).
+
+    ``vae``: a separate VAE ``.safetensors`` (original or diffusers key layout) replacing the model's.
+    ``config``: a diffusers folder whose configs describe a single-file checkpoint (default: SD 1.x).
+    """
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    path = resolve_spec(spec)
+    refuse_pickle(path)
+    if path.is_dir():
+        components = load_diffusers_folder(path, dtype)
+    elif path.suffix.lower() == ".safetensors":
+        from pipelines.single_file import load_single_file
+
+        components = load_single_file(path, Path(config) if config else SD1_CONFIG_DIR, dtype)
+    else:
+        raise ModelLoadError(f"{path}: not a model; expected a diffusers folder or a .safetensors file")
+    if vae is not None:
+        from pipelines.single_file import load_vae_file
+
+        components.vae = load_vae_file(Path(vae), Path(config) if config else SD1_CONFIG_DIR, dtype)
+    if str(spec).strip() == "embedded":
+        components.name = EMBEDDED_MODEL_DIR.name
+    for module in (components.unet, components.vae, components.text_encoder):
+        if module.device.type != device.split(":")[0]:
+            module.to(device)
+        module.eval().requires_grad_(False)
+    return TextToImagePipeline(components)
+
+
+def _weights_file(folder: Path) -> tuple[Path, str | None]:
+    """The safetensors weights of one component folder and its variant; refuses pickle-only folders."""
+    candidates = sorted(folder.glob("*.safetensors"))
+    plain = [p for p in candidates if p.name.count(".") == 1]
+    if plain:
+        return plain[0], None
+    if candidates:
+        return candidates[0], candidates[0].name.split(".")[-2]
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
+    if pickles:
+        refuse_pickle(pickles[0])
+    raise ModelLoadError(f"{folder}: no .safetensors weights found")
+
+
+def load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDComponents:
+    """Components of a diffusers-layout folder, each checked and loaded with ``local_files_only``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
+    weights = {name: _weights_file(path / name) for name in COMPONENT_FOLDERS}
+    classes: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    modules: dict[str, Any] = {}
+    for name, model_class in classes.items():
+        file, variant = weights[name]
+        try:
+            modules[name] = model_class.from_pretrained(
+                path, subfolder=name, variant=variant, use_safetensors=True, local_files_only=True, dtype=dtype
+            )
+        except Exception as error:  # noqa: BLE001 - every library error becomes one clear message
+            raise ModelLoadError(f"{file}: cannot load {name}: {error}") from error
+    tokenizer_dir = path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else CLIP_TOKENIZER_DIR
+    return SDComponents(
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+        text_encoder=modules["text_encoder"],
+        unet=modules["unet"],
+        vae=modules["vae"],
+        scheduler_config=read_scheduler_config(path),
+        name=path.name,
+        model_hash=file_hash(weights["unet"][0]),
+        source=str(path),
+    )
+
+
+def read_scheduler_config(path: Path) -> dict[str, Any]:
+    """The model's noise schedule (scheduler/scheduler_config.json), SD 1.x's when absent."""
+    file = path / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        file = SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{file}: unreadable scheduler config: {error}") from error

@@ -1,0 +1,95 @@
+"""What one generation is asked to do: a validated, immutable request with A1111-like defaults.
+
+Every front end (CLI, UI, HTTP, batch) builds a ``GenerationRequest``; its ranges live here once.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from pipelines.schedulers import DEFAULT_SAMPLER, resolve_sampler
+
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1
+LIMITS: dict[str, tuple[float, float]] = {
+    "width": (8, 2048),
+    "height": (8, 2048),
+    "steps": (1, 150),
+    "n": (1, 16),
+    "seed": (RANDOM_SEED, MAX_SEED),
+}
+
+
+def _require_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _check_range(name: str, value: int) -> None:
+    low, high = LIMITS[name]
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Settings of one text-to-image request (A1111 defaults: 20 steps, CFG 7, 512x512).
+
+    ``seed`` -1 means random; ``resolved()`` replaces it with the seed actually used.
+    Image ``i`` of the request uses seed ``seed + i`` (A1111's convention), each from its own
+    CPU ``torch.Generator``, so a seed gives the same picture at any batch size.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = RANDOM_SEED
+    width: int = 512
+    height: int = 512
+    n: int = 1
+    sampler: str = DEFAULT_SAMPLER
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad argument and its value."""
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("width", "height"):
+            value = _require_int(name, getattr(self, name))
+            if value <= 0 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+            _check_range(name, value)
+        for name in ("steps", "n"):
+            _check_range(name, _require_int(name, getattr(self, name)))
+        seed = _require_int("seed", self.seed)
+        if seed < 0 and seed != RANDOM_SEED:
+            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
+        if seed > MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
+        cfg = self.cfg_scale
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg!r}")
+        resolve_sampler(self.sampler)
+
+    def resolved(self) -> GenerationRequest:
+        """The same request with a random seed drawn if ``seed`` is -1 (room left for ``n`` images)."""
+        if self.seed != RANDOM_SEED:
+            return self
+        return replace(self, seed=secrets.randbelow(MAX_SEED - self.n + 2))
+
+    def seeds(self) -> list[int]:
+        """Seed of each image: ``seed + i``, wrapping around past 2^32 - 1."""
+        if self.seed == RANDOM_SEED:
+            raise ValueError("seed is -1: call resolved() first")
+        return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,213 @@
+"""The text-to-image pipeline: Stable Diffusion 1.x sampling on diffusers components.
+
+Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models") with classifier-free guidance (Ho & Salimans 2022). The structure follows diffusers'
+``StableDiffusionPipeline.__call__``: check inputs, encode prompt, timesteps, latents, denoise,
+decode; for the same components, seeds and scheduler it produces the same images.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipelines.prompts import TokenCount, count_tokens, encode_prompt_pair
+from pipelines.request import GenerationRequest
+from pipelines.schedulers import build_scheduler
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the denoising loop when the caller's cancel event is set."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Handed to the step callback after every denoising step."""
+
+    step: int  # 1-based
+    total: int
+    timestep: float
+    latents: torch.Tensor  # [n, 4, H/8, W/8], the current (noisy) latents
+
+
+@dataclass
+class TextToImageOutput:
+    """Images in request order, the seed of each, and the request as actually run (seed resolved)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    request: GenerationRequest
+    model_name: str
+    model_hash: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SDComponents:
+    """The three models of SD 1.x plus tokenizer and the model's noise schedule (scheduler config)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    name: str = "model"
+    model_hash: str | None = None
+    source: str = ""
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+class TextToImagePipeline:
+    """Generate images from text with a CLIP text encoder, a U-Net and a VAE.
+
+    >>> pipe = load_pipeline("embedded")
+    >>> out = pipe(GenerationRequest(prompt="a red circle on a blue background", seed=1))
+    >>> out.images[0].save("circle.png")
+    """
+
+    def __init__(self, components: SDComponents) -> None:
+        self.components = components
+        self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        self._lock = threading.Lock()  # one generation at a time per loaded model
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.unet.dtype
+
+    @property
+    def name(self) -> str:
+        return self.components.name
+
+    def count_tokens(self, prompt: str) -> TokenCount:
+        """Tokens in ``prompt`` and the number of 75-token chunks it will be encoded in."""
+        return count_tokens(self.components.tokenizer, prompt)
+
+    def generate(self, prompt: str, **settings: Any) -> TextToImageOutput:
+        """Shorthand: ``pipe.generate("a cat", seed=1, steps=20)``."""
+        return self(GenerationRequest(prompt=prompt, **settings))
+
+    def __call__(
+        self,
+        request: GenerationRequest,
+        *,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        progress: bool = False,
+    ) -> TextToImageOutput:
+        """Run one request. ``on_step`` sees every step; setting ``cancel`` stops within one step."""
+        import torch
+
+        # 1. Check inputs (the request validates itself) and resolve a random seed.
+        if not isinstance(request, GenerationRequest):
+            raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
+        request = request.resolved()
+        seeds = request.seeds()
+        with self._lock, torch.inference_mode():
+            # 2. Encode prompt and negative prompt (classifier-free guidance needs both).
+            guided = request.cfg_scale > 1.0
+            text_states = self.encode_prompt(request.prompt, request.negative_prompt, request.n, guided)
+            # 3. Timesteps of a fresh scheduler (schedulers keep per-run state).
+            scheduler = build_scheduler(request.sampler, self.components.scheduler_config)
+            scheduler.set_timesteps(request.steps, device=self.device)
+            # 4. Latents: one CPU generator per image, so a seed's picture is independent of batch size.
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            latents = self.prepare_latents(request, generators) * scheduler.init_noise_sigma
+            # 5. Denoise.
+            latents = self.denoise(
+                scheduler, latents, text_states, request.cfg_scale, generators, on_step, cancel, progress
+            )
+            # 6. Decode.
+            images = self.decode(latents)
+        return TextToImageOutput(
+            images=images,
+            seeds=seeds,
+            request=request,
+            model_name=self.components.name,
+            model_hash=self.components.model_hash,
+        )
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, n: int, guided: bool) -> torch.Tensor:
+        """Text states for the U-Net: [2n, 77k, D] as (negative, positive) when guided, else [n, 77k, D]."""
+        import torch
+
+        c = self.components
+        positive, negative = encode_prompt_pair(c.tokenizer, c.text_encoder, prompt, negative_prompt)
+        positive = positive.to(self.dtype).repeat(n, 1, 1)  # [n, 77k, D]
+        if not guided:
+            return positive
+        negative = negative.to(self.dtype).repeat(n, 1, 1)  # [n, 77k, D]
+        return torch.cat([negative, positive])  # [2n, 77k, D]
+
+    def prepare_latents(self, request: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
+        """Gaussian latents [n, C, H/8, W/8], drawn in fp32 on the CPU, one generator per image."""
+        import torch
+
+        channels = self.components.unet.config.in_channels
+        shape = (1, channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        return latents.to(self.device, self.dtype)  # [n, C, h, w]
+
+    def denoise(
+        self,
+        scheduler: Any,
+        latents: torch.Tensor,
+        text_states: torch.Tensor,
+        cfg_scale: float,
+        generators: list[torch.Generator],
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler."""
+        import inspect
+
+        import torch
+        from tqdm.auto import tqdm
+
+        guided = text_states.shape[0] == 2 * latents.shape[0]
+        step_kwargs: dict[str, Any] = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
+        if "eta" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["eta"] = 0.0
+        timesteps = scheduler.timesteps
+        for index, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"cancelled after {index} of {len(timesteps)} steps")
+            model_input = torch.cat([latents] * 2) if guided else latents  # [2n or n, C, h, w]
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.components.unet(model_input, t, encoder_hidden_states=text_states).sample
+            if guided:
+                noise_uncond, noise_text = noise.chunk(2)
+                noise = noise_uncond + cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
+            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+            if on_step is not None:
+                on_step(StepInfo(index + 1, len(timesteps), float(t), latents))
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """VAE-decode latents one image at a time (bounded memory) to 8-bit RGB PIL images."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae = self.components.vae
+        images = []
+        for latent in latents.split(1):  # [1, C, h, w]
+            pixels = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample  # [1, 3, H, W]
+            pixels = (pixels / 2 + 0.5).clamp(0, 1).float()
+            array = pixels.permute(0, 2, 3, 1).cpu().numpy()  # [1, H, W, 3]
+            images.extend(VaeImageProcessor.numpy_to_pil(array))
+        return images

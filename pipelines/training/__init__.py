@@ -1,0 +1,1 @@
+"""Scripts that build and train the embedded model (run as ``python -m pipelines.training.<stage>``)."""

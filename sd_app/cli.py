@@ -1,0 +1,116 @@
+"""``sd-app``: the command line. Thin: parses arguments into a request and calls the engine.
+
+Errors in input exit with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pipelines.request import GenerationRequest
+from pipelines.schedulers import DEFAULT_SAMPLER
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sd-app: error: {message}\n")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = GenerationRequest()
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (1-150)")
+    parser.add_argument("--cfg", type=float, default=defaults.cfg_scale, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; -1 = random")
+    parser.add_argument("--width", type=int, default=defaults.width)
+    parser.add_argument("--height", type=int, default=defaults.height)
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 sampler name (see `sd-app info`)")
+    parser.add_argument("--n", type=int, default=1, help="number of images / candidates (1-16)")
+    parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
+    parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
+    parser.add_argument("--reranker", default="embedded", help="CLIP model folder used to score candidates")
+    parser.add_argument("--no-rerank", action="store_true", help="keep generation order, no CLIP scores")
+    parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sd-app", description="Stable Diffusion 1.x text-to-image with CLIP reranking")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    generate = commands.add_parser("generate", help="generate images and write PNGs with metadata")
+    generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
+    _add_generation_arguments(generate)
+    commands.add_parser("info", help="list models and samplers")
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from sd_app.engine import Engine
+
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        n=args.n,
+        sampler=args.sampler,
+    )
+    rerank = not args.no_rerank and args.reranker.lower() != "none"
+    engine = Engine(
+        model=args.model,
+        vae=args.vae,
+        reranker=args.reranker if rerank else None,
+        output_dir=args.out,
+        device=args.device,
+    )
+    result = engine.generate(request, rerank=rerank, keep=args.keep, progress=True)
+    for candidate in result.candidates:
+        score = f"  CLIP score {candidate.score:.2f}" if candidate.score is not None else ""
+        print(f"{candidate.path}  seed {candidate.seed}{score}")
+    if result.prompt_truncated_for_scoring:
+        print("note: the prompt is longer than CLIP's 77 tokens; it was truncated for scoring", file=sys.stderr)
+    return 0
+
+
+def run_info() -> int:
+    from pipelines.loading import EMBEDDED_MODEL_DIR, default_device
+    from pipelines.schedulers import sampler_names
+
+    built = (EMBEDDED_MODEL_DIR / "model_index.json").is_file()
+    print("models:")
+    print(f"  embedded  {EMBEDDED_MODEL_DIR}  ({'ready' if built else 'not built yet'})")
+    print("  or any local diffusers folder / SD 1.x .safetensors file / cached HF repo id")
+    print("samplers:")
+    for name in sampler_names():
+        print(f"  {name}")
+    print(f"device: {default_device()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sd-app`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        return run_info()
+    except (ValueError, OSError) as error:
+        print(f"sd-app: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sd-app: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

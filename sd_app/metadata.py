@@ -1,0 +1,109 @@
+"""AUTOMATIC1111's PNG ``parameters`` text: write it for our images, parse it from anyone's.
+
+Format: the prompt (one or more lines), an optional ``Negative prompt: ...`` line, then a last line of
+``Key: value`` pairs joined by ", " where values containing ``,``, ``:`` or newlines are JSON-quoted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pipelines.request import GenerationRequest
+from pipelines.schedulers import resolve_sampler
+
+VERSION = "sd-app 0.1.0"
+NEGATIVE_PREFIX = "Negative prompt:"
+_PAIR_RE = re.compile(r'\s*([\w ().+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+
+
+def format_parameters(
+    request: GenerationRequest,
+    seed: int,
+    model_name: str,
+    model_hash: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The ``parameters`` text for one image of ``request`` made with ``seed``."""
+    spec = resolve_sampler(request.sampler)
+    pairs: dict[str, Any] = {
+        "Steps": request.steps,
+        "Sampler": spec.name,
+        "Schedule type": spec.schedule,
+        "CFG scale": f"{request.cfg_scale:g}",
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+    }
+    if model_hash:
+        pairs["Model hash"] = model_hash
+    pairs["Model"] = model_name
+    pairs.update(extra or {})
+    pairs["Version"] = VERSION
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items()))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Parse A1111 ``parameters``: {"prompt", "negative_prompt", and each Key: value of the last line}.
+
+    Raises ValueError if the text has no settings line (fewer than 3 ``Key: value`` pairs).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("no parameters text found")
+    lines = text.strip().split("\n")
+    settings_line = lines[-1]
+    pairs = {m.group(1).strip(): m.group(2).strip() for m in _PAIR_RE.finditer(settings_line)}
+    if len(pairs) < 3:
+        raise ValueError("not AUTOMATIC1111 parameters: the last line has fewer than 3 'Key: value' pairs")
+    for key, value in pairs.items():
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            try:
+                pairs[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    prompt_lines, negative_lines = [], []
+    target = prompt_lines
+    for line in lines[:-1]:
+        if line.startswith(NEGATIVE_PREFIX):
+            target = negative_lines
+            line = line[len(NEGATIVE_PREFIX) :].lstrip()
+        target.append(line)
+    return {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), **pairs}
+
+
+def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
+    """A request reproducing a parsed ``parameters`` dict (A1111's or ours)."""
+    sampler = str(params.get("Sampler", "Euler a"))
+    schedule = str(params.get("Schedule type", "Automatic"))
+    if schedule not in ("Automatic", "") and not sampler.endswith(schedule):
+        sampler = f"{sampler} {schedule}"
+    width, _, height = str(params.get("Size", "512x512")).partition("x")
+    try:
+        return GenerationRequest(
+            prompt=params.get("prompt", ""),
+            negative_prompt=params.get("negative_prompt", ""),
+            steps=int(params.get("Steps", 20)),
+            cfg_scale=float(params.get("CFG scale", 7.0)),
+            seed=int(params.get("Seed", -1)),
+            width=int(width),
+            height=int(height),
+            sampler=sampler,
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"parameters cannot be reused: {error}") from error
+
+
+def read_png_parameters(image: Any) -> str | None:
+    """The ``parameters`` text chunk of an opened PIL image, if any."""
+    info = getattr(image, "info", {}) or {}
+    text = info.get("parameters")
+    return text if isinstance(text, str) else None

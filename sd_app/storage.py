@@ -1,0 +1,70 @@
+"""The output folder: safe file names, atomic PNG writes with metadata, never overwriting.
+
+Names follow A1111's ``NNNNN-SEED-<prompt slug>.png``. A file appears whole or not at all: the PNG is
+written to a temporary file in the same folder and hard-linked to its final name, which fails rather
+than replaces if that name exists (then the next number is tried).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SLUG_MAX = 60
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_NUMBER_RE = re.compile(r"^(\d{5})-")
+
+
+def slugify(prompt: str, max_length: int = SLUG_MAX) -> str:
+    """A file-name-safe slug of a prompt: no separators, control characters or reserved names."""
+    text = unicodedata.normalize("NFKC", prompt)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    text = re.sub(r"[^\w.-]+", " ", text)  # separators, brackets, punctuation -> space
+    text = re.sub(r"[\s_]+", "_", text.strip()).strip("._-")
+    text = text[:max_length].rstrip("._-")
+    if not text or text.lower().split(".")[0] in _WINDOWS_RESERVED:
+        text = f"img_{text}" if text else "untitled"
+    return text[:max_length]
+
+
+def next_number(folder: Path) -> int:
+    """One more than the highest ``NNNNN-`` number in ``folder`` (0 for an empty folder)."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBER_RE.match(p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_png(
+    image: Image.Image, folder: str | Path, seed: int, prompt: str, parameters: str | None = None
+) -> Path:
+    """Write ``image`` atomically as ``NNNNN-SEED-slug.png`` in ``folder`` (created if missing)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG", pnginfo=info)
+            stream.flush()
+            os.fsync(stream.fileno())
+        slug = slugify(prompt)
+        number = next_number(folder)
+        while True:
+            target = folder / f"{number:05d}-{seed}-{slug}.png"
+            try:
+                os.link(temp_name, target)  # fails instead of overwriting
+                return target
+            except FileExistsError:
+                number += 1
+    finally:
+        os.unlink(temp_name)

@@ -1,0 +1,31 @@
+"""Shared fixtures: every test runs offline on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+from tests.sd_fixtures import tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """A random tiny SD-topology model in diffusers layout (built once per test session)."""
+    return tiny_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_model):
+    return tiny_model.parent / "tiny-config"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model):
+    from pipelines.loading import load_pipeline
+
+    return load_pipeline(tiny_model, device="cpu")

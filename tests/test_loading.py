@@ -1,0 +1,117 @@
+"""Model loading from local files: formats, refusals and clear errors that name the file."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.loading import ModelLoadError, load_pipeline
+from pipelines.single_file import save_single_file
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny_pipe, tmp_path_factory):
+    return save_single_file(tiny_pipe.components, tmp_path_factory.mktemp("single") / "tiny.safetensors")
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_single_file_round_trip_gives_the_same_model_and_image(tiny_pipe, single_file, tiny_config):
+    loaded = load_pipeline(single_file, device="cpu", config=tiny_config)
+    for name in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(tiny_pipe.components, name), getattr(loaded.components, name)), name
+    assert loaded.name == "tiny" and len(loaded.components.model_hash) == 10
+    a = tiny_pipe.generate("a red circle", seed=3, steps=3, width=64, height=64).images[0]
+    b = loaded.generate("a red circle", seed=3, steps=3, width=64, height=64).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_separate_vae_file_replaces_the_models_vae(tiny_pipe, single_file, tiny_config, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    vae_only = {k.removeprefix("first_stage_model."): v for k, v in load_file(single_file).items()
+                if k.startswith("first_stage_model.")}
+    vae_only = {k: (v * 0 + 0.01 if k.endswith("conv_out.bias") else v) for k, v in vae_only.items()}
+    save_file(vae_only, tmp_path / "vae.safetensors")
+    loaded = load_pipeline(single_file, device="cpu", config=tiny_config, vae=tmp_path / "vae.safetensors")
+    assert torch.allclose(loaded.components.vae.decoder.conv_out.bias, torch.full((3,), 0.01))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickle_files_are_refused_with_advice(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelLoadError, match=rf"model\{suffix}.*safetensors"):
+        load_pipeline(path, device="cpu")
+
+
+def test_folder_with_only_pickled_weights_is_refused(tiny_model, tmp_path):
+    copy = shutil.copytree(tiny_model, tmp_path / "pickled")
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(copy / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"diffusion_pytorch_model\.bin.*never loaded"):
+        load_pipeline(copy, device="cpu")
+
+
+def test_missing_path_and_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found.*nope"):
+        load_pipeline(tmp_path / "nope", device="cpu")
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        load_pipeline(tmp_path, device="cpu")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelLoadError, match="notes.txt"):
+        load_pipeline(text, device="cpu")
+
+
+def test_uncached_repo_id_is_not_downloaded():
+    with pytest.raises(ModelLoadError, match="nothing is downloaded"):
+        load_pipeline("someone/not-in-cache", device="cpu")
+
+
+def test_truncated_file_is_a_clear_error(single_file, tmp_path, tiny_config):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(single_file.read_bytes()[: single_file.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=r"cut\.safetensors.*not a valid or complete"):
+        load_pipeline(cut, device="cpu", config=tiny_config)
+
+
+def test_wrong_shapes_and_wrong_layout_name_the_file(single_file, tiny_model, tmp_path):
+    from pipelines.loading import SD1_CONFIG_DIR  # noqa: F401 - the default config: SD 1.5 shapes
+
+    with pytest.raises(ModelLoadError, match=r"tiny\.safetensors.*U-Net"):
+        load_pipeline(single_file, device="cpu")  # tiny weights against SD 1.5 shapes
+    diffusers_file = tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ModelLoadError, match="not an SD 1.x checkpoint in the original layout"):
+        load_pipeline(diffusers_file, device="cpu")
+
+
+def test_missing_tensors_are_reported(single_file, tmp_path, tiny_config):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(single_file)
+    del state["model.diffusion_model.out.2.weight"]
+    save_file(state, tmp_path / "partial.safetensors")
+    with pytest.raises(ModelLoadError, match=r"partial\.safetensors"):
+        load_pipeline(tmp_path / "partial.safetensors", device="cpu", config=tiny_config)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_random_weights_round_trip(tmp_path):
+    """SD 1.5 shapes (860M U-Net): diffusers folder -> single file -> loader, with the shipped configs."""
+    from pipelines.loading import SD1_CONFIG_DIR
+    from pipelines.random_model import write_random_model
+
+    folder = write_random_model(SD1_CONFIG_DIR, tmp_path / "sd15")
+    pipe = load_pipeline(folder, device="cpu")
+    path = save_single_file(pipe.components, tmp_path / "sd15.safetensors")
+    loaded = load_pipeline(path, device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(pipe.components, name), getattr(loaded.components, name)), name
+    assert tuple(loaded.encode_prompt("a cat", "", 1, guided=False).shape) == (1, 77, 768)

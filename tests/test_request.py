@@ -1,0 +1,62 @@
+"""Every bad setting raises ValueError naming the argument and its value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipelines.request import MAX_SEED, GenerationRequest
+from pipelines.schedulers import build_scheduler, resolve_sampler, sampler_names
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("width", 500), ("width", 0), ("width", -8), ("width", 2056), ("height", 7), ("height", 4096),
+        ("width", 512.0), ("steps", 0), ("steps", 151), ("steps", 2.5), ("cfg_scale", math.nan),
+        ("cfg_scale", math.inf), ("cfg_scale", -1.0), ("cfg_scale", "7"), ("n", 0), ("n", 17),
+        ("seed", -2), ("seed", MAX_SEED + 1), ("seed", 1.5), ("seed", True), ("seed", "12"),
+        ("sampler", "Euler b"), ("prompt", None),
+    ],
+)
+def test_bad_values_name_the_argument(field, value):
+    with pytest.raises(ValueError, match=field if field != "sampler" else "sampler") as error:
+        GenerationRequest(**{field: value})
+    assert repr(value)[:6] in str(error.value) or str(value)[:6] in str(error.value)
+
+
+def test_good_edges_are_accepted():
+    GenerationRequest(width=8, height=2048, steps=1, n=16, seed=0, cfg_scale=0)
+    GenerationRequest(steps=150, seed=MAX_SEED, prompt="")
+
+
+def test_random_seed_is_resolved_and_seeds_follow():
+    request = GenerationRequest(seed=-1, n=3).resolved()
+    assert 0 <= request.seed <= MAX_SEED
+    assert request.seeds() == [request.seed, request.seed + 1, request.seed + 2]
+    assert GenerationRequest(seed=7, n=2).resolved().seeds() == [7, 8]
+
+
+REQUIRED = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PNDM", "LMS", "Heun", "UniPC"]
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_a1111_sampler_names_build_schedulers(name):
+    from pipelines.loading import SD1_CONFIG_DIR, read_scheduler_config
+
+    scheduler = build_scheduler(name, read_scheduler_config(SD1_CONFIG_DIR))
+    scheduler.set_timesteps(10)
+    assert len(scheduler.timesteps) >= 10
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert name in sampler_names()
+
+
+def test_karras_and_case_insensitive_names():
+    assert resolve_sampler("dpm++ 2m karras").options["use_karras_sigmas"] is True
+    assert resolve_sampler("DPM++ 2M").schedule == "Automatic"
+
+
+def test_unknown_sampler_lists_choices():
+    with pytest.raises(ValueError, match="Euler a.*UniPC|UniPC.*Euler a"):
+        resolve_sampler("k_lms_v2")
