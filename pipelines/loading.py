@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.speed import SpeedOptions, apply_speed_options, default_dtype, text_encoder_dtype
 from pipelines.text_to_image import SDComponents, TextToImagePipeline
 
 if TYPE_CHECKING:
@@ -45,13 +46,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """fp16 on CUDA (SD 1.x holds quality in half precision), fp32 on CPU."""
-    import torch
-
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
 def file_hash(path: Path) -> str:
@@ -104,34 +98,39 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     vae: str | Path | None = None,
     config: str | Path | None = None,
+    speed: SpeedOptions | None = None,
 ) -> TextToImagePipeline:
     """Load a text-to-image pipeline from a local model spec (see module docstring).
 
-    ``vae``: a separate VAE ``.safetensors`` (original or diffusers key layout) replacing the model's.
-    ``config``: a diffusers folder whose configs describe a single-file checkpoint (default: SD 1.x).
+    ``dtype``: the U-Net and VAE dtype (default: fp16 on CUDA, bf16 on CPUs with native bf16, else
+    fp32; see ``pipelines.speed``). ``vae``: a separate VAE ``.safetensors`` (original or diffusers
+    key layout) replacing the model's. ``config``: a diffusers folder whose configs describe a
+    single-file checkpoint (default: SD 1.x). ``speed``: memory format / fusion / compile options.
     """
     device = device or default_device()
-    dtype = dtype or default_dtype(device)
+    dtypes = {"model": dtype or default_dtype(device), "text": text_encoder_dtype(device)}
     path = resolve_spec(spec)
     refuse_pickle(path)
+    config_dir = Path(config) if config else SD1_CONFIG_DIR
     if path.is_dir():
-        components = load_diffusers_folder(path, dtype)
+        components = load_diffusers_folder(path, dtypes)
     elif path.suffix.lower() == ".safetensors":
         from pipelines.single_file import load_single_file
 
-        components = load_single_file(path, Path(config) if config else SD1_CONFIG_DIR, dtype)
+        components = load_single_file(path, config_dir, dtypes)
     else:
         raise ModelLoadError(f"{path}: not a model; expected a diffusers folder or a .safetensors file")
     if vae is not None:
         from pipelines.single_file import load_vae_file
 
-        components.vae = load_vae_file(Path(vae), Path(config) if config else SD1_CONFIG_DIR, dtype)
+        components.vae = load_vae_file(Path(vae), config_dir, dtypes["model"])
     if str(spec).strip() == "embedded":
         components.name = EMBEDDED_MODEL_DIR.name
     for module in (components.unet, components.vae, components.text_encoder):
         if module.device.type != device.split(":")[0]:
             module.to(device)
         module.eval().requires_grad_(False)
+    apply_speed_options(components, speed or SpeedOptions(channels_last=device == "cpu"))
     return TextToImagePipeline(components)
 
 
@@ -149,7 +148,7 @@ def _weights_file(folder: Path) -> tuple[Path, str | None]:
     raise ModelLoadError(f"{folder}: no .safetensors weights found")
 
 
-def load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDComponents:
+def load_diffusers_folder(path: Path, dtypes: dict[str, torch.dtype]) -> SDComponents:
     """Components of a diffusers-layout folder, each checked and loaded with ``local_files_only``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -161,6 +160,7 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDComponents:
     modules: dict[str, Any] = {}
     for name, model_class in classes.items():
         file, variant = weights[name]
+        dtype = dtypes["text" if name == "text_encoder" else "model"]
         try:
             modules[name] = model_class.from_pretrained(
                 path, subfolder=name, variant=variant, use_safetensors=True, local_files_only=True, dtype=dtype

@@ -20,6 +20,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "steps": (1, 150),
     "n": (1, 16),
     "seed": (RANDOM_SEED, MAX_SEED),
+    "cache_interval": (1, 10),
 }
 
 
@@ -40,6 +41,9 @@ class GenerationRequest:
     """Settings of one text-to-image request (A1111 defaults: 20 steps, CFG 7, 512x512).
 
     ``seed`` -1 means random; ``resolved()`` replaces it with the seed actually used.
+    Opt-in accelerators that change the picture a little: ``cache_interval`` N > 1 reuses deep U-Net
+    features for N-1 of every N steps (DeepCache); ``guidance_cutoff`` f drops classifier-free
+    guidance for the last fraction f of the steps.
     Image ``i`` of the request uses seed ``seed + i`` (A1111's convention), each from its own
     CPU ``torch.Generator``, so a seed gives the same picture at any batch size.
     """
@@ -53,6 +57,8 @@ class GenerationRequest:
     height: int = 512
     n: int = 1
     sampler: str = DEFAULT_SAMPLER
+    cache_interval: int = 1
+    guidance_cutoff: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,7 +73,7 @@ class GenerationRequest:
             if value <= 0 or value % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
             _check_range(name, value)
-        for name in ("steps", "n"):
+        for name in ("steps", "n", "cache_interval"):
             _check_range(name, _require_int(name, getattr(self, name)))
         seed = _require_int("seed", self.seed)
         if seed < 0 and seed != RANDOM_SEED:
@@ -77,6 +83,9 @@ class GenerationRequest:
         cfg = self.cfg_scale
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg!r}")
+        cutoff = self.guidance_cutoff
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff < 1:
+            raise ValueError(f"guidance_cutoff must be a fraction in [0, 1), got {cutoff!r}")
         resolve_sampler(self.sampler)
 
     def resolved(self) -> GenerationRequest:

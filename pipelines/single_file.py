@@ -73,7 +73,7 @@ def _convert(path: Path, name: str, build: Any) -> Any:
     return module
 
 
-def load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> SDComponents:
+def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype]) -> SDComponents:
     """Components of a single-file SD 1.x checkpoint, shaped by the diffusers configs in ``config_dir``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -84,7 +84,8 @@ def load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> SDComp
     state = read_safetensors(path)
     for prefix, what in ((UNET_PREFIX, "U-Net"), (VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
         _check_prefix(path, state, prefix, what)
-    options = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    options = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtypes["model"]}
+    text_options = {**options, "torch_dtype": dtypes["text"]}
     unet = _convert(
         path, "U-Net", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **options)
     )
@@ -93,7 +94,7 @@ def load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> SDComp
         path,
         "text encoder",
         lambda: create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, state, subfolder="text_encoder", **options
+            CLIPTextModel, state, subfolder="text_encoder", **text_options
         ),
     )
     tokenizer_dir = config_dir / "tokenizer"

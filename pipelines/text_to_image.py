@@ -127,9 +127,7 @@ class TextToImagePipeline:
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
             latents = self.prepare_latents(request, generators) * scheduler.init_noise_sigma
             # 5. Denoise.
-            latents = self.denoise(
-                scheduler, latents, text_states, request.cfg_scale, generators, on_step, cancel, progress
-            )
+            latents = self.denoise(scheduler, latents, text_states, request, generators, on_step, cancel, progress)
             # 6. Decode.
             images = self.decode(latents)
         return TextToImageOutput(
@@ -146,7 +144,7 @@ class TextToImagePipeline:
 
         c = self.components
         positive, negative = encode_prompt_pair(c.tokenizer, c.text_encoder, prompt, negative_prompt)
-        positive = positive.to(self.dtype).repeat(n, 1, 1)  # [n, 77k, D]
+        positive = positive.to(self.dtype).repeat(n, 1, 1)  # [n, 77k, D] in the U-Net's dtype
         if not guided:
             return positive
         negative = negative.to(self.dtype).repeat(n, 1, 1)  # [n, 77k, D]
@@ -159,41 +157,56 @@ class TextToImagePipeline:
         channels = self.components.unet.config.in_channels
         shape = (1, channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        return latents.to(self.device, self.dtype)  # [n, C, h, w]
+        return latents.to(self.device)  # [n, C, h, w], fp32 whatever the model's dtype
 
     def denoise(
         self,
         scheduler: Any,
         latents: torch.Tensor,
         text_states: torch.Tensor,
-        cfg_scale: float,
+        request: GenerationRequest,
         generators: list[torch.Generator],
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler."""
+        """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler.
+
+        Latents and scheduler arithmetic stay in fp32; only the U-Net runs in the model's dtype.
+        """
         import inspect
 
         import torch
         from tqdm.auto import tqdm
 
-        guided = text_states.shape[0] == 2 * latents.shape[0]
+        from pipelines.deep_cache import DeepCacheRunner
+
+        unet = self.components.unet
+        n = latents.shape[0]
+        step_parameters = inspect.signature(scheduler.step).parameters
         step_kwargs: dict[str, Any] = {}
-        if "generator" in inspect.signature(scheduler.step).parameters:
+        if "generator" in step_parameters:
             step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
-        if "eta" in inspect.signature(scheduler.step).parameters:
+        if "eta" in step_parameters:
             step_kwargs["eta"] = 0.0
         timesteps = scheduler.timesteps
+        guided_steps = len(timesteps) - round(len(timesteps) * request.guidance_cutoff)
+        runner = DeepCacheRunner(unet, request.cache_interval)
         for index, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(f"cancelled after {index} of {len(timesteps)} steps")
+            guided = text_states.shape[0] == 2 * n and index < guided_steps
+            states = text_states if guided else text_states[-n:]  # positive half when unguided
             model_input = torch.cat([latents] * 2) if guided else latents  # [2n or n, C, h, w]
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.components.unet(model_input, t, encoder_hidden_states=text_states).sample
+            model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
+            if request.cache_interval > 1:
+                noise = runner(model_input, t, states, index)
+            else:
+                noise = unet(model_input, t, encoder_hidden_states=states).sample
+            noise = noise.float()  # [2n or n, C, h, w]
             if guided:
                 noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
+                noise = noise_uncond + request.cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
             latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(StepInfo(index + 1, len(timesteps), float(t), latents))

@@ -40,6 +40,10 @@ def format_parameters(
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
     }
+    if request.cache_interval > 1:
+        pairs["DeepCache interval"] = request.cache_interval
+    if request.guidance_cutoff > 0:
+        pairs["CFG cutoff"] = f"{request.guidance_cutoff:g}"
     if model_hash:
         pairs["Model hash"] = model_hash
     pairs["Model"] = model_name
@@ -97,6 +101,8 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
             width=int(width),
             height=int(height),
             sampler=sampler,
+            cache_interval=int(params.get("DeepCache interval", 1)),
+            guidance_cutoff=float(params.get("CFG cutoff", 0.0)),
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"parameters cannot be reused: {error}") from error

@@ -26,6 +26,8 @@ def tiny_config(tiny_model):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model):
+    import torch
+
     from pipelines.loading import load_pipeline
 
-    return load_pipeline(tiny_model, device="cpu")
+    return load_pipeline(tiny_model, device="cpu", dtype=torch.float32)  # the reference precision

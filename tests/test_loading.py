@@ -23,7 +23,7 @@ def _same_weights(a, b) -> bool:
 
 
 def test_single_file_round_trip_gives_the_same_model_and_image(tiny_pipe, single_file, tiny_config):
-    loaded = load_pipeline(single_file, device="cpu", config=tiny_config)
+    loaded = load_pipeline(single_file, device="cpu", config=tiny_config, dtype=torch.float32)
     for name in ("unet", "vae", "text_encoder"):
         assert _same_weights(getattr(tiny_pipe.components, name), getattr(loaded.components, name)), name
     assert loaded.name == "tiny" and len(loaded.components.model_hash) == 10
@@ -39,7 +39,8 @@ def test_separate_vae_file_replaces_the_models_vae(tiny_pipe, single_file, tiny_
                 if k.startswith("first_stage_model.")}
     vae_only = {k: (v * 0 + 0.01 if k.endswith("conv_out.bias") else v) for k, v in vae_only.items()}
     save_file(vae_only, tmp_path / "vae.safetensors")
-    loaded = load_pipeline(single_file, device="cpu", config=tiny_config, vae=tmp_path / "vae.safetensors")
+    vae_file = tmp_path / "vae.safetensors"
+    loaded = load_pipeline(single_file, device="cpu", config=tiny_config, vae=vae_file, dtype=torch.float32)
     assert torch.allclose(loaded.components.vae.decoder.conv_out.bias, torch.full((3,), 0.01))
 
 
@@ -79,7 +80,7 @@ def test_truncated_file_is_a_clear_error(single_file, tmp_path, tiny_config):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(single_file.read_bytes()[: single_file.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match=r"cut\.safetensors.*not a valid or complete"):
-        load_pipeline(cut, device="cpu", config=tiny_config)
+        load_pipeline(cut, device="cpu", config=tiny_config, dtype=torch.float32)
 
 
 def test_wrong_shapes_and_wrong_layout_name_the_file(single_file, tiny_model, tmp_path):
@@ -99,7 +100,7 @@ def test_missing_tensors_are_reported(single_file, tmp_path, tiny_config):
     del state["model.diffusion_model.out.2.weight"]
     save_file(state, tmp_path / "partial.safetensors")
     with pytest.raises(ModelLoadError, match=r"partial\.safetensors"):
-        load_pipeline(tmp_path / "partial.safetensors", device="cpu", config=tiny_config)
+        load_pipeline(tmp_path / "partial.safetensors", device="cpu", config=tiny_config, dtype=torch.float32)
 
 
 @pytest.mark.slow
@@ -109,9 +110,9 @@ def test_full_size_sd15_random_weights_round_trip(tmp_path):
     from pipelines.random_model import write_random_model
 
     folder = write_random_model(SD1_CONFIG_DIR, tmp_path / "sd15")
-    pipe = load_pipeline(folder, device="cpu")
+    pipe = load_pipeline(folder, device="cpu", dtype=torch.float32)
     path = save_single_file(pipe.components, tmp_path / "sd15.safetensors")
-    loaded = load_pipeline(path, device="cpu")
+    loaded = load_pipeline(path, device="cpu", dtype=torch.float32)
     for name in ("unet", "vae", "text_encoder"):
         assert _same_weights(getattr(pipe.components, name), getattr(loaded.components, name)), name
     assert tuple(loaded.encode_prompt("a cat", "", 1, guided=False).shape) == (1, 77, 768)

@@ -82,3 +82,10 @@ def test_a1111_written_parameters_parse():
 def test_not_parameters_is_an_error():
     with pytest.raises(ValueError, match="fewer than 3"):
         parse_parameters("just a caption")
+
+
+def test_accelerator_settings_are_recorded_and_reused():
+    request = GenerationRequest(prompt="x", seed=3, cache_interval=3, guidance_cutoff=0.25)
+    text = format_parameters(request, 3, "m")
+    assert "DeepCache interval: 3, CFG cutoff: 0.25" in text
+    assert request_from_parameters(parse_parameters(text)) == request

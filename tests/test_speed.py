@@ -1,0 +1,74 @@
+"""Fast paths and accelerators: valid images in every mode, DeepCache exactness, the bf16 PSNR bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.deep_cache import DeepCacheRunner
+from pipelines.loading import EMBEDDED_MODEL_DIR, load_pipeline
+from pipelines.request import GenerationRequest
+from pipelines.speed import SpeedOptions
+
+
+def psnr(a, b) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = np.mean((x - y) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_deep_cache_full_step_equals_the_unet(tiny_pipe):
+    unet = tiny_pipe.components.unet
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    states = torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor(321)
+    with torch.no_grad():
+        expected = unet(sample, t, encoder_hidden_states=states).sample
+        runner = DeepCacheRunner(unet, interval=3)
+        full = runner(sample, t, states, 0)
+        cached = runner(sample, t, states, 1)  # same input: reused deep features are exact
+        moved = runner(sample + 0.5, t, states, 2)  # different input: only the shallow part updates
+    assert torch.allclose(full, expected, atol=1e-6) and torch.allclose(cached, expected, atol=1e-6)
+    assert not torch.allclose(moved, expected, atol=1e-3)
+    assert (runner.full_steps, runner.cached_steps) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"cache_interval": 3}, {"guidance_cutoff": 0.5}, {"cache_interval": 2, "guidance_cutoff": 0.3}],
+)
+def test_accelerators_produce_valid_close_images(tiny_pipe, changes):
+    base = dict(prompt="a red circle", steps=6, width=64, height=64, seed=4, n=2, sampler="DPM++ 2M")
+    reference = tiny_pipe(GenerationRequest(**base)).images
+    fast = tiny_pipe(GenerationRequest(**base, **changes)).images
+    for a, b in zip(reference, fast):
+        assert b.size == (64, 64) and b.mode == "RGB"
+        assert np.asarray(b).std() > 0  # not blank
+        assert psnr(a, b) > 10
+
+
+def test_bf16_channels_last_mode_runs(tiny_model):
+    pipe = load_pipeline(tiny_model, device="cpu", dtype=torch.bfloat16, speed=SpeedOptions(channels_last=True))
+    assert pipe.components.unet.dtype == torch.bfloat16
+    assert pipe.components.text_encoder.dtype == torch.float32
+    image = pipe.generate("a star", seed=1, steps=3, width=64, height=64).images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
+def test_bad_accelerator_settings_are_errors():
+    with pytest.raises(ValueError, match="cache_interval"):
+        GenerationRequest(cache_interval=0)
+    with pytest.raises(ValueError, match="guidance_cutoff"):
+        GenerationRequest(guidance_cutoff=1.0)
+
+
+@pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "model_index.json").is_file(), reason="embedded model not built")
+def test_default_fast_path_keeps_the_picture_on_the_embedded_model():
+    """bf16 + channels_last (the CPU default) stays within 25 dB PSNR of fp32 for the same seed."""
+    reference = load_pipeline("embedded", device="cpu", dtype=torch.float32)
+    fast = load_pipeline("embedded", device="cpu")
+    for seed in (1, 2):
+        request = GenerationRequest(prompt="a red circle on a blue background", seed=seed, steps=20)
+        assert psnr(reference(request).images[0], fast(request).images[0]) >= 25
