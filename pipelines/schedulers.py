@@ -81,3 +81,14 @@ def build_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     spec = resolve_sampler(name)
     scheduler_class = getattr(diffusers, spec.scheduler_class)
     return scheduler_class.from_config(dict(base_config), **spec.options)
+
+
+def sampler_for_config(config: dict[str, Any]) -> str:
+    """The A1111 name of the scheduler a model ships with (its scheduler_config.json), e.g. "PNDM"."""
+    most_specific_first = sorted(SAMPLERS.items(), key=lambda item: -len(item[1].options))
+    for name, spec in most_specific_first:
+        if spec.scheduler_class == config.get("_class_name") and all(
+            config.get(key, False) == value for key, value in spec.options.items()
+        ):
+            return name
+    return DEFAULT_SAMPLER

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
     _add_generation_arguments(generate)
     commands.add_parser("info", help="list models and samplers")
+    from sd_app.bench import add_bench_arguments
+
+    add_bench_arguments(commands.add_parser("bench", help="time our pipeline against plain diffusers"))
     return parser
 
 
@@ -103,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "bench":
+            from sd_app.bench import run_bench
+
+            return run_bench(args)
         return run_info()
     except (ValueError, OSError) as error:
         print(f"sd-app: error: {error}", file=sys.stderr)

@@ -1,0 +1,61 @@
+"""``sd-app bench``: our pipeline's modes against plain diffusers, side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+SD15_RANDOM = "sd15-random"
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="embedded",
+        help=f"'embedded', a model folder, or '{SD15_RANDOM}' (SD 1.5 shapes, random weights, built locally)",
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (medians are printed)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--startup", action="store_true", help="also time `sd-app generate` start to PNG")
+
+
+def _model_path(spec: str, workdir: Path) -> str:
+    if spec != SD15_RANDOM:
+        return spec
+    from pipelines.loading import SD1_CONFIG_DIR
+    from pipelines.random_model import write_random_model
+
+    print("writing an SD 1.5-shaped model with random weights ...", file=sys.stderr)
+    return str(write_random_model(SD1_CONFIG_DIR, workdir / SD15_RANDOM))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipelines.benchmark import format_table, measure_startup, run_benchmark
+
+    with tempfile.TemporaryDirectory(prefix="sd-app-bench-") as workdir:
+        model = _model_path(args.model, Path(workdir))
+        results = run_benchmark(
+            model, steps=args.steps, size=args.size, cfg_scale=args.cfg, repeats=args.repeats,
+            device=args.device, log=lambda line: print(line, file=sys.stderr),
+        )
+        threads = torch.get_num_threads()
+        machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
+        title = (
+            f"Model {args.model}, {args.size}x{args.size}, {args.steps} steps, CFG {args.cfg:g}, batch 1; "
+            f"{machine}"
+        )
+        print(format_table(results, title))
+        if args.startup:
+            startup = measure_startup(model, Path(workdir) / "startup")
+            print(
+                f"\nsd-app generate, process start to PNG written: {startup['total_seconds']:.1f} s "
+                f"(imports {startup['import_seconds']:.1f} s = {100 * startup['import_share']:.0f}%)"
+            )
+    return 0
