@@ -97,31 +97,26 @@ class Engine:
         progress: bool = False,
     ) -> GenerationResult:
         """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs."""
-        if keep is not None and not 1 <= keep <= request.n:
-            raise ValueError(f"keep must be between 1 and n={request.n}, got {keep}")
-        pipe = self.pipeline()
-        output = pipe(request, on_step=on_step, cancel=cancel, progress=progress)
-        scores: list[float | None] = [None] * len(output.images)
-        scorer = self.scorer() if rerank else None
-        truncated = False
-        extra_base: dict[str, Any] = {}
-        if scorer is not None:
-            result = scorer.score(output.images, output.request.prompt)
-            scores = list(result.scores)
-            truncated = result.truncated
-            extra_base["Reranker"] = scorer.name
-        order = sorted(range(len(scores)), key=lambda i: -scores[i]) if scorer is not None else list(range(len(scores)))
-        if keep is not None:
-            order = order[:keep]
+        from pipelines.best_of import best_of_n
+
+        output = best_of_n(
+            self.pipeline(),
+            request,
+            self.scorer() if rerank else None,
+            keep=keep,
+            on_step=on_step,
+            cancel=cancel,
+            progress=progress,
+        )
         candidates = []
-        for index in order:
-            extra = dict(extra_base)
-            if scores[index] is not None:
-                extra = {"CLIP score": f"{scores[index]:.2f}", **extra}
+        for ranked in output.candidates:
+            extra: dict[str, Any] = {}
+            if ranked.score is not None:
+                extra = {"CLIP score": f"{ranked.score:.2f}", "Reranker": output.reranker}
             parameters = format_parameters(
-                output.request, output.seeds[index], output.model_name, output.model_hash, extra
+                output.request, ranked.seed, output.model_name, output.model_hash, extra
             )
-            candidate = Candidate(output.images[index], output.seeds[index], scores[index], parameters)
+            candidate = Candidate(ranked.image, ranked.seed, ranked.score, parameters)
             if save:
                 candidate.path = save_png(
                     candidate.image, output_dir or self.output_dir, candidate.seed, request.prompt, parameters
@@ -131,6 +126,6 @@ class Engine:
             candidates=candidates,
             request=output.request,
             model_name=output.model_name,
-            reranker_name=scorer.name if scorer is not None else None,
-            prompt_truncated_for_scoring=truncated,
+            reranker_name=output.reranker,
+            prompt_truncated_for_scoring=output.prompt_truncated,
         )

@@ -1,0 +1,88 @@
+"""Best-of-N: generate N candidates in batches, score each against the prompt with CLIP, best first.
+
+Image ``i`` always uses seed ``seed + i`` with its own generator, so splitting the N candidates into
+batches changes nothing in the pictures; only memory use and preview granularity depend on it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from pipelines.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipelines.rerank import ClipScorer
+    from pipelines.text_to_image import StepCallback, TextToImagePipeline
+
+DEFAULT_BATCH_SIZE = 4
+
+
+@dataclass(frozen=True)
+class RankedImage:
+    """One candidate: its picture, seed, CLIP score (None when not scored) and position made."""
+
+    image: Image.Image
+    seed: int
+    score: float | None
+    generation_index: int
+
+
+@dataclass(frozen=True)
+class BestOfOutput:
+    """Candidates best first (generation order when unscored) and what produced them."""
+
+    candidates: list[RankedImage]
+    request: GenerationRequest  # seed resolved
+    model_name: str
+    model_hash: str | None
+    reranker: str | None
+    prompt_truncated: bool  # the prompt was cut to CLIP's 77 positions for scoring
+
+
+def best_of_n(
+    pipe: TextToImagePipeline,
+    request: GenerationRequest,
+    scorer: ClipScorer | None = None,
+    *,
+    keep: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_step: StepCallback | None = None,
+    cancel: threading.Event | None = None,
+    progress: bool = False,
+) -> BestOfOutput:
+    """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= request.n):
+        raise ValueError(f"keep must be an integer between 1 and n={request.n}, got {keep!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    request = request.resolved()
+    images: list[Image.Image] = []
+    seeds: list[int] = []
+    model_hash = None
+    for start in range(0, request.n, batch_size):
+        part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
+        output = pipe(part, on_step=on_step, cancel=cancel, progress=progress)
+        images.extend(output.images)
+        seeds.extend(output.seeds)
+        model_hash = output.model_hash
+    scores: list[float | None] = [None] * len(images)
+    order = list(range(len(images)))
+    truncated = False
+    if scorer is not None:
+        result = scorer.score(images, request.prompt)  # prompt encoded once for all candidates
+        scores = list(result.scores)
+        order = result.order()
+        truncated = result.truncated
+    candidates = [RankedImage(images[i], seeds[i], scores[i], i) for i in order]
+    return BestOfOutput(
+        candidates=candidates[:keep] if keep is not None else candidates,
+        request=request,
+        model_name=pipe.name,
+        model_hash=model_hash,
+        reranker=scorer.name if scorer is not None else None,
+        prompt_truncated=truncated,
+    )
