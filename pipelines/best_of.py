@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from pipelines.prompts import parse_emphasis
 from pipelines.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ def best_of_n(
     order = list(range(len(images)))
     truncated = False
     if scorer is not None:
-        result = scorer.score(images, request.prompt)  # prompt encoded once for all candidates
+        plain_prompt = "".join(span.text for span in parse_emphasis(request.prompt))  # CLIP reads plain text
+        result = scorer.score(images, plain_prompt)  # prompt encoded once for all candidates
         scores = list(result.scores)
         order = result.order()
         truncated = result.truncated

@@ -79,6 +79,7 @@ class TextToImagePipeline:
         self.components = components
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self._lock = threading.Lock()  # one generation at a time per loaded model
+        self._latent_projection: Any = None  # latent -> RGB map for previews, fitted on first use
 
     @property
     def device(self) -> torch.device:
@@ -95,6 +96,14 @@ class TextToImagePipeline:
     def count_tokens(self, prompt: str) -> TokenCount:
         """Tokens in ``prompt`` and the number of 75-token chunks it will be encoded in."""
         return count_tokens(self.components.tokenizer, prompt)
+
+    def preview_latents(self, latents: torch.Tensor, size: int | None = None) -> list[Image.Image]:
+        """Cheap RGB previews of latents [n, C, h, w] (a linear map, no VAE decode), for progress views."""
+        from pipelines.latent_preview import preview, projection_for_vae
+
+        if self._latent_projection is None:
+            self._latent_projection = projection_for_vae(self.components.vae)
+        return preview(latents, self._latent_projection, size=size)
 
     def generate(self, prompt: str, **settings: Any) -> TextToImageOutput:
         """Shorthand: ``pipe.generate("a cat", seed=1, steps=20)``."""

@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sd-app: error: {message}\n")
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationRequest()
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (1-150)")
@@ -46,11 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     generate = commands.add_parser("generate", help="generate images and write PNGs with metadata")
     generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
-    _add_generation_arguments(generate)
+    add_generation_arguments(generate)
     commands.add_parser("info", help="list models and samplers")
     from sd_app.bench import add_bench_arguments
 
     add_bench_arguments(commands.add_parser("bench", help="time our pipeline against plain diffusers"))
+    from sd_app.score import add_score_arguments
+
+    add_score_arguments(commands.add_parser("score", help="CLIP scores / zero-shot table for images"))
+    from sd_app.server import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="browser UI and A1111-compatible HTTP API"))
+    from sd_app.batch import add_batch_arguments
+
+    add_batch_arguments(commands.add_parser("batch", help="generate every prompt of a file; resumable, multi-process"))
     return parser
 
 
@@ -106,6 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "score":
+            from sd_app.score import run_score
+
+            return run_score(args)
+        if args.command == "serve":
+            from sd_app.server import run_serve
+
+            return run_serve(args)
+        if args.command == "batch":
+            from sd_app.batch import run_batch
+
+            return run_batch(args)
         if args.command == "bench":
             from sd_app.bench import run_bench
 

@@ -40,23 +40,33 @@ def next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_png(
-    image: Image.Image, folder: str | Path, seed: int, prompt: str, parameters: str | None = None
-) -> Path:
-    """Write ``image`` atomically as ``NNNNN-SEED-slug.png`` in ``folder`` (created if missing)."""
+def _write_temp_png(image: Image.Image, folder: Path, parameters: str | None, prefix: str = ".tmp-") -> str:
+    """The PNG (with its ``parameters`` chunk) in a fsynced temporary file of ``folder``."""
     from PIL.PngImagePlugin import PngInfo
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    handle, temp_name = tempfile.mkstemp(prefix=prefix, suffix=".png", dir=folder)
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=info)
             stream.flush()
             os.fsync(stream.fileno())
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    return temp_name
+
+
+def save_png(
+    image: Image.Image, folder: str | Path, seed: int, prompt: str, parameters: str | None = None
+) -> Path:
+    """Write ``image`` atomically as ``NNNNN-SEED-slug.png`` in ``folder`` (created if missing)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temp_name = _write_temp_png(image, folder, parameters)
+    try:
         slug = slugify(prompt)
         number = next_number(folder)
         while True:
@@ -68,3 +78,11 @@ def save_png(
                 number += 1
     finally:
         os.unlink(temp_name)
+
+
+def save_png_as(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Write ``image`` atomically under a fixed name (replacing a leftover of an unfinished attempt)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_write_temp_png(image, path.parent, parameters, prefix=f".tmp-{path.stem}-"), path)
+    return path

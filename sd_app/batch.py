@@ -1,0 +1,278 @@
+"""``sd-app batch PROMPTS --out DIR``: every prompt of a file generated exactly once, resumable, multi-process.
+
+Input: ``.txt`` (one prompt per line; blank lines and ``#`` comments skipped) or ``.jsonl`` (one object per
+line with ``prompt`` and optional overrides ``negative_prompt, steps, cfg_scale, seed, width, height, n,
+sampler``). Each line is a job with id ``NNNNN-<hash>``: its index plus a hash of its settings (and
+model/reranker), so an edited prompts file never matches stale results.
+
+Output: ``<job id>-<k>-<seed>-<slug>.png`` (atomic writes, A1111 ``parameters`` chunk) and
+``manifest.jsonl``, one line per finished job, appended after its PNGs are on disk.
+
+Exactly once: a job counts as done only when its manifest line exists. On start, leftovers of a job that
+was killed between its PNGs and its manifest line are deleted before it runs again, and a torn last
+manifest line is cut off.
+
+Processes: under ``accelerate launch --num_processes K`` (one process per GPU on a cluster) accelerate's
+``PartialState`` gives each process its rank; process ``r`` takes jobs ``r, r+K, r+2K, ...``. Without a GPU
+the process group runs on CPU (gloo). Note: accelerate's ``--cpu`` launcher starts ONE process whatever
+``--num_processes`` says (multi-CPU needs ``--mpirun_hostfile``); for K CPU processes use
+``accelerate launch --multi_gpu --num_processes K`` on a machine without GPUs, or ``torchrun --nproc_per_node K``.
+All processes append to the one ``manifest.jsonl`` under an exclusive ``flock`` on
+``manifest.lock`` (write + flush + fsync while holding it), so the manifest stays a single readable file
+while the run is live. ``flock`` needs a local or lock-capable shared filesystem (NFSv4, Lustre with
+``-o flock``). A restart may use a different ``K``: done jobs are read from the manifest, not per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.request import GenerationRequest
+
+if TYPE_CHECKING:
+
+    from sd_app.engine import Engine
+
+MANIFEST = "manifest.jsonl"
+LOCK = "manifest.lock"
+OVERRIDES = ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "n", "sampler")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the prompts file."""
+
+    index: int
+    request: GenerationRequest
+    job_id: str
+
+
+def read_prompts(path: Path, base: GenerationRequest) -> list[GenerationRequest]:
+    """Requests of a .txt or .jsonl prompts file; ValueError names the file and line."""
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise ValueError(f"{path}: prompts file must end in .txt or .jsonl")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or (path.suffix.lower() == ".txt" and text.startswith("#")):
+            continue
+        try:
+            requests.append(_line_request(text, path.suffix.lower() == ".jsonl", base))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+    if not requests:
+        raise ValueError(f"{path}: no prompts found")
+    return requests
+
+
+def _line_request(text: str, is_jsonl: bool, base: GenerationRequest) -> GenerationRequest:
+    if not is_jsonl:
+        return replace(base, prompt=text)
+    record = json.loads(text)
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError('each JSON line must be an object with a "prompt" string')
+    unknown = sorted(set(record) - {"prompt", *OVERRIDES})
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: prompt, {', '.join(OVERRIDES)}")
+    return replace(base, **record)
+
+
+def job_id(index: int, request: GenerationRequest, identity: dict[str, Any]) -> str:
+    """``NNNNN-<10 hex>``: the line index and a hash of everything that shapes its images."""
+    payload = json.dumps({"request": request.to_dict(), **identity}, sort_keys=True, default=str)
+    return f"{index:05d}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+
+def read_done(out: Path) -> set[str]:
+    """Job ids with a complete manifest line (a torn last line does not count)."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return set()
+    done = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            done.add(json.loads(line)["job"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
+@contextlib.contextmanager
+def manifest_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock shared by every process writing ``out``'s manifest (no-op where flock is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: single-process runs only
+        yield
+        return
+    with open(out / LOCK, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def repair_manifest(out: Path) -> None:
+    """Cut a torn last line (a process killed mid-append) so the next append starts a fresh line."""
+    path = out / MANIFEST
+    with manifest_lock(out):
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        with open(path, "rb+") as handle:
+            data = handle.read()
+            if data.endswith(b"\n"):
+                return
+            handle.truncate(data.rfind(b"\n") + 1)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def append_manifest(out: Path, record: dict[str, Any]) -> None:
+    """Append one line under the lock, flushed and fsynced before returning."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    with manifest_lock(out), open(out / MANIFEST, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def remove_leftovers(out: Path, job: Job) -> None:
+    """Delete PNGs (and temp files) of an earlier, unfinished attempt at ``job``."""
+    for pattern in (f"{job.job_id}-*.png", f".tmp-{job.job_id}-*.png"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def run_job(engine: Engine, job: Job, out: Path, rerank: bool, keep: int | None, rank: int) -> dict[str, Any]:
+    """Generate one job, write its PNGs, then its manifest line; returns the manifest record."""
+    from sd_app.storage import save_png_as, slugify
+
+    started = time.monotonic()
+    remove_leftovers(out, job)
+    result = engine.generate(job.request, rerank=rerank, keep=keep, save=False)
+    files = []
+    for k, candidate in enumerate(result.candidates):
+        path = out / f"{job.job_id}-{k}-{candidate.seed}-{slugify(job.request.prompt, 40)}.png"
+        save_png_as(candidate.image, path, candidate.parameters)
+        files.append(path.name)
+    _fsync_dir(out)
+    record = {
+        "job": job.job_id,
+        "index": job.index,
+        "prompt": job.request.prompt,
+        "files": files,
+        "seeds": [c.seed for c in result.candidates],
+        "scores": [c.score for c in result.candidates],
+        "request": result.request.to_dict(),
+        "model": result.model_name,
+        "reranker": result.reranker_name,
+        "rank": rank,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    append_manifest(out, record)
+    return record
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``PROMPTS`` plus the same generation options as ``sd-app generate`` (``--out`` is the output folder)."""
+    from sd_app.cli import add_generation_arguments
+
+    parser.add_argument("prompts", type=Path, help="prompts file: .txt (one per line) or .jsonl")
+    add_generation_arguments(parser)
+
+
+def _cpu_only(device: str | None) -> bool:
+    """Run the process group on CPU (gloo) for ``--device cpu``, ``accelerate launch --cpu`` or no GPU."""
+    import torch
+
+    if device is not None:
+        return str(device).startswith("cpu")
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+
+
+def base_request(args: argparse.Namespace) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="",
+        negative_prompt=args.negative,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        n=args.n,
+        sampler=args.sampler,
+    )
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Run this process's share of the prompts file (see the module docstring)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from sd_app.engine import Engine
+
+    rerank = not args.no_rerank and str(args.reranker).lower() != "none"
+    identity = {
+        "model": str(args.model),
+        "vae": args.vae,
+        "reranker": args.reranker if rerank else None,
+        "keep": args.keep,
+    }
+    requests = read_prompts(args.prompts, base_request(args))
+    if args.keep is not None and any(not 1 <= args.keep <= r.n for r in requests):
+        raise ValueError(f"--keep must be between 1 and --n, got {args.keep}")
+    jobs = [Job(i, request, job_id(i, request, identity)) for i, request in enumerate(requests)]
+    state = PartialState(cpu=_cpu_only(args.device))
+    rank, world = state.process_index, state.num_processes
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    repair_manifest(out)
+    done = read_done(out)
+    mine = [job for job in jobs if job.index % world == rank]
+    todo = [job for job in mine if job.job_id not in done]
+    device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
+    engine = Engine(
+        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=out, device=device
+    )
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=f"batch[{rank}/{world}]",
+        position=rank,
+        unit="prompt",
+        dynamic_ncols=True,
+    )
+    with bar:
+        for job in todo:
+            run_job(engine, job, out, rerank, args.keep, rank)
+            bar.update(1)
+    print(
+        f"sd-app batch[{rank}/{world}]: {len(todo)} generated, {len(mine) - len(todo)} already done, "
+        f"manifest {out / MANIFEST}",
+        file=sys.stderr,
+    )
+    return 0

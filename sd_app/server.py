@@ -1,0 +1,191 @@
+"""``sd-app serve``: the Gradio UI and the A1111-compatible API on one FastAPI app, behind one auth.
+
+Auth is HTTP Basic on every path (UI page, Gradio's own routes, ``/sdapi/v1/*``, docs), checked by
+one ASGI middleware, so the API is covered exactly as the UI. Browsers ask for the credentials
+once; A1111 clients send them as they do for A1111's ``--api-auth``.
+Binding to a non-loopback address without auth is refused unless ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hmac
+import ipaddress
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from sd_app.engine import Engine
+    from sd_app.ui_jobs import JobTracker
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def parse_credentials(pairs: list[str] | None = None, auth_file: str | Path | None = None) -> dict[str, str]:
+    """``user:password`` pairs from ``--auth`` (repeatable, comma-separated) and ``--auth-file`` lines."""
+    items: list[str] = []
+    for pair in pairs or []:
+        items.extend(pair.split(","))
+    if auth_file is not None:
+        path = Path(auth_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ValueError(f"--auth-file {path}: cannot read it ({error.strerror or error})") from None
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                items.extend(line.split(","))
+    credentials: dict[str, str] = {}
+    for item in items:
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"auth entries must look like user:password, got {item.strip()!r}")
+        credentials[user] = password
+    if auth_file is not None and not credentials:
+        raise ValueError(f"--auth-file {auth_file}: no user:password entries found")
+    return credentials
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class BasicAuthMiddleware:
+    """Pure ASGI HTTP Basic auth (streaming responses and websockets pass through untouched)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], credentials: dict[str, str], realm: str = "sd-app") -> None:
+        self.app = app
+        self.credentials = {u.encode(): p.encode() for u, p in credentials.items()}
+        self.realm = realm
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        value = next((v for k, v in headers if k.lower() == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        expected = self.credentials.get(user)
+        # Compare even for unknown users so timing does not reveal which user names exist.
+        return bool(sep) and hmac.compare_digest(password, expected or b"\0" * 32) and expected is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self.authorized(scope.get("headers", [])):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = b'{"detail":"authentication required"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    engine: Engine,
+    *,
+    credentials: dict[str, str] | None = None,
+    max_queue: int = 16,
+    tracker: JobTracker | None = None,
+) -> FastAPI:
+    """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``; Basic auth if credentials."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from sd_app.api import build_api_router
+    from sd_app.ui import CSS, build_demo
+    from sd_app.ui_jobs import JobTracker
+
+    tracker = tracker or JobTracker(max_waiting=max_queue)
+    app = FastAPI(title="sd-app", version="0.1.0")
+    app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
+    demo = build_demo(engine, tracker=tracker, max_queue=max_queue)
+    output_dir = str(Path(engine.output_dir).expanduser().resolve())
+    app = gr.mount_gradio_app(
+        app, demo, path="/", allowed_paths=[output_dir], show_error=False, css=CSS, footer_links=["api"]
+    )
+    if credentials:
+        app.add_middleware(BasicAuthMiddleware, credentials=credentials)
+    return app
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``sd-app serve``."""
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
+    parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
+    parser.add_argument("--reranker", default="embedded", help="CLIP model folder for reranking; 'none' to disable")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for generated PNGs")
+    parser.add_argument(
+        "--auth",
+        action="append",
+        metavar="USER:PASSWORD",
+        help="require HTTP Basic auth for UI and API (repeatable, or comma-separated)",
+    )
+    parser.add_argument("--auth-file", type=Path, default=None, help="file with user:password lines")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without auth (anyone on the network can use it)",
+    )
+    parser.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (default 16)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the server (blocks until interrupted)."""
+    import uvicorn
+
+    from sd_app.engine import Engine
+
+    credentials = parse_credentials(args.auth, args.auth_file)
+    if not is_loopback(args.host) and not credentials and not args.insecure:
+        raise ValueError(
+            f"refusing to serve on {args.host} without auth: anyone on the network could use it. "
+            "Add --auth user:password (or --auth-file FILE), or --insecure if you really mean it"
+        )
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    reranker = None if str(args.reranker).lower() == "none" else args.reranker
+    engine = Engine(model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device)
+    app = create_app(engine, credentials=credentials or None, max_queue=args.max_queue)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"sd-app: serving on http://{shown}:{args.port} (UI at /, API at /sdapi/v1)"
+        + (" with auth" if credentials else ""),
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

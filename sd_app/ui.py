@@ -1,0 +1,168 @@
+"""The browser UI: Gradio Blocks with Generate, Inspect, Score and PNG info views.
+
+``build_demo(engine)`` only builds the layout; models load on first use. Serve it with
+``sd_app.server`` (which adds the HTTP API and auth) or ``build_demo(engine).launch()``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipelines.request import LIMITS, GenerationRequest
+from pipelines.schedulers import sampler_names
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from sd_app.engine import Engine
+    from sd_app.ui_jobs import JobTracker
+
+MAX_QUEUE = 16
+MODEL_GROUP = "model"  # one event at a time uses the model (generate, inspect, score)
+CSS = "#status {min-height: 2em} .token-counter {text-align: right; opacity: 0.75}"
+
+
+def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int = MAX_QUEUE) -> gr.Blocks:
+    """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting."""
+    import gradio as gr
+
+    from sd_app.ui_handlers import UiHandlers, UserSession
+    from sd_app.ui_inspect import TOKEN_HEADERS
+    from sd_app.ui_jobs import JobTracker
+
+    handlers = UiHandlers(engine, tracker or JobTracker(max_waiting=max_queue))
+    defaults = GenerationRequest()
+    with gr.Blocks(title="sd-app", analytics_enabled=False) as demo:
+        session = gr.State(UserSession)
+        gr.Markdown("## sd-app · Stable Diffusion 1.x with CLIP reranking")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(
+                            label="Prompt",
+                            lines=3,
+                            elem_id="prompt",
+                            placeholder="a red circle on a blue background; (word:1.2) for emphasis",
+                        )
+                        counter = gr.Markdown("0/75 tokens", elem_classes=["token-counter"], elem_id="token-counter")
+                        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
+                    with gr.Column(scale=1, min_width=180):
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        sampler = gr.Dropdown(sampler_names(), value=defaults.sampler, label="Sampler")
+                        steps = gr.Slider(
+                            *LIMITS["steps"], value=defaults.steps, step=1, label="Steps", elem_id="steps"
+                        )
+                        cfg = gr.Slider(0, 30, value=defaults.cfg_scale, step=0.5, label="CFG scale", elem_id="cfg")
+                        with gr.Row():
+                            width = gr.Slider(
+                                64, LIMITS["width"][1], value=defaults.width, step=8, label="Width", elem_id="width"
+                            )
+                            height = gr.Slider(
+                                64, LIMITS["height"][1], value=defaults.height, step=8, label="Height", elem_id="height"
+                            )
+                        with gr.Row():
+                            seed = gr.Number(value=-1, label="Seed (-1 = random)", elem_id="seed")
+                            reuse = gr.Button("♻ Last seed", size="sm", elem_id="reuse-seed")
+                        with gr.Row():
+                            n = gr.Slider(*LIMITS["n"], value=4, step=1, label="Candidates", elem_id="candidates")
+                            rerank = gr.Checkbox(
+                                value=engine.reranker is not None,
+                                label="Rerank by CLIP score",
+                                interactive=engine.reranker is not None,
+                            )
+                    with gr.Column(scale=2):
+                        status = gr.Markdown("", elem_id="status")
+                        previews = gr.Gallery(
+                            label="Live latent previews", columns=4, height=200, format="png", elem_id="previews"
+                        )
+                        gallery = gr.Gallery(label="Candidates, best first", columns=4, format="png", elem_id="gallery")
+                        parameters = gr.Textbox(
+                            label="Parameters (click an image for its own)",
+                            lines=4,
+                            elem_id="parameters",
+                            buttons=["copy"],
+                        )
+                        files = gr.File(label="PNGs with metadata", file_count="multiple", elem_id="files")
+            with gr.Tab("Inspect", id="inspect"):
+                gr.Markdown(
+                    "How the last request went through the pipeline: tokens, tensor shapes, the "
+                    "latents at every step, and how CLIP sees the images against the texts."
+                )
+                extra_texts = gr.Textbox(label="More texts to compare (one per line)", lines=2)
+                inspect_button = gr.Button("Inspect the current prompt and last images")
+                shapes = gr.Markdown()
+                tokens = gr.Dataframe(headers=TOKEN_HEADERS, label="Tokens and ids", max_height=300)
+                step_gallery = gr.Gallery(
+                    label="Latents per step (first image)", columns=10, height=160, fit_columns=False
+                )
+                with gr.Row():
+                    sim_table = gr.Dataframe(label="CLIP score (100 × cosine), images × texts")
+                    pca_map = gr.Image(label="2-D PCA map of CLIP embeddings", type="pil")
+            with gr.Tab("Score", id="score"):
+                gr.Markdown(
+                    "Zero-shot CLIP: which text fits each image best "
+                    "(cosine, logit = scale × cosine, softmax probability over the texts)."
+                )
+                score_files = gr.File(label="Images", file_count="multiple", file_types=["image"])
+                score_texts = gr.Textbox(label="Texts, one per line", lines=4, value="a cat\na dog\na car")
+                score_button = gr.Button("Score", variant="primary")
+                score_table = gr.Dataframe(
+                    headers=["image", "text", "cosine", "logit", "probability"], label="Zero-shot table"
+                )
+            with gr.Tab("PNG info", id="png-info"):
+                png_file = gr.File(label="PNG made by sd-app or AUTOMATIC1111", file_types=[".png"])
+                png_text = gr.Textbox(label="parameters", lines=5, buttons=["copy"])
+                png_fields = gr.JSON(label="Parsed")
+                send_button = gr.Button("Send to Generate", variant="primary")
+
+        prompt.change(
+            handlers.count_tokens,
+            prompt,
+            counter,
+            queue=False,
+            show_progress="hidden",
+            trigger_mode="always_last",
+            api_name="count_tokens",
+        )
+        generate_inputs = [prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, session]
+        inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
+        inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
+        generate_event = gr.on(
+            [generate_button.click, prompt.submit],
+            handlers.generate,
+            generate_inputs,
+            [status, previews, gallery, parameters, files],
+            api_name="generate",
+            concurrency_id=MODEL_GROUP,
+            concurrency_limit=1,
+        )
+        generate_event.success(
+            handlers.inspect,
+            inspect_inputs,
+            inspect_outputs,
+            api_name=False,
+            concurrency_id=MODEL_GROUP,
+            show_progress="hidden",
+        )
+        cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel")
+        reuse.click(handlers.reuse_seed, session, seed, queue=False, api_name=False)
+        gallery.select(handlers.select_candidate, session, parameters, queue=False, api_name=False)
+        inspect_button.click(
+            handlers.inspect, inspect_inputs, inspect_outputs, api_name="inspect", concurrency_id=MODEL_GROUP
+        )
+        score_button.click(
+            handlers.score, [score_files, score_texts], score_table, api_name="score", concurrency_id=MODEL_GROUP
+        )
+        png_file.change(handlers.png_info, png_file, [png_text, png_fields], api_name="png_info")
+        send_button.click(
+            handlers.send_to_generate,
+            png_text,
+            [prompt, negative, sampler, steps, cfg, width, height, seed, tabs],
+            api_name=False,
+        )
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    return demo

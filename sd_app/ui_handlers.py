@@ -1,0 +1,389 @@
+"""What the Gradio views do: plain methods on one object per served app, wired up by ``sd_app.ui``.
+
+Per-user data lives in a ``UserSession`` held by ``gr.State`` (never in module globals). Every
+input error becomes a short ``gr.Error`` message; generation errors (out-of-memory included) free
+memory and leave the engine ready for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from pipelines.request import GenerationRequest
+from sd_app.ui_jobs import Busy, JobTracker
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sd_app.engine import Engine, GenerationResult
+
+log = logging.getLogger("sd_app.ui")
+PREVIEW_PX = 192  # longest side of live latent previews
+THUMB_PX = 64  # per-step thumbnails in the Inspect view
+
+
+class UserSession:
+    """One browser tab's state: its last result, last seed and the cancel switch of its running job.
+
+    A plain class, not a dataclass: Gradio serialises dataclass state values into the page config.
+    """
+
+    def __init__(self) -> None:
+        self.last_seed: int | None = None
+        self.last_result: GenerationResult | None = None
+        self.cancel: threading.Event | None = None
+        self.step_thumbnails: list[tuple[Image.Image, str]] = []
+
+    def __deepcopy__(self, memo: dict) -> UserSession:
+        return UserSession()  # gr.State copies its initial value once per session: start empty
+
+
+def user_error(message: str) -> gr.Error:
+    """A short message for the user; the server log does not get a traceback for it."""
+    return gr.Error(message, print_exception=False)
+
+
+def integer(name: str, value: Any) -> int:
+    """An integer from a UI number (floats like 20.0 accepted); ValueError otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def canonical_sampler(name: str) -> str:
+    """The dropdown's spelling of a sampler name (names are matched case-insensitively)."""
+    from pipelines.schedulers import SAMPLERS, resolve_sampler
+
+    spec = resolve_sampler(name)
+    return next(key for key, value in SAMPLERS.items() if value == spec)
+
+
+def caption(seed: int, score: float | None) -> str:
+    """Gallery caption: ``CLIP 31.2 · seed 123`` (or ``seed 123`` without a reranker)."""
+    return f"CLIP {score:.1f} · seed {seed}" if score is not None else f"seed {seed}"
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def error_message(error: BaseException) -> str:
+    """One line for the user for any generation failure (no traceback)."""
+    import torch
+
+    if isinstance(error, (ValueError, Busy)):
+        return str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return "Out of memory: try fewer candidates, a smaller size or fewer steps."
+    if isinstance(error, OSError):
+        return f"Model files could not be read: {error}"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"Generation failed ({type(error).__name__}): {first[:300]}"
+
+
+class UiHandlers:
+    """Handlers of every view, bound to one engine and one job tracker."""
+
+    def __init__(self, engine: Engine, tracker: JobTracker) -> None:
+        self.engine = engine
+        self.tracker = tracker
+
+    # ---- Generate ---------------------------------------------------------------------------
+
+    def count_tokens(self, prompt: str) -> str:
+        """Live counter under the prompt: ``12/75 tokens`` and the chunk count past 75."""
+        try:
+            count = self.engine.pipeline().count_tokens(prompt or "")
+        except Exception as error:  # noqa: BLE001 - a counter must never break typing
+            return f"tokens: unavailable ({type(error).__name__})"
+        limit = 75 * count.chunks
+        chunks = f" · {count.chunks} chunks" if count.chunks > 1 else ""
+        return f"{count.tokens}/{limit} tokens{chunks}"
+
+    @staticmethod
+    def build_request(
+        prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any, seed: Any, n: Any
+    ) -> GenerationRequest:
+        """The validated request for the Generate view's fields; ValueError names the bad one."""
+        return GenerationRequest(
+            prompt=prompt or "",
+            negative_prompt=negative or "",
+            steps=integer("steps", steps),
+            cfg_scale=number("cfg_scale", cfg),
+            seed=integer("seed", seed),
+            width=integer("width", width),
+            height=integer("height", height),
+            n=integer("candidates", n),
+            sampler=sampler,
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        negative: str,
+        sampler: str,
+        steps: Any,
+        cfg: Any,
+        width: Any,
+        height: Any,
+        seed: Any,
+        n: Any,
+        rerank: bool,
+        session: UserSession,
+        progress: gr.Progress = gr.Progress(),
+    ) -> Iterator[tuple[Any, ...]]:
+        """Run one request in a worker thread; yield (status, previews, gallery, parameters, files)."""
+        try:
+            request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        cancel = threading.Event()
+        session.cancel = cancel
+        session.step_thumbnails = []
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        worker = threading.Thread(
+            target=self._work, args=(request, bool(rerank), cancel, session, events), daemon=True, name="generate"
+        )
+        started = time.monotonic()
+        worker.start()
+        skip = gr.update()
+        try:
+            yield "Waiting for the model…", skip, skip, skip, skip
+            while True:
+                kind, payload = events.get()
+                while kind == "step" and not events.empty():  # show only the newest step
+                    kind, payload = events.get()
+                if kind == "step":
+                    step, total, previews = payload
+                    progress((step, total), desc=f"Step {step}/{total}")
+                    status = f"Step {step}/{total} · {time.monotonic() - started:.1f} s"
+                    yield status, previews, skip, skip, skip
+                elif kind == "error":
+                    yield from self._failed(payload)
+                    return
+                else:
+                    yield self._finished(payload, session, time.monotonic() - started)
+                    return
+        finally:
+            if worker.is_alive():  # the client went away or the event was cancelled: stop the work too
+                cancel.set()
+
+    def _work(
+        self,
+        request: GenerationRequest,
+        rerank: bool,
+        cancel: threading.Event,
+        session: UserSession,
+        events: queue.Queue,
+    ) -> None:
+        import torch
+
+        from pipelines.text_to_image import GenerationCancelled
+
+        try:
+            pipe = self.engine.pipeline()
+            with self.tracker.job(request.steps, cancel, "ui") as job:
+
+                def on_step(info: Any) -> None:
+                    self.tracker.step(job, info)
+                    previews = pipe.preview_latents(info.latents, size=PREVIEW_PX)
+                    thumb = previews[0].copy()
+                    thumb.thumbnail((THUMB_PX, THUMB_PX))
+                    session.step_thumbnails.append((thumb, f"step {info.step}/{info.total}"))
+                    events.put(("step", (info.step, info.total, previews)))
+
+                result = self.engine.generate(request, rerank=rerank, on_step=on_step, cancel=cancel)
+            events.put(("done", result))
+        except BaseException as error:  # noqa: BLE001 - handed to the UI thread, which reports it
+            expected = (ValueError, Busy, GenerationCancelled, MemoryError, torch.OutOfMemoryError)
+            if not isinstance(error, (ValueError, Busy)):
+                free_memory()
+            if not isinstance(error, expected):
+                log.exception("generation failed")
+            events.put(("error", error))
+
+    def _failed(self, error: BaseException) -> Iterator[tuple[Any, ...]]:
+        from pipelines.text_to_image import GenerationCancelled
+
+        skip = gr.update()
+        if isinstance(error, GenerationCancelled):
+            yield f"Cancelled ({error}).", skip, skip, skip, skip
+            return
+        raise user_error(error_message(error))
+
+    @staticmethod
+    def _finished(result: GenerationResult, session: UserSession, seconds: float) -> tuple[Any, ...]:
+        session.last_result = result
+        session.last_seed = result.request.seed
+        items = [(str(c.path) if c.path else c.image, caption(c.seed, c.score)) for c in result.candidates]
+        files = [str(c.path) for c in result.candidates if c.path]
+        best = result.candidates[0]
+        status = f"Done: {len(result.candidates)} image(s) in {seconds:.1f} s"
+        if best.score is not None:
+            status += f" · best CLIP score {best.score:.1f} (seed {best.seed})"
+        if result.prompt_truncated_for_scoring:
+            status += " · the prompt was truncated to 77 tokens for scoring"
+        return status, gr.update(), items, best.parameters, files
+
+    @staticmethod
+    def cancel(session: UserSession) -> str:
+        """Set the running job's cancel event; the pipeline stops within one step."""
+        if session.cancel is None or session.cancel.is_set():
+            return "Nothing to cancel."
+        session.cancel.set()
+        return "Cancelling…"
+
+    @staticmethod
+    def reuse_seed(session: UserSession) -> int:
+        return session.last_seed if session.last_seed is not None else -1
+
+    @staticmethod
+    def select_candidate(session: UserSession, evt: gr.SelectData) -> str:
+        """Parameters text of the clicked gallery image."""
+        result = session.last_result
+        if result is None or evt.index is None or not 0 <= int(evt.index) < len(result.candidates):
+            return gr.update()
+        return result.candidates[int(evt.index)].parameters
+
+    # ---- Inspect ----------------------------------------------------------------------------
+
+    def inspect(
+        self, prompt: str, negative: str, cfg: Any, width: Any, height: Any, n: Any, texts: str, session: UserSession
+    ) -> tuple[Any, ...]:
+        """Tokens + ids, embedding and latent shapes, per-step thumbnails, similarity table, PCA map."""
+        from sd_app.ui_inspect import embedding_shapes, similarity, token_rows
+
+        try:
+            pipe = self.engine.pipeline()
+            rows = token_rows(pipe.components.tokenizer, prompt or "")
+            shapes = embedding_shapes(
+                pipe,
+                prompt or "",
+                negative or "",
+                number("cfg_scale", cfg),
+                integer("width", width),
+                integer("height", height),
+                integer("candidates", n),
+            )
+            table, pca = None, None
+            result = session.last_result
+            if result is not None:
+                scorer = self.engine.scorer()
+                extra = [line.strip() for line in (texts or "").splitlines() if line.strip()]
+                if scorer is None:
+                    shapes += "\n\nNo reranker is loaded, so there is no similarity table or map."
+                else:
+                    table, pca = similarity(scorer, result, extra)
+            else:
+                shapes += "\n\nGenerate images to see their per-step latents, similarity table and PCA map."
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        except Exception as error:  # noqa: BLE001
+            free_memory()
+            log.exception("inspect failed")
+            raise user_error(error_message(error)) from None
+        return rows, shapes, list(session.step_thumbnails), table, pca
+
+    # ---- Score ------------------------------------------------------------------------------
+
+    def score(self, files: list[str] | None, texts: str) -> list[list[Any]]:
+        """Zero-shot table: for each uploaded image, every text with cosine, logit and probability."""
+        from pipelines.rerank import load_image_file
+
+        lines = [line.strip() for line in (texts or "").splitlines() if line.strip()]
+        if not files:
+            raise user_error("Upload at least one image.")
+        if not lines:
+            raise user_error("Type at least one text (one per line).")
+        try:
+            scorer = self.engine.scorer()
+            if scorer is None:
+                raise ValueError("no CLIP model is loaded (the server was started with --reranker none)")
+            rows = []
+            for file in files:
+                path = Path(file)
+                image = load_image_file(path, convert=True)
+                for row in scorer.zero_shot(image, lines):
+                    rows.append(
+                        [path.name, row.text, round(row.cosine, 4), round(row.logit, 2), round(row.probability, 4)]
+                    )
+            return rows
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        except Exception as error:  # noqa: BLE001
+            free_memory()
+            log.exception("score failed")
+            raise user_error(error_message(error)) from None
+
+    # ---- PNG info ---------------------------------------------------------------------------
+
+    @staticmethod
+    def png_info(file: str | None) -> tuple[str, dict[str, Any] | None]:
+        """The ``parameters`` text of a dropped PNG and its parsed fields."""
+        from PIL import Image, UnidentifiedImageError
+
+        from sd_app.metadata import parse_parameters, read_png_parameters
+
+        if not file:
+            return "", None
+        try:
+            with Image.open(file) as image:
+                text = read_png_parameters(image)
+        except (OSError, UnidentifiedImageError):
+            raise user_error(f"{Path(file).name} is not a readable image") from None
+        if text is None:
+            raise user_error(f"{Path(file).name} has no 'parameters' text (not made by sd-app or AUTOMATIC1111?)")
+        try:
+            return text, parse_parameters(text)
+        except ValueError as error:
+            return text, {"error": str(error)}
+
+    @staticmethod
+    def send_to_generate(text: str) -> tuple[Any, ...]:
+        """Fill the Generate view from a parameters text and switch to it."""
+        from sd_app.metadata import parse_parameters, request_from_parameters
+
+        try:
+            request = request_from_parameters(parse_parameters(text or ""))
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        return (
+            request.prompt,
+            request.negative_prompt,
+            canonical_sampler(request.sampler),
+            request.steps,
+            request.cfg_scale,
+            request.width,
+            request.height,
+            request.seed,
+            gr.Tabs(selected="generate"),
+        )

@@ -1,0 +1,105 @@
+"""Which generations are waiting or running, for the UI and the HTTP API.
+
+One ``JobTracker`` per served app (built by ``sd_app.server``, never a module global). It backs
+``GET /sdapi/v1/progress`` (step, ETA, live preview of the current latents), ``POST /sdapi/v1/interrupt``
+(sets the running job's cancel event) and the "busy" answer when too many requests wait.
+Generation itself is serialised by the pipeline's lock; the tracker only observes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.text_to_image import StepInfo
+
+
+class Busy(RuntimeError):
+    """Too many requests are already waiting for the model."""
+
+
+@dataclass
+class Job:
+    """One request from registration until it finishes (successfully or not)."""
+
+    id: int
+    source: str  # "ui", "api"
+    total_steps: int
+    cancel: threading.Event
+    registered: float = field(default_factory=time.time)
+    started: float | None = None  # time of the first denoising step
+    step: int = 0
+    latents: torch.Tensor | None = None  # [n, 4, h, w] latest latents (CPU copy)
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    def eta(self, now: float) -> float:
+        """Seconds left, extrapolated from the time per step so far (0 before the first step)."""
+        if self.started is None or self.step == 0:
+            return 0.0
+        per_step = (now - self.started) / self.step
+        return per_step * (self.total_steps - self.step)
+
+
+class JobTracker:
+    """Thread-safe registry of waiting and running jobs."""
+
+    def __init__(self, max_waiting: int = 16) -> None:
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+
+    @contextmanager
+    def job(self, total_steps: int, cancel: threading.Event, source: str) -> Iterator[Job]:
+        """Register a job for the duration of the block; raises Busy when ``max_waiting`` wait already."""
+        with self._lock:
+            waiting = sum(1 for j in self._jobs.values() if j.started is None)
+            if waiting >= self.max_waiting:
+                raise Busy(f"busy: {waiting} requests are already waiting for the model; try again shortly")
+            job = Job(next(self._ids), source, total_steps, cancel)
+            self._jobs[job.id] = job
+        try:
+            yield job
+        finally:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+
+    def step(self, job: Job, info: StepInfo) -> None:
+        """Record a denoising step of ``job`` (call from the pipeline's step callback)."""
+        latents = info.latents.detach().to("cpu", copy=True)
+        with self._lock:
+            if job.started is None:
+                job.started = time.time()
+            job.step = info.step
+            job.total_steps = info.total
+            job.latents = latents
+
+    def current(self) -> Job | None:
+        """The running job (the one that has started stepping), else the oldest waiting one."""
+        with self._lock:
+            running = [j for j in self._jobs.values() if j.started is not None]
+            pool = running or list(self._jobs.values())
+            return min(pool, key=lambda j: j.registered) if pool else None
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def interrupt(self) -> bool:
+        """Cancel the running job; False when nothing runs."""
+        job = self.current()
+        if job is None:
+            return False
+        job.cancel.set()
+        return True

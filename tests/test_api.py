@@ -1,0 +1,182 @@
+"""The A1111-compatible HTTP API as a client uses it: a live server on the tiny models, plus auth."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.latent_preview import preview
+from pipelines.text_to_image import StepInfo
+from sd_app.api import progress_payload, sampler_from_fields
+from sd_app.metadata import parse_parameters
+from sd_app.server import is_loopback, parse_credentials
+from sd_app.ui_jobs import Busy, JobTracker
+
+pytest_plugins = ["tests.serve_fixtures"]
+
+BASE = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler a"}
+
+
+def txt2img(url: str, **fields) -> dict:
+    response = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, **fields}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def test_txt2img_returns_pngs_with_parameters_seeds_and_scores(live_server):
+    body = txt2img(live_server.url, seed=5, batch_size=2, n_iter=2, negative_prompt="blurry")
+    info = json.loads(body["info"])
+    images = [decode(b64) for b64 in body["images"]]
+    assert len(images) == 4 and all(im.format == "PNG" and im.size == (64, 64) for im in images)
+    assert sorted(info["all_seeds"]) == [5, 6, 7, 8] and info["seed"] == 5
+    scores = info["clip_scores"]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and info["reranked"] is True
+    for image, seed, score, infotext in zip(images, info["all_seeds"], scores, info["infotexts"]):
+        params = parse_parameters(image.info["parameters"])
+        assert image.info["parameters"] == infotext
+        assert params["Seed"] == str(seed) and params["CLIP score"] == f"{score:.2f}"
+        assert params["negative_prompt"] == "blurry" and params["Sampler"] == "Euler a"
+    assert body["parameters"]["batch_size"] == 2 and body["parameters"]["seed"] == 5
+
+
+def test_a_seed_gives_the_same_image_alone_or_in_a_batch(live_server):
+    batch = txt2img(live_server.url, seed=40, batch_size=3, rerank=False)
+    assert json.loads(batch["info"])["all_seeds"] == [40, 41, 42]  # generation order without rerank
+    alone = txt2img(live_server.url, seed=41)
+    np.testing.assert_array_equal(np.asarray(decode(batch["images"][1])), np.asarray(decode(alone["images"][0])))
+
+
+def test_random_seed_is_reported(live_server):
+    info = json.loads(txt2img(live_server.url, seed=-1)["info"])
+    assert 0 <= info["seed"] <= 2**32 - 1 and info["all_seeds"] == [info["seed"]]
+
+
+def test_sampler_aliases_and_scheduler_field(live_server):
+    info = json.loads(txt2img(live_server.url, sampler_name="DPM++ 2M", scheduler="Karras", seed=1)["info"])
+    assert (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M", "Karras")
+    assert "Schedule type: Karras" in info["infotexts"][0]
+    assert sampler_from_fields("k_euler_a", None) == "Euler a"
+    assert sampler_from_fields("DPM++ 2M Karras", "Automatic") == "DPM++ 2M Karras"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"width": 65}, "width must be a positive multiple of 8, got 65"),
+        ({"steps": 0}, "steps must be between 1 and 150, got 0"),
+        ({"seed": -7}, "seed must be -1 (random)"),
+        ({"sampler_name": "Euler z"}, "unknown sampler 'Euler z'"),
+        ({"scheduler": "Exponential"}, "scheduler 'Exponential' is not supported"),
+        ({"batch_size": 8, "n_iter": 3}, "batch_size * n_iter must be between 1 and 16"),
+        ({"enable_hr": True}, "enable_hr is not supported"),
+    ],
+)
+def test_bad_input_is_422_with_a_clear_detail(live_server, fields, message):
+    response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **fields}, timeout=60)
+    assert response.status_code == 422
+    assert message in response.json()["detail"]
+
+
+def test_wrong_types_are_422(live_server):
+    response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={"steps": "many"}, timeout=60)
+    assert response.status_code == 422
+    assert any(error["loc"][-1] == "steps" for error in response.json()["detail"])
+
+
+def test_samplers_models_options_progress(live_server):
+    samplers = httpx.get(f"{live_server.url}/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC"} <= set(names)
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    (model,) = httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json()
+    assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    assert model["model_name"] == "tiny-sd" and model["title"] == f"tiny-sd [{model['hash']}]"
+    progress = httpx.get(f"{live_server.url}/sdapi/v1/progress").json()
+    assert progress["progress"] == 0.0 and progress["state"]["sampling_steps"] == 0
+    assert progress["current_image"] is None
+    assert httpx.get(f"{live_server.url}/sdapi/v1/options").json()["sd_model_checkpoint"] == model["title"]
+
+
+def test_progress_reports_the_running_job_with_a_preview():
+    tracker = JobTracker()
+    cancel = threading.Event()
+    with tracker.job(10, cancel, "api") as job:
+        tracker.step(job, StepInfo(step=4, total=10, timestep=500.0, latents=torch.zeros(2, 4, 8, 8)))
+        payload = progress_payload(tracker, lambda latents: preview(latents, size=128))
+        assert payload["progress"] == pytest.approx(0.4)
+        assert payload["state"]["sampling_step"] == 4 and payload["state"]["sampling_steps"] == 10
+        assert decode(payload["current_image"]).size == (256, 128)  # two 128 px previews side by side
+        assert tracker.interrupt() and cancel.is_set()
+    assert progress_payload(tracker, lambda latents: [])["state"]["job_count"] == 0
+
+
+def test_too_many_waiting_is_busy():
+    tracker = JobTracker(max_waiting=1)
+    with tracker.job(5, threading.Event(), "api"):
+        with pytest.raises(Busy, match="busy"), tracker.job(5, threading.Event(), "api"):
+            pass
+
+
+# ---- auth -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auth_client(serve_engine):
+    from fastapi.testclient import TestClient
+
+    from sd_app.server import create_app
+
+    return TestClient(create_app(serve_engine, credentials={"alice": "s3cret"}))
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/"), ("GET", "/config"), ("GET", "/sdapi/v1/samplers"), ("POST", "/sdapi/v1/txt2img")],
+)
+def test_auth_refuses_ui_and_api_without_credentials(auth_client, method, path):
+    for auth in (None, ("alice", "wrong"), ("mallory", "s3cret")):
+        response = auth_client.request(method, path, json=BASE if method == "POST" else None, auth=auth)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Basic")
+
+
+def test_auth_lets_ui_and_api_in_with_credentials(auth_client):
+    auth = ("alice", "s3cret")
+    assert auth_client.get("/", auth=auth).status_code == 200
+    assert auth_client.get("/sdapi/v1/samplers", auth=auth).status_code == 200
+    response = auth_client.post("/sdapi/v1/txt2img", json={**BASE, "seed": 3}, auth=auth)
+    assert response.status_code == 200 and len(response.json()["images"]) == 1
+
+
+def test_credentials_parsing(tmp_path):
+    file = tmp_path / "users.txt"
+    file.write_text("# users\nbob:pw1\ncarol:pa:ss,dave:x\n")
+    assert parse_credentials(["alice:s3cret"], file) == {"alice": "s3cret", "bob": "pw1", "carol": "pa:ss", "dave": "x"}
+    with pytest.raises(ValueError, match="user:password"):
+        parse_credentials(["alice"])
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_credentials(None, tmp_path / "missing.txt")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_serve_refuses_public_host_without_auth(capsys):
+    from sd_app.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--port", "7861"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve on 0.0.0.0 without auth" in err and "--insecure" in err and "Traceback" not in err

@@ -1,0 +1,158 @@
+"""`sd-app batch`: prompts files, exactly-once manifest, and a 2-process accelerate run killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.request import GenerationRequest
+from sd_app.batch import MANIFEST, Job, job_id, read_done, read_prompts, remove_leftovers, repair_manifest
+from sd_app.metadata import parse_parameters
+
+BASE = GenerationRequest(steps=2, width=64, height=64)
+
+
+def test_read_prompts_txt_and_jsonl(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red circle\n\n# a comment\n  a blue square  \n")
+    assert [r.prompt for r in read_prompts(txt, BASE)] == ["a red circle", "a blue square"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a", "seed": 4, "n": 2}\n\n{"prompt": "b", "negative_prompt": "c"}\n')
+    first, second = read_prompts(jsonl, BASE)
+    assert (first.seed, first.n, first.steps) == (4, 2, 2) and second.negative_prompt == "c"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": 0}\n', r"p.jsonl:2: steps must be between 1 and 150"),
+        ("p.jsonl", '{"prompt": "a", "colour": 1}\n', r"p.jsonl:1: unknown field\(s\) colour"),
+        ("p.jsonl", "not json\n", r"p.jsonl:1: "),
+        ("p.txt", "\n# only a comment\n", "no prompts found"),
+        ("p.csv", "a\n", "must end in .txt or .jsonl"),
+    ],
+)
+def test_bad_prompts_files_name_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_prompts(path, BASE)
+
+
+def test_job_id_is_index_plus_settings_hash():
+    identity = {"model": "m", "reranker": None}
+    a = job_id(3, GenerationRequest(prompt="x"), identity)
+    assert a == job_id(3, GenerationRequest(prompt="x"), identity) and a.startswith("00003-")
+    assert a != job_id(3, GenerationRequest(prompt="x", steps=5), identity)
+    assert a != job_id(3, GenerationRequest(prompt="x"), {"model": "other", "reranker": None})
+
+
+def test_torn_manifest_line_and_leftovers_are_cleaned(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"job": "00000-aaa"}\n{"job": "00001-b')
+    assert read_done(tmp_path) == {"00000-aaa"}
+    repair_manifest(tmp_path)
+    assert (tmp_path / MANIFEST).read_text() == '{"job": "00000-aaa"}\n'
+    job = Job(1, GenerationRequest(prompt="x"), "00001-bbb")
+    for name in ("00001-bbb-0-5-x.png", ".tmp-00001-bbb-1-6-x-k3j9.png", "00000-aaa-0-5-x.png"):
+        (tmp_path / name).write_bytes(b"")
+    remove_leftovers(tmp_path, job)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-aaa-0-5-x.png"] and not list(
+        tmp_path.glob(".tmp-*")
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(args: list[str], prompts: Path, out: Path, model: Path, log: Path) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *args,
+        "-m",
+        "sd_app.cli",
+        "batch",
+        str(prompts),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--no-rerank",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "7",
+        "--sampler",
+        "Euler",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    with open(log, "ab") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _manifest_lines(out: Path) -> list[dict]:
+    path = out / MANIFEST
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def test_two_process_run_killed_midway_then_restarted_makes_each_prompt_once(tiny_model, tmp_path):
+    prompts = [f"prompt number {i}" for i in range(20)]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    out, log = tmp_path / "out", tmp_path / "launch.log"
+    # Two real CPU processes: accelerate's torchrun launcher (--multi_gpu) on a machine without GPUs; the
+    # batch sees no CUDA and runs its process group on CPU (gloo). (--cpu alone starts one process.)
+    port = str(free_port())
+    first = _launch(
+        ["--multi_gpu", "--num_processes", "2", "--main_process_port", port], prompts_file, out, tiny_model, log
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while {line["rank"] for line in _manifest_lines(out)} != {0, 1}:  # both processes have produced
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    killed_at = _manifest_lines(out)
+    assert len(killed_at) < len(prompts), "the first run finished before it could be killed"
+    assert {line["rank"] for line in killed_at} <= {0, 1}
+    # Restart as the issue writes it; accelerate's --cpu launcher runs it as one process.
+    second = _launch(["--cpu", "--num_processes", "2"], prompts_file, out, tiny_model, log)
+    assert second.wait(timeout=240) == 0, log.read_text()[-3000:]
+
+    lines = _manifest_lines(out)
+    assert sorted(line["index"] for line in lines) == list(range(len(prompts)))  # each prompt exactly once
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(name for line in lines for name in line["files"])  # nothing orphaned or missing
+    assert not list(out.glob(".tmp-*"))
+    for line in lines:
+        assert line["prompt"] == prompts[line["index"]] and line["seeds"] == [7]
+        params = parse_parameters(Image.open(out / line["files"][0]).info["parameters"])
+        assert params["prompt"] == prompts[line["index"]] and params["Seed"] == "7"
+
+    # A third run has nothing left to do.
+    third = _launch([], prompts_file, out, tiny_model, log)
+    assert third.wait(timeout=240) == 0
+    assert len(_manifest_lines(out)) == len(prompts)
+    assert "0 generated, 20 already done" in log.read_text()
