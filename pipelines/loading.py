@@ -73,20 +73,22 @@ def resolve_spec(spec: str | Path) -> Path:
     if path.exists():
         return path
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return _cached_repo(text)
+        try:
+            return cached_repo(text)
+        except FileNotFoundError as error:
+            raise ModelLoadError(f"model not found: {error}") from error
     raise ModelLoadError(f"model not found: {path} (no such file or folder)")
 
 
-def _cached_repo(repo_id: str) -> Path:
-    """A repo already in the local Hugging Face cache; never downloads."""
+def cached_repo(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """A repo already in the local Hugging Face cache; never downloads (FileNotFoundError if absent)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"model not found: {repo_id!r} is neither a local path nor in the local Hugging Face cache "
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+    except Exception as error:  # noqa: BLE001 - LocalEntryNotFoundError and friends
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local path nor in the local Hugging Face cache "
             "(nothing is downloaded; put the weights on disk and pass their path)"
         ) from error
 

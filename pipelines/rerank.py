@@ -218,15 +218,9 @@ def resolve_clip_folder(spec: str | Path, cache_dir: str | Path | None = None) -
     if path.exists():
         raise ValueError(f"reranker {str(spec)!r} is a file, expected a CLIP model folder")
     if isinstance(spec, str) and _REPO_ID.match(spec):
-        from huggingface_hub import snapshot_download
+        from pipelines.loading import cached_repo
 
-        try:
-            return Path(snapshot_download(spec, local_files_only=True, cache_dir=cache_dir))
-        except Exception as err:  # LocalEntryNotFoundError and friends
-            raise FileNotFoundError(
-                f"reranker {spec!r} is neither a folder nor in the local Hugging Face cache "
-                "(nothing is downloaded)"
-            ) from err
+        return cached_repo(spec, cache_dir=cache_dir)
     raise FileNotFoundError(f"reranker folder not found: {spec}")
 
 

@@ -215,17 +215,10 @@ def _cpu_only(device: str | None) -> bool:
 
 
 def base_request(args: argparse.Namespace) -> GenerationRequest:
-    return GenerationRequest(
-        prompt="",
-        negative_prompt=args.negative,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        n=args.n,
-        sampler=args.sampler,
-    )
+    """The shared settings of a batch; each prompt line fills in (or overrides) its own."""
+    from sd_app.cli import request_from_args
+
+    return request_from_args(args, "")
 
 
 def run_batch(args: argparse.Namespace) -> int:

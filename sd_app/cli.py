@@ -63,11 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from sd_app.engine import Engine
-
-    request = GenerationRequest(
-        prompt=args.prompt,
+def request_from_args(args: argparse.Namespace, prompt: str) -> GenerationRequest:
+    """The request the generation options of ``add_generation_arguments`` describe."""
+    return GenerationRequest(
+        prompt=prompt,
         negative_prompt=args.negative,
         steps=args.steps,
         cfg_scale=args.cfg,
@@ -77,6 +76,12 @@ def run_generate(args: argparse.Namespace) -> int:
         n=args.n,
         sampler=args.sampler,
     )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from sd_app.engine import Engine
+
+    request = request_from_args(args, args.prompt)
     rerank = not args.no_rerank and args.reranker.lower() != "none"
     engine = Engine(
         model=args.model,
