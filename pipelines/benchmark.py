@@ -31,7 +31,7 @@ class Mode:
     """One way of running: which pipeline, which precision/options, which request changes."""
 
     name: str
-    pipeline: str  # "diffusers" | "fp32" | "fast"
+    pipeline: str  # "diffusers" | "fp32" | "fast" | "compiled"
     request_changes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,6 +42,7 @@ DEFAULT_MODES = [
     Mode("ours fast + DeepCache 3", "fast", {"cache_interval": 3}),
     Mode("ours fast + CFG cutoff 0.3", "fast", {"guidance_cutoff": 0.3}),
 ]
+GPU_MODES = [Mode("ours fast + fused QKV + compile (CUDA graphs)", "compiled")]
 
 
 @dataclass
@@ -124,6 +125,9 @@ class Runner:
             )
         if "fast" in kinds:
             self.ours["fast"] = load_pipeline(self.path, device=device)
+        if "compiled" in kinds:
+            options = SpeedOptions(channels_last=True, fuse_qkv=True, compile=True, compile_mode="max-autotune")
+            self.ours["compiled"] = load_pipeline(self.path, device=device, speed=options)
         self.diffusers = self._load_diffusers() if "diffusers" in kinds else None
 
     def _load_diffusers(self) -> Any:
@@ -189,8 +193,8 @@ def run_benchmark(
     """Time every mode on the same request, alternating modes within each repeat."""
     from pipelines.loading import default_device
 
-    modes = modes or DEFAULT_MODES
     device = device or default_device()
+    modes = modes or DEFAULT_MODES + (GPU_MODES if device.startswith("cuda") else [])
     runner = Runner(model, device, modes)
     from pipelines.loading import read_scheduler_config
     from pipelines.schedulers import sampler_for_config

@@ -72,3 +72,27 @@ def test_default_fast_path_keeps_the_picture_on_the_embedded_model():
     for seed in (1, 2):
         request = GenerationRequest(prompt="a red circle on a blue background", seed=seed, steps=20)
         assert psnr(reference(request).images[0], fast(request).images[0]) >= 25
+
+
+def test_gpu_fast_path_options_run_on_cpu(tiny_model, tiny_pipe):
+    """Fused QKV projections (the GPU path's fusion) keep the picture; checked here on the CPU."""
+    fused = load_pipeline(tiny_model, device="cpu", dtype=torch.float32, speed=SpeedOptions(fuse_qkv=True))
+    request = GenerationRequest(prompt="a red circle", seed=3, steps=3, width=64, height=64)
+    assert psnr(tiny_pipe(request).images[0], fused(request).images[0]) > 40
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_picture(tiny_model, tiny_pipe):
+    compiled = load_pipeline(tiny_model, device="cpu", dtype=torch.float32, speed=SpeedOptions(compile=True))
+    request = GenerationRequest(prompt="a red circle", seed=3, steps=2, width=64, height=64)
+    assert psnr(tiny_pipe(request).images[0], compiled(request).images[0]) > 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_path_with_cuda_graphs(tiny_model):
+    options = SpeedOptions(channels_last=True, fuse_qkv=True, compile=True, compile_mode="max-autotune")
+    pipe = load_pipeline(tiny_model, device="cuda", speed=options)
+    reference = load_pipeline(tiny_model, device="cuda", dtype=torch.float32)
+    request = GenerationRequest(prompt="a red circle", seed=3, steps=4, width=64, height=64)
+    assert psnr(reference(request).images[0], pipe(request).images[0]) > 25
