@@ -107,11 +107,12 @@ class ClipScorer:
         from transformers import AutoTokenizer, CLIPModel
 
         folder = resolve_clip_folder(spec, cache_dir=cache_dir)
-        check_clip_folder(folder)
+        tokenizer_dir = tokenizer_folder(folder)
+        check_clip_folder(folder, tokenizer_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
             processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - any library error becomes one message naming the folder
             raise ValueError(f"{folder}: cannot load the CLIP model: {err}") from err
@@ -224,7 +225,23 @@ def resolve_clip_folder(spec: str | Path, cache_dir: str | Path | None = None) -
     raise FileNotFoundError(f"reranker folder not found: {spec}")
 
 
-def check_clip_folder(folder: Path) -> None:
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    """Where a CLIP folder's tokenizer lives: itself, or the ``tokenizer/`` beside it.
+
+    The embedded model ships its CLIP tokenizer once, in ``shapes-tiny/tokenizer``, shared by the
+    text encoder and the reranker in ``shapes-tiny/clip`` (the 40 MB budget has no room for a copy).
+    """
+    sibling = folder.parent / "tokenizer"
+    return sibling if not _has_tokenizer(folder) and _has_tokenizer(sibling) else folder
+
+
+def check_clip_folder(folder: Path, tokenizer_dir: Path | None = None) -> None:
     """Raise ValueError naming ``folder`` unless it is a safetensors transformers CLIPModel."""
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -248,7 +265,7 @@ def check_clip_folder(folder: Path) -> None:
         raise ValueError(f"{folder} has no model.safetensors")
     if "preprocessor_config.json" not in names:
         raise ValueError(f"{folder} has no preprocessor_config.json (the CLIP image processor settings)")
-    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+    if not _has_tokenizer(tokenizer_dir or folder):
         raise ValueError(f"{folder} has no CLIP tokenizer (tokenizer.json or vocab.json + merges.txt)")
 
 

@@ -1,0 +1,265 @@
+"""The synthetic captioned-shapes world and its pixel oracle.
+
+One coloured shape (circle, square, triangle, star) on a plain background of another colour, drawn
+procedurally with size and position jitter, captioned "a red circle on a blue background". The
+oracle (:func:`judge`) reads only pixels, never a learned model, so it can grade generated images:
+background colour = dominant palette colour of the border, shape colour = dominant other palette
+colour, shape kind = geometry of the shape mask (fill ratio of its bounding box and solidity,
+i.e. area over convex-hull area).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "white": (245, 245, 245),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+STAR_INNER_RATIO = 0.45  # inner / outer radius of the 5-pointed star
+_CAPTION_RE = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s+on\s+an?\s+(\w+)\s+background\s*\.?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ShapeAttributes:
+    """What a caption says (shape, colours) plus the jitter it does not say (size, centre)."""
+
+    shape: str
+    shape_colour: str
+    background: str
+    size: float = 0.3  # radius of the shape's circumscribed circle, as a fraction of the image side
+    cx: float = 0.5  # centre, fractions of the image side
+    cy: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape={self.shape!r} is not one of {SHAPES}")
+        for name in ("shape_colour", "background"):
+            if getattr(self, name) not in PALETTE:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {COLOURS}")
+        if self.shape_colour == self.background:
+            raise ValueError(f"shape_colour and background are both {self.background!r}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The oracle's per-attribute judgement of one image, plus what it saw."""
+
+    shape_colour_ok: bool
+    background_ok: bool
+    shape_ok: bool
+    seen_shape: str | None = None
+    seen_shape_colour: str | None = None
+    seen_background: str | None = None
+
+    @property
+    def all_ok(self) -> bool:
+        return self.shape_colour_ok and self.background_ok and self.shape_ok
+
+
+def sample_attributes(rng: np.random.Generator) -> ShapeAttributes:
+    """Uniform shape and colour pair (never equal), jittered size and position inside the frame."""
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    fg, bg = rng.choice(len(COLOURS), size=2, replace=False)
+    size = float(rng.uniform(0.2, 0.34))
+    margin = size + 0.04
+    cx, cy = (float(v) for v in rng.uniform(margin, 1.0 - margin, size=2))
+    return ShapeAttributes(shape, COLOURS[int(fg)], COLOURS[int(bg)], size, cx, cy)
+
+
+def dataset(seed: int, n: int) -> list[ShapeAttributes]:
+    """``n`` attribute sets, the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    return [sample_attributes(rng) for _ in range(n)]
+
+
+def _polygon(attrs: ShapeAttributes, side: int) -> list[tuple[float, float]]:
+    cx, cy, r = attrs.cx * side, attrs.cy * side, attrs.size * side
+    if attrs.shape == "square":
+        h = r / math.sqrt(2.0)  # the square's circumscribed circle has radius r
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if attrs.shape == "triangle":  # upright equilateral
+        angles = (math.pi / 2, 7 * math.pi / 6, -math.pi / 6)
+        return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in angles]
+    points = []  # star: 5 outer and 5 inner vertices, one point up
+    for k in range(10):
+        radius = r if k % 2 == 0 else r * STAR_INNER_RATIO
+        angle = math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy - radius * math.sin(angle)))
+    return points
+
+
+def draw(attrs: ShapeAttributes, size: int = 512) -> Image.Image:
+    """Render the attributes as a ``size`` x ``size`` RGB image (hard edges, no anti-aliasing)."""
+    image = Image.new("RGB", (size, size), PALETTE[attrs.background])
+    pen = ImageDraw.Draw(image)
+    fill = PALETTE[attrs.shape_colour]
+    if attrs.shape == "circle":
+        cx, cy, r = attrs.cx * size, attrs.cy * size, attrs.size * size
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        pen.polygon(_polygon(attrs, size), fill=fill)
+    return image
+
+
+def caption(attrs: ShapeAttributes) -> str:
+    """``a red circle on a blue background``."""
+    return f"a {attrs.shape_colour} {attrs.shape} on a {attrs.background} background"
+
+
+def parse_caption(text: str) -> ShapeAttributes | None:
+    """Attributes (default size and position) named by a caption of the grammar, else None."""
+    match = _CAPTION_RE.match(text)
+    if match is None:
+        return None
+    colour, shape, background = (g.lower() for g in match.groups())
+    if shape not in SHAPES or colour not in PALETTE or background not in PALETTE or colour == background:
+        return None
+    return ShapeAttributes(shape, colour, background)
+
+
+def all_attributes() -> Iterator[ShapeAttributes]:
+    """Every captionable (shape, colour, background) at the default size and position."""
+    for shape in SHAPES:
+        for fg in COLOURS:
+            for bg in COLOURS:
+                if fg != bg:
+                    yield ShapeAttributes(shape, fg, bg)
+
+
+def all_captions() -> list[str]:
+    """All 4 x 6 x 5 = 120 captions, in a fixed order."""
+    return [caption(a) for a in all_attributes()]
+
+
+# ---- the oracle -------------------------------------------------------------------------------
+
+_JUDGE_SIDE = 128
+
+
+def _nearest_colour(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Palette index and distance of the nearest palette colour for each pixel. pixels: (..., 3)."""
+    palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (C, 3)
+    dist = np.linalg.norm(pixels[..., None, :] - palette, axis=-1)  # (..., C)
+    index = dist.argmin(-1)
+    return index, np.take_along_axis(dist, index[..., None], -1)[..., 0]
+
+
+def _open(mask: np.ndarray) -> np.ndarray:
+    """Morphological opening with a 3x3 cross: drops isolated pixels and one-pixel speckle."""
+
+    def shifted(m: np.ndarray, op: np.ufunc) -> np.ndarray:
+        out = m.copy()
+        p = np.pad(m, 1, constant_values=op is np.logical_or)
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            out = op(out, p[dy : dy + m.shape[0], dx : dx + m.shape[1]])
+        return out
+
+    eroded = shifted(mask, np.logical_and)
+    return shifted(eroded, np.logical_or) & mask
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of (N, 2) points (Andrew's monotone chain + shoelace)."""
+    pts = np.unique(points, axis=0)
+    if len(pts) < 3:
+        return 0.0
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+
+    def chain(seq: np.ndarray) -> list[np.ndarray]:
+        hull: list[np.ndarray] = []
+        for p in seq:
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                if (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) > 0:
+                    break
+                hull.pop()
+            hull.append(p)
+        return hull
+
+    hull = np.array(chain(pts)[:-1] + chain(pts[::-1])[:-1], dtype=np.float64)  # (H, 2)
+    x, y = hull[:, 0], hull[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, float]:
+    """(fill ratio of the bounding box, solidity) of a boolean (H, W) shape mask.
+
+    Pixel centres are treated as unit squares, so the hull is taken over pixel corners.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 8:
+        return 0.0, 0.0
+    area = float(len(xs))
+    box = float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    edge = mask & ~_erode1(mask)  # only boundary pixels can be hull vertices
+    ey, ex = np.nonzero(edge)
+    corners = np.concatenate(
+        [np.stack([ex + dx, ey + dy], 1) for dx in (0, 1) for dy in (0, 1)]
+    )  # (4E, 2) pixel corners
+    return area / box, area / max(_hull_area(corners), 1.0)
+
+
+def _erode1(mask: np.ndarray) -> np.ndarray:
+    p = np.pad(mask, 1)
+    h, w = mask.shape
+    return mask & p[:h, 1 : w + 1] & p[2:, 1 : w + 1] & p[1 : h + 1, :w] & p[1 : h + 1, 2:]
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """Shape kind from the mask: star is non-convex; the convex ones differ in how they fill their box.
+
+    Drawn values: circle fill 0.785, square 1.0, triangle 0.5 (all solidity ~1); star fill ~0.4,
+    solidity ~0.65.
+    """
+    fill, solidity = shape_features(mask)
+    if fill == 0.0:
+        return None
+    if solidity < 0.75:
+        return "star"
+    if fill > 0.9:
+        return "square"
+    if fill > 0.64:
+        return "circle"
+    return "triangle"
+
+
+def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
+    """Check from pixels alone whether ``image`` shows ``attrs``' shape colour, background and shape."""
+    small = image.convert("RGB").resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)
+    pixels = np.asarray(small, dtype=np.float32)  # (S, S, 3)
+    labels, dist = _nearest_colour(pixels)  # (S, S), (S, S)
+    border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(),
+                             labels[:, -3:].ravel()])  # (4 * 3 * S,) labels of a 3-pixel frame
+    bg = int(np.bincount(border, minlength=len(COLOURS)).argmax())
+    # Pixels far from the background colour belong to the shape (or to its blurred edge).
+    bg_dist = np.linalg.norm(pixels - np.array(PALETTE[COLOURS[bg]], dtype=np.float32), axis=-1)  # (S, S)
+    mask = _open(bg_dist > 60.0)
+    seen_colour: str | None = None
+    seen_shape: str | None = None
+    if mask.sum() >= 16:
+        core = mask & (labels != bg) & (dist < 90.0)
+        counts = np.bincount(labels[core], minlength=len(COLOURS))
+        if counts.sum() > 0:
+            seen_colour = COLOURS[int(counts.argmax())]
+        seen_shape = classify_shape(mask)
+    return Verdict(
+        shape_colour_ok=seen_colour == attrs.shape_colour,
+        background_ok=COLOURS[bg] == attrs.background,
+        shape_ok=seen_shape == attrs.shape,
+        seen_shape=seen_shape,
+        seen_shape_colour=seen_colour,
+        seen_background=COLOURS[bg],
+    )

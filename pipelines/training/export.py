@@ -1,0 +1,170 @@
+"""Assemble the shipped embedded model from training runs, in diffusers folder layout.
+
+    python -m pipelines.training.export --unet runs/unet --clip runs/clip --out pipelines/embedded/shapes-tiny
+
+Writes model_index.json (StableDiffusionPipeline, no safety checker), unet/ (EMA weights), vae/ and
+text_encoder/ (the exact ones the U-Net was trained against), tokenizer/, scheduler/ (DPM-Solver++
+with SD's betas) and clip/ (the whole tiny CLIPModel + image processor: the reranker; its tokenizer is
+tokenizer/).
+safetensors only, fp16. Checks that plain diffusers loads it and prints each file's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipelines.training import common, data
+
+MAX_BYTES = 40_000_000
+DEFAULT_OUT = common.REPO_ROOT / "pipelines" / "embedded" / "shapes-tiny"
+
+
+def model_index(diffusers_version: str) -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def scheduler_config() -> dict:
+    """DPM-Solver++ (2M) on Stable Diffusion's training schedule."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pipelines.training.unet import SCHEDULE
+
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                            steps_offset=1)
+    return dict(scheduler.config)
+
+
+def save_text_encoder(text_encoder: torch.nn.Module, folder: Path) -> None:
+    """CLIPTextModel in the classic key layout (``text_model.*``, as SD's text_encoder), fp16."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = text_encoder.state_dict()
+    if not next(iter(state)).startswith("text_model."):  # transformers 5 drops the prefix
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = text_encoder.config
+    config.dtype = "float32"  # transformers 5 loads "auto" as this, matching diffusers' float32 default
+    config.save_pretrained(str(folder))
+
+
+def save_clip(clip_run: Path, folder: Path) -> None:
+    """The reranker: CLIPModel fp16 + a CLIPImageProcessor for 64x64 input.
+
+    Its tokenizer is the pipeline's (``../tokenizer``, the same files); a second 1.5 MB copy would
+    push the folder over the 40 MB budget.
+    """
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(clip_run / "ckpt" / "clip"), dtype=torch.float16)
+    clip.save_pretrained(str(folder))
+    clip.config.dtype = "float32"  # stored fp16, computed in float32 unless asked otherwise
+    clip.config.save_pretrained(str(folder))
+    side = clip.config.vision_config.image_size
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                       image_mean=list(data.CLIP_MEAN), image_std=list(data.CLIP_STD),
+                       do_center_crop=True, resample=3).save_pretrained(str(folder))
+
+
+def copy_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in common.TOKENIZER_DIR.iterdir():
+        shutil.copy2(file, folder / file.name)
+
+
+def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
+    """Write the folder; returns provenance (steps of each part)."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    frozen = unet_run / "frozen"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "model_index.json").write_text(json.dumps(model_index(diffusers.__version__), indent=2) + "\n")
+    half = torch.float16
+    unet = UNet2DConditionModel.from_pretrained(str(unet_run / "ckpt" / "unet_ema"), torch_dtype=half)
+    unet.save_pretrained(str(tmp / "unet"))
+    AutoencoderKL.from_pretrained(str(frozen / "vae"), torch_dtype=half).save_pretrained(str(tmp / "vae"))
+    save_text_encoder(CLIPTextModel.from_pretrained(str(frozen / "text_encoder")), tmp / "text_encoder")
+    copy_tokenizer(tmp / "tokenizer")
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")
+    save_clip(clip_run, tmp / "clip")
+    provenance = {
+        "unet": common.read_state(unet_run),
+        "frozen": json.loads((frozen / "state.json").read_text()),
+        "reranker_clip": common.read_state(clip_run),
+        "data_seeds": {"train": data.TRAIN_SEED, "heldout": data.HELDOUT_SEED},
+    }
+    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return provenance
+
+
+def file_table(folder: Path) -> tuple[list[tuple[str, int, str]], int]:
+    """(relative path, bytes, sha256) of every file, and the total size."""
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        rows.append((str(path.relative_to(folder)), path.stat().st_size, digest))
+    return rows, sum(r[1] for r in rows)
+
+
+def check_loads(folder: Path) -> None:
+    """Plain diffusers loads the folder offline and a 2-step 512x512 generation runs."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    image = pipe("a red circle on a blue background", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (512, 512), image.size
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--unet", type=Path, default=Path("runs/unet"), help="U-Net run (with frozen/)")
+    parser.add_argument("--clip", type=Path, default=Path("runs/clip"), help="CLIP run for the reranker")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-check", action="store_true")
+    args = parser.parse_args(argv)
+    provenance = export(args.unet, args.clip, args.out)
+    rows, total = file_table(args.out)
+    print("| file | bytes | sha256 |\n|---|---:|---|")
+    for name, size, digest in rows:
+        print(f"| {name} | {size} | {digest} |")
+    print(f"total {total / 2**20:.2f} MiB; unet step {provenance['unet']['step']}, "
+          f"text encoder/VAE from CLIP step {provenance['frozen']['clip_step']} / VAE step "
+          f"{provenance['frozen']['vae_step']}, reranker CLIP step {provenance['reranker_clip']['step']}")
+    if total > MAX_BYTES:
+        raise SystemExit(f"{args.out} is {total} bytes, over the {MAX_BYTES} byte budget")
+    if not args.no_check:
+        check_loads(args.out)
+        print("diffusers.StableDiffusionPipeline.from_pretrained loads it; a 2-step generation ran")
+
+
+if __name__ == "__main__":
+    main()

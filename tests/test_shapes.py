@@ -1,0 +1,66 @@
+"""The shapes world: deterministic drawings, a caption grammar, and a pixel oracle right on them."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pipelines import shapes
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_dataset_is_deterministic_for_a_seed():
+    assert shapes.dataset(3, 20) == shapes.dataset(3, 20)
+    assert shapes.dataset(3, 20) != shapes.dataset(4, 20)
+    a = shapes.dataset(5, 1)[0]
+    assert np.array_equal(np.asarray(shapes.draw(a, 128)), np.asarray(shapes.draw(a, 128)))
+
+
+def test_colours_never_equal_and_enough_of_them():
+    assert len(shapes.COLOURS) >= 6 and set(shapes.SHAPES) == {"circle", "square", "triangle", "star"}
+    for a in shapes.dataset(0, 500):
+        assert a.shape_colour != a.background
+    with pytest.raises(ValueError, match="background"):
+        shapes.ShapeAttributes("circle", "red", "red")
+
+
+def test_captions_round_trip():
+    captions = shapes.all_captions()
+    assert len(captions) == len(set(captions)) == 4 * 6 * 5
+    assert (
+        shapes.caption(shapes.ShapeAttributes("circle", "red", "blue")) == "a red circle on a blue background"
+    )
+    for text in captions:
+        attrs = shapes.parse_caption(text)
+        assert attrs is not None and shapes.caption(attrs) == text
+    assert shapes.parse_caption("A Red Circle on a Blue background.") == shapes.ShapeAttributes(
+        "circle", "red", "blue"
+    )
+    assert shapes.parse_caption("a red circle on a red background") is None
+    assert shapes.parse_caption("a cat on a mat") is None
+
+
+def test_oracle_right_on_drawn_images_over_many_seeds():
+    for attrs in shapes.dataset(11, 300):
+        verdict = shapes.judge(shapes.draw(attrs, 256), attrs)
+        assert verdict.all_ok, (attrs, verdict)
+
+
+def test_oracle_right_at_512_and_robust_to_blur_and_noise():
+    rng = np.random.default_rng(0)
+    for attrs in shapes.dataset(12, 40):
+        image = shapes.draw(attrs, 512).filter(ImageFilter.GaussianBlur(3))
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 15, (512, 512, 3))
+        verdict = shapes.judge(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)), attrs)
+        assert verdict.all_ok, (attrs, verdict)
+
+
+def test_oracle_says_no_to_the_wrong_caption():
+    attrs = shapes.ShapeAttributes("star", "yellow", "purple")
+    image = shapes.draw(attrs, 512)
+    wrong = shapes.judge(image, shapes.ShapeAttributes("circle", "red", "green"))
+    assert not (wrong.shape_ok or wrong.shape_colour_ok or wrong.background_ok)
+    blank = shapes.judge(Image.new("RGB", (512, 512), shapes.PALETTE["blue"]), attrs)
+    assert not blank.all_ok and blank.seen_shape is None
