@@ -65,8 +65,8 @@ def resolve_spec(spec: str | Path) -> Path:
     if text == "embedded":
         if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
             raise ModelLoadError(
-                f"the embedded model is not built in {EMBEDDED_MODEL_DIR}; train and export it with "
-                "`python -m pipelines.training.all` (see weights.md)"
+                f"the embedded model is not built in {EMBEDDED_MODEL_DIR}; train and export it with the "
+                "`python -m pipelines.training.<stage>` scripts (README, 'The embedded model')"
             )
         return EMBEDDED_MODEL_DIR
     path = Path(text).expanduser()
