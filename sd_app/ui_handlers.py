@@ -7,6 +7,7 @@ memory and leave the engine ready for the next request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -108,6 +109,19 @@ def error_message(error: BaseException) -> str:
         return f"Model files could not be read: {error}"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return f"Generation failed ({type(error).__name__}): {first[:300]}"
+
+
+@contextlib.contextmanager
+def reported_to_user(action: str) -> Iterator[None]:
+    """Turn any failure inside into a one-line gr.Error; unexpected ones free memory and are logged."""
+    try:
+        yield
+    except ValueError as error:
+        raise user_error(str(error)) from None
+    except Exception as error:  # noqa: BLE001
+        free_memory()
+        log.exception("%s failed", action)
+        raise user_error(error_message(error)) from None
 
 
 class UiHandlers:
@@ -282,7 +296,7 @@ class UiHandlers:
         """Tokens + ids, embedding and latent shapes, per-step thumbnails, similarity table, PCA map."""
         from sd_app.ui_inspect import embedding_shapes, similarity, token_rows
 
-        try:
+        with reported_to_user("inspect"):
             pipe = self.engine.pipeline()
             rows = token_rows(pipe.components.tokenizer, prompt or "")
             shapes = embedding_shapes(
@@ -305,12 +319,6 @@ class UiHandlers:
                     table, pca = similarity(scorer, result, extra)
             else:
                 shapes += "\n\nGenerate images to see their per-step latents, similarity table and PCA map."
-        except ValueError as error:
-            raise user_error(str(error)) from None
-        except Exception as error:  # noqa: BLE001
-            free_memory()
-            log.exception("inspect failed")
-            raise user_error(error_message(error)) from None
         return rows, shapes, list(session.step_thumbnails), table, pca
 
     # ---- Score ------------------------------------------------------------------------------
@@ -324,7 +332,7 @@ class UiHandlers:
             raise user_error("Upload at least one image.")
         if not lines:
             raise user_error("Type at least one text (one per line).")
-        try:
+        with reported_to_user("score"):
             scorer = self.engine.scorer()
             if scorer is None:
                 raise ValueError("no CLIP model is loaded (the server was started with --reranker none)")
@@ -337,12 +345,6 @@ class UiHandlers:
                         [path.name, row.text, round(row.cosine, 4), round(row.logit, 2), round(row.probability, 4)]
                     )
             return rows
-        except ValueError as error:
-            raise user_error(str(error)) from None
-        except Exception as error:  # noqa: BLE001
-            free_memory()
-            log.exception("score failed")
-            raise user_error(error_message(error)) from None
 
     # ---- PNG info ---------------------------------------------------------------------------
 
