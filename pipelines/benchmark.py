@@ -33,16 +33,26 @@ class Mode:
     name: str
     pipeline: str  # "diffusers" | "fp32" | "fast" | "compiled"
     request_changes: dict[str, Any] = field(default_factory=dict)
+    key: str = ""  # short name for command lines (``--modes fast,deepcache3``)
 
 
 DEFAULT_MODES = [
-    Mode(REFERENCE, "diffusers"),
-    Mode("ours fp32", "fp32"),
-    Mode("ours fast (default)", "fast"),
-    Mode("ours fast + DeepCache 3", "fast", {"cache_interval": 3}),
-    Mode("ours fast + CFG cutoff 0.3", "fast", {"guidance_cutoff": 0.3}),
+    Mode(REFERENCE, "diffusers", key="diffusers"),
+    Mode("ours fp32", "fp32", key="fp32"),
+    Mode("ours fast (default)", "fast", key="fast"),
+    Mode("ours fast + DeepCache 3", "fast", {"cache_interval": 3}, key="deepcache3"),
+    Mode("ours fast + CFG cutoff 0.3", "fast", {"guidance_cutoff": 0.3}, key="cfg-cutoff"),
 ]
-GPU_MODES = [Mode("ours fast + fused QKV + compile (CUDA graphs)", "compiled")]
+GPU_MODES = [Mode("ours fast + fused QKV + compile (CUDA graphs)", "compiled", key="compiled")]
+
+
+def modes_by_key(keys: list[str]) -> list[Mode]:
+    """Modes named by their keys, in the given order; ValueError lists the choices for an unknown key."""
+    known = {mode.key: mode for mode in DEFAULT_MODES + GPU_MODES}
+    unknown = [key for key in keys if key not in known]
+    if unknown:
+        raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(known)}")
+    return [known[key] for key in keys]
 
 
 @dataclass

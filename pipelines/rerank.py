@@ -32,6 +32,7 @@ from PIL import Image
 
 EMBEDDED_CLIP = Path(__file__).resolve().parent / "embedded" / "shapes-tiny" / "clip"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TEXT_TOWER_PREFIX = "text_model."  # CLIPModel's and SD text_encoder's key prefix of the text transformer
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _GRAY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -104,14 +105,14 @@ class ClipScorer:
         Raises FileNotFoundError for a missing folder, ValueError for a folder that is not a
         safetensors CLIP model.
         """
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer
 
         folder = resolve_clip_folder(spec, cache_dir=cache_dir)
         tokenizer_dir = tokenizer_folder(folder)
         check_clip_folder(folder, tokenizer_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
-            model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            model = load_clip_model(folder)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
             processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - any library error becomes one message naming the folder
@@ -223,6 +224,35 @@ def resolve_clip_folder(spec: str | Path, cache_dir: str | Path | None = None) -
 
         return cached_repo(spec, cache_dir=cache_dir)
     raise FileNotFoundError(f"reranker folder not found: {spec}")
+
+
+def load_clip_model(folder: Path) -> Any:
+    """A transformers ``CLIPModel`` from a safetensors folder, its text tower from ``../text_encoder`` if shared.
+
+    The embedded model stores its CLIP text tower once: the same weights are Stable Diffusion's text
+    encoder (``shapes-tiny/text_encoder``, keys ``text_model.*``), so ``shapes-tiny/clip`` holds the
+    vision tower, both projections and the logit scale (the 40 MB budget has no room for a copy).
+    A folder whose weights include the text tower loads as it is.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as handle:
+            shares_text_tower = not any(key.startswith(TEXT_TOWER_PREFIX) for key in handle.keys())
+    if not weights.is_file() or not shares_text_tower:  # sharded or whole: transformers' own loader
+        return CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    shared = folder.parent / "text_encoder" / "model.safetensors"
+    if not shared.is_file():
+        raise ValueError(f"{weights} has no text tower ({TEXT_TOWER_PREFIX}*) and there is no {shared} to share")
+    state = load_file(str(weights))
+    for key, tensor in load_file(str(shared)).items():
+        state[key if key.startswith(TEXT_TOWER_PREFIX) else TEXT_TOWER_PREFIX + key] = tensor
+    model = CLIPModel(CLIPConfig.from_pretrained(folder, local_files_only=True))
+    model.load_state_dict(state, strict=True)  # every key present, none left random
+    return model
 
 
 def _has_tokenizer(folder: Path) -> bool:

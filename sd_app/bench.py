@@ -22,6 +22,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (medians are printed)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--startup", action="store_true", help="also time `sd-app generate` start to PNG")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated modes (default: all): diffusers, fp32, fast, deepcache3, cfg-cutoff, "
+                             "compiled")
 
 
 def _model_path(spec: str, workdir: Path) -> str:
@@ -37,12 +40,13 @@ def _model_path(spec: str, workdir: Path) -> str:
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from pipelines.benchmark import format_table, measure_startup, run_benchmark
+    from pipelines.benchmark import format_table, measure_startup, modes_by_key, run_benchmark
 
+    modes = modes_by_key(args.modes.split(",")) if args.modes else None
     with tempfile.TemporaryDirectory(prefix="sd-app-bench-") as workdir:
         model = _model_path(args.model, Path(workdir))
         results = run_benchmark(
-            model, steps=args.steps, size=args.size, cfg_scale=args.cfg, repeats=args.repeats,
+            model, modes=modes, steps=args.steps, size=args.size, cfg_scale=args.cfg, repeats=args.repeats,
             device=args.device, log=lambda line: print(line, file=sys.stderr),
         )
         threads = torch.get_num_threads()

@@ -25,3 +25,37 @@ def test_sampler_for_config_names_the_models_scheduler():
         {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "solver_order": 2,
          "use_karras_sigmas": True}
     ) == "DPM++ 2M Karras"
+
+
+def test_modes_by_key_and_unknown_mode():
+    import pytest
+
+    from pipelines.benchmark import modes_by_key
+
+    assert [m.name for m in modes_by_key(["fast", "diffusers"])] == ["ours fast (default)", REFERENCE]
+    with pytest.raises(ValueError, match="unknown mode 'turbo'; choose from diffusers, fp32"):
+        modes_by_key(["turbo"])
+
+
+def test_shapes_evaluation_table_on_the_tiny_model(tiny_model, tmp_path):
+    """The evaluation script's generation part runs each mode on the same seeds and judges every image."""
+    import shutil
+
+    from pipelines.rerank import ClipScorer
+    from pipelines.training import evaluate
+    from tests.clip_fixtures import tiny_clip_dir
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    shutil.copytree(tiny_clip_dir(tmp_path), folder / "clip")
+    scorer = ClipScorer.load(folder / "clip", device="cpu")
+    results = evaluate.generation(folder, scorer, ["fp32", "fast"], pairs=2, candidates=2, steps=2, cfg=7.0,
+                                   size=64)
+    assert [r.mode for r in results] == ["ours fp32", "ours fast (default)"]
+    for r in results:
+        for part in (r.single, r.best):
+            assert set(part) == set(evaluate.ATTRIBUTES) and all(0 <= v <= 1 for v in part.values())
+        assert r.seconds_per_image > 0
+    zs = {key: 0.5 for key in evaluate.ATTRIBUTES}
+    table = evaluate.format_table(zs, 10, results, 2, 2, 2, 7.0, 1)
+    assert table.count("best of 2 by CLIP score") == 2 and "ours fp32: 1 sample" in table

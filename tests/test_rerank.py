@@ -265,3 +265,21 @@ def test_repo_id_from_local_hf_cache(tmp_path, clip_dir):
     assert scorer.name == "openai/clip-tiny"
     with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
         ClipScorer.load("openai/not-cached", cache_dir=cache)
+
+
+def test_clip_folder_sharing_its_text_tower_with_a_text_encoder(tmp_path, clip_dir, images):
+    """The embedded layout: clip/ without text_model.* weights, the text tower in ../text_encoder."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shared = model_dir / "clip"
+    shutil.copytree(clip_dir, shared)
+    state = load_file(str(clip_dir / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("text_model.")}, str(shared / "model.safetensors"))
+    with pytest.raises(ValueError, match="no text tower.*text_encoder"):
+        ClipScorer.load(shared)
+    (model_dir / "text_encoder").mkdir()
+    save_file({k: v for k, v in state.items() if k.startswith("text_model.")},
+              str(model_dir / "text_encoder" / "model.safetensors"))
+    whole, joined = ClipScorer.load(clip_dir, device="cpu"), ClipScorer.load(shared, device="cpu")
+    assert joined.score(images, "a red blob").scores == pytest.approx(whole.score(images, "a red blob").scores)

@@ -4,8 +4,8 @@
 
 Writes model_index.json (StableDiffusionPipeline, no safety checker), unet/ (EMA weights), vae/ and
 text_encoder/ (the exact ones the U-Net was trained against), tokenizer/, scheduler/ (DPM-Solver++
-with SD's betas) and clip/ (the whole tiny CLIPModel + image processor: the reranker; its tokenizer is
-tokenizer/).
+with SD's betas) and clip/ (the tiny CLIPModel + image processor: the reranker; its text tower
+is text_encoder/ and its tokenizer is tokenizer/, each stored once).
 safetensors only, fp16. Checks that plain diffusers loads it and prints each file's sha256.
 """
 
@@ -69,21 +69,42 @@ def save_text_encoder(text_encoder: torch.nn.Module, folder: Path) -> None:
 
 
 def save_clip(clip_run: Path, folder: Path) -> None:
-    """The reranker: CLIPModel fp16 + a CLIPImageProcessor for 64x64 input.
+    """The reranker: CLIPModel fp16 without its text tower + a CLIPImageProcessor for 64x64 input.
 
-    Its tokenizer is the pipeline's (``../tokenizer``, the same files); a second 1.5 MB copy would
-    push the folder over the 40 MB budget.
+    The text tower is ``../text_encoder`` (the U-Net is trained against the reranker's own text
+    tower) and its tokenizer is ``../tokenizer``; :func:`pipelines.rerank.load_clip_model` joins them.
+    Copies would push the folder over the 40 MB budget.
     """
+    from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPModel
 
-    clip = CLIPModel.from_pretrained(str(clip_run / "ckpt" / "clip"), dtype=torch.float16)
-    clip.save_pretrained(str(folder))
+    from pipelines.rerank import TEXT_TOWER_PREFIX
+
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = CLIPModel.from_pretrained(str(clip_run / "ckpt" / "clip"), dtype=torch.float32)
+    state = {k: v.half().contiguous() for k, v in clip.state_dict().items() if not k.startswith(TEXT_TOWER_PREFIX)}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     clip.config.dtype = "float32"  # stored fp16, computed in float32 unless asked otherwise
     clip.config.save_pretrained(str(folder))
     side = clip.config.vision_config.image_size
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                        image_mean=list(data.CLIP_MEAN), image_std=list(data.CLIP_STD),
                        do_center_crop=True, resample=3).save_pretrained(str(folder))
+
+
+def check_shared_text_tower(frozen: Path, clip_run: Path) -> None:
+    """The U-Net's frozen text encoder must be the reranker's text tower, since only one is shipped."""
+    from safetensors.torch import load_file
+
+    from pipelines.rerank import TEXT_TOWER_PREFIX
+
+    text_encoder = load_file(str(frozen / "text_encoder" / "model.safetensors"))
+    clip = load_file(str(clip_run / "ckpt" / "clip" / "model.safetensors"))
+    for key, tensor in text_encoder.items():
+        key = key if key.startswith(TEXT_TOWER_PREFIX) else TEXT_TOWER_PREFIX + key
+        if key not in clip or not torch.equal(clip[key].float(), tensor.float()):
+            raise SystemExit(f"{frozen}/text_encoder differs from {clip_run}'s text tower at {key}: the "
+                             "U-Net was trained against another CLIP; export with that CLIP run (--clip)")
 
 
 def copy_tokenizer(folder: Path) -> None:
@@ -99,6 +120,7 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
     from transformers import CLIPTextModel
 
     frozen = unet_run / "frozen"
+    check_shared_text_tower(frozen, clip_run)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -155,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, total = file_table(args.out)
     print("| file | bytes | sha256 |\n|---|---:|---|")
     for name, size, digest in rows:
-        print(f"| {name} | {size} | {digest} |")
+        print(f"| `{args.out.name}/{name}` | {size} | {digest} |")  # the rows of weights.md
     print(f"total {total / 2**20:.2f} MiB; unet step {provenance['unet']['step']}, "
           f"text encoder/VAE from CLIP step {provenance['frozen']['clip_step']} / VAE step "
           f"{provenance['frozen']['vae_step']}, reranker CLIP step {provenance['reranker_clip']['step']}")
