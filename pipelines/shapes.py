@@ -4,8 +4,8 @@ One coloured shape (circle, square, triangle, star) on a plain background of ano
 procedurally with size and position jitter, captioned "a red circle on a blue background". The
 oracle (:func:`judge`) reads only pixels, never a learned model, so it can grade generated images:
 background colour = dominant palette colour of the border, shape colour = dominant other palette
-colour, shape kind = geometry of the shape mask (fill ratio of its bounding box and solidity,
-i.e. area over convex-hull area).
+colour, shape kind = geometry of the shape mask, the largest connected region of the shape colour
+(fill ratio of its bounding box and solidity, i.e. area over convex-hull area).
 """
 
 from __future__ import annotations
@@ -236,6 +236,27 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return "triangle"
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean (H, W) mask (the one shape a caption speaks of).
+
+    Label propagation: every pixel takes the smallest index among itself and its masked neighbours
+    until nothing changes, so each region ends labelled by its smallest pixel index.
+    """
+    h, w = mask.shape
+    none = h * w  # label of unmasked pixels
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), none)  # (H, W)
+    while True:
+        p = np.pad(labels, 1, constant_values=none)
+        smallest = np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        smallest = np.where(mask, smallest, none)
+        if np.array_equal(smallest, labels):
+            break
+        labels = smallest
+    if not mask.any():
+        return mask
+    return labels == np.bincount(labels[mask]).argmax()
+
+
 def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
     """Check from pixels alone whether ``image`` shows ``attrs``' shape colour, background and shape."""
     small = image.convert("RGB").resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)
@@ -244,17 +265,19 @@ def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
     border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(),
                              labels[:, -3:].ravel()])  # (4 * 3 * S,) labels of a 3-pixel frame
     bg = int(np.bincount(border, minlength=len(COLOURS)).argmax())
-    # Pixels far from the background colour belong to the shape (or to its blurred edge).
+    # Pixels far from the background colour belong to the shape (or to its blurred edge) ...
     bg_dist = np.linalg.norm(pixels - np.array(PALETTE[COLOURS[bg]], dtype=np.float32), axis=-1)  # (S, S)
-    mask = _open(bg_dist > 60.0)
+    foreground = _open(bg_dist > 60.0)
     seen_colour: str | None = None
     seen_shape: str | None = None
-    if mask.sum() >= 16:
-        core = mask & (labels != bg) & (dist < 90.0)
+    if foreground.sum() >= 16:
+        core = foreground & (labels != bg) & (dist < 90.0)
         counts = np.bincount(labels[core], minlength=len(COLOURS))
         if counts.sum() > 0:
             seen_colour = COLOURS[int(counts.argmax())]
-        seen_shape = classify_shape(mask)
+            # ... and its geometry is that of the largest region nearest to the shape colour: halos of
+            # in-between colours and stray specks elsewhere are not the shape.
+            seen_shape = classify_shape(largest_component(_open(labels == counts.argmax())))
     return Verdict(
         shape_colour_ok=seen_colour == attrs.shape_colour,
         background_ok=COLOURS[bg] == attrs.background,

@@ -64,3 +64,26 @@ def test_oracle_says_no_to_the_wrong_caption():
     assert not (wrong.shape_ok or wrong.shape_colour_ok or wrong.background_ok)
     blank = shapes.judge(Image.new("RGB", (512, 512), shapes.PALETTE["blue"]), attrs)
     assert not blank.all_ok and blank.seen_shape is None
+
+
+def test_oracle_ignores_a_stray_speck_but_not_a_second_shape_of_the_wrong_kind():
+    attrs = shapes.ShapeAttributes("square", "white", "red", size=0.25, cx=0.35, cy=0.35)
+    image = shapes.draw(attrs, 512)
+    speck = image.copy()
+    speck.paste(shapes.PALETTE["green"], (430, 450, 470, 480))  # a small blob away from the square
+    assert shapes.judge(speck, attrs).all_ok
+    star = shapes.draw(shapes.ShapeAttributes("star", "white", "red", size=0.3, cx=0.65, cy=0.65), 512)
+    small_square = shapes.draw(shapes.ShapeAttributes("square", "white", "red", size=0.12, cx=0.2, cy=0.2), 512)
+    both = Image.fromarray(np.maximum(np.asarray(star), np.asarray(small_square)))  # both white shapes on red
+    verdict = shapes.judge(both, attrs)  # the caption's square is there, but the picture's shape is a star
+    assert verdict.seen_shape == "star" and not verdict.all_ok
+
+
+def test_largest_component_keeps_one_region():
+    mask = np.zeros((20, 20), bool)
+    mask[2:10, 2:10] = True  # 64 pixels
+    mask[15:18, 15:18] = True  # 9 pixels
+    mask[12, 2:6] = True  # 4 pixels, touching nothing
+    kept = shapes.largest_component(mask)
+    assert kept.sum() == 64 and kept[2:10, 2:10].all()
+    assert not shapes.largest_component(np.zeros((5, 5), bool)).any()
