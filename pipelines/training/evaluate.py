@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pipelines import shapes
 from pipelines.rerank import ClipScorer
@@ -80,7 +81,7 @@ def generation(folder: Path, scorer: ClipScorer, mode_keys: list[str], pairs: in
     results = []
     for mode in modes:
         first, best, seconds = [], [], []
-        for k, attrs in enumerate(prompts):
+        for k, attrs in enumerate(tqdm(prompts, desc=mode.name, unit="prompt", mininterval=10)):
             prompt = shapes.caption(attrs)
             images = []
             for c in range(candidates):

@@ -4,11 +4,14 @@ DDPM's epsilon-prediction objective (Ho et al. 2020) on Stable Diffusion's noise
 (scaled_linear betas 0.00085..0.012, 1000 steps) in the frozen VAE's latent space, with
 cross-attention to the frozen tiny-CLIP text tower's last hidden state (Rombach et al. 2022).
 About 10% of captions are dropped to "" so classifier-free guidance works; an EMA of the weights
-is kept for sampling. Latents are encoded once and cached; most steps run at 256x256 images
-(32x32 latents) and a fine-tune at 512x512 (64x64), the resolution inference uses.
+is kept for sampling. The loss is Min-SNR weighted (Hang et al. 2023) and latents are flipped
+left-right at random (every caption stays true). Latents are encoded once and cached; most steps run
+at 256x256 images (32x32 latents) and a fine-tune at 512x512 (64x64), the resolution inference uses,
+as Stable Diffusion itself was trained.
 
-    python -m pipelines.training.unet --res 256 --steps 20000 --out runs/unet [--resume]
-    python -m pipelines.training.unet --res 512 --n-latents 3000 --steps 24000 --out runs/unet --resume
+    python -m pipelines.training.unet --res 256 --n-latents 6000 --batch 32 --steps 8000 --out runs/unet
+    python -m pipelines.training.unet --res 512 --n-latents 2000 --batch 8 --steps 11000 --lr 5e-4 \
+        --out runs/unet --resume
 """
 
 from __future__ import annotations
@@ -129,11 +132,11 @@ def oracle_fidelity(images: torch.Tensor, attrs: list[shapes.ShapeAttributes]) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = common.base_parser(__doc__.splitlines()[0], "runs/unet", steps=20000, batch=32, lr=5e-4)
+    parser = common.base_parser(__doc__.splitlines()[0], "runs/unet", steps=8000, batch=32, lr=1e-3)
     parser.add_argument("--clip", type=Path, default=Path("runs/clip"), help="CLIP run (text tower)")
     parser.add_argument("--vae", type=Path, default=Path("runs/vae"), help="VAE run")
     parser.add_argument("--res", type=int, default=256, help="image side of the training latents")
-    parser.add_argument("--n-latents", type=int, default=8000)
+    parser.add_argument("--n-latents", type=int, default=6000)
     parser.add_argument("--p-uncond", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 disables")

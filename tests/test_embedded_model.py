@@ -1,0 +1,99 @@
+"""The shipped embedded model: in budget, registered hashes, loads offline, golden image, its reranker.
+
+The golden image is the fp32 picture for a fixed prompt, seed and step count. After retraining the
+model, rewrite it with ``SD_APP_WRITE_GOLDEN=1 python -m pytest tests/test_embedded_model.py``
+(the test then skips, saying so) and commit the PNG with the new weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import shapes
+from pipelines.loading import EMBEDDED_MODEL_DIR, load_pipeline
+from pipelines.request import GenerationRequest
+from pipelines.rerank import ClipScorer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / "golden" / "embedded-red-circle-blue-seed1-20steps.png"
+GOLDEN_REQUEST = GenerationRequest(prompt="a red circle on a blue background", seed=1, steps=20)
+
+
+def psnr(a, b) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = np.mean((x - y) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def fp32_pipe():
+    return load_pipeline("embedded", device="cpu", dtype=torch.float32)
+
+
+def test_shipped_as_safetensors_within_40_mb_with_registered_hashes():
+    files = [p for p in EMBEDDED_MODEL_DIR.rglob("*") if p.is_file()]
+    assert (EMBEDDED_MODEL_DIR / "model_index.json") in files
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder", "clip"}
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
+    assert sum(p.stat().st_size for p in files) <= 40_000_000
+    registered = dict(re.findall(r"\| `shapes-tiny/([\w/.]+\.safetensors)` \| \d+ \| ([0-9a-f]{64}) \|",
+                                 (REPO_ROOT / "weights.md").read_text()))
+    for path in weights:
+        name = str(path.relative_to(EMBEDDED_MODEL_DIR))
+        assert registered.get(name) == hashlib.sha256(path.read_bytes()).hexdigest(), f"weights.md: {name}"
+
+
+def test_loads_offline_in_plain_diffusers_and_matches_our_pipeline(fp32_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    plain = StableDiffusionPipeline.from_pretrained(str(EMBEDDED_MODEL_DIR), local_files_only=True)
+    plain.set_progress_bar_config(disable=True)
+    theirs = plain("a green star on a white background", num_inference_steps=4,
+                   generator=[torch.Generator().manual_seed(7)]).images[0]
+    request = GenerationRequest(prompt="a green star on a white background", seed=7, steps=4,
+                                sampler="DPM++ 2M")  # the shipped scheduler_config
+    ours = fp32_pipe(request).images[0]
+    assert ours.size == theirs.size == (512, 512)
+    # The same picture: mean difference under 1/255; the hard edges this model draws turn float
+    # rounding into a few shifted edge pixels, so the bound is PSNR, not a per-pixel maximum.
+    assert np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)).mean() < 1.0
+    assert psnr(ours, theirs) >= 35
+
+
+def test_golden_image(fp32_pipe):
+    image = fp32_pipe(GOLDEN_REQUEST).images[0]
+    if os.environ.get("SD_APP_WRITE_GOLDEN") == "1":
+        image.save(GOLDEN)
+        pytest.skip(f"wrote {GOLDEN}")
+    assert psnr(image, Image.open(GOLDEN).convert("RGB")) >= 35
+
+
+def test_default_path_runs_and_the_oracle_reads_the_golden_prompt():
+    """The CPU default (bf16 where native) makes a 4-step 512x512 image; the golden one is right."""
+    image = load_pipeline("embedded", device="cpu")(replace(GOLDEN_REQUEST, steps=4)).images[0]
+    assert image.size == (512, 512) and np.asarray(image).std() > 0
+    verdict = shapes.judge(Image.open(GOLDEN).convert("RGB"), shapes.parse_caption(GOLDEN_REQUEST.prompt))
+    assert verdict.all_ok, verdict
+
+
+def test_embedded_reranker_shares_the_text_encoder_and_reads_drawings():
+    from safetensors.torch import load_file
+
+    scorer = ClipScorer.load("embedded", device="cpu")
+    text_encoder = load_file(str(EMBEDDED_MODEL_DIR / "text_encoder" / "model.safetensors"))
+    clip_text = scorer.model.text_model.state_dict()
+    for key, tensor in text_encoder.items():
+        assert torch.equal(clip_text[key.removeprefix("text_model.")], tensor.float()), key
+    truth = shapes.ShapeAttributes("triangle", "yellow", "purple")
+    rows = scorer.zero_shot(shapes.draw(truth), shapes.all_captions())
+    assert rows[0].text == shapes.caption(truth)
