@@ -226,6 +226,11 @@ def resolve_clip_folder(spec: str | Path, cache_dir: str | Path | None = None) -
     raise FileNotFoundError(f"reranker folder not found: {spec}")
 
 
+def text_tower_key(key: str) -> str:
+    """A text-encoder weight name as CLIPModel spells it (transformers 5 may drop ``text_model.``)."""
+    return key if key.startswith(TEXT_TOWER_PREFIX) else TEXT_TOWER_PREFIX + key
+
+
 def load_clip_model(folder: Path) -> Any:
     """A transformers ``CLIPModel`` from a safetensors folder, its text tower from ``../text_encoder`` if shared.
 
@@ -249,7 +254,7 @@ def load_clip_model(folder: Path) -> Any:
         raise ValueError(f"{weights} has no text tower ({TEXT_TOWER_PREFIX}*) and there is no {shared} to share")
     state = load_file(str(weights))
     for key, tensor in load_file(str(shared)).items():
-        state[key if key.startswith(TEXT_TOWER_PREFIX) else TEXT_TOWER_PREFIX + key] = tensor
+        state[text_tower_key(key)] = tensor
     model = CLIPModel(CLIPConfig.from_pretrained(folder, local_files_only=True))
     model.load_state_dict(state, strict=True)  # every key present, none left random
     return model

@@ -57,12 +57,11 @@ def save_text_encoder(text_encoder: torch.nn.Module, folder: Path) -> None:
     """CLIPTextModel in the classic key layout (``text_model.*``, as SD's text_encoder), fp16."""
     from safetensors.torch import save_file
 
+    from pipelines.rerank import text_tower_key
+
     folder.mkdir(parents=True, exist_ok=True)
-    state = text_encoder.state_dict()
-    if not next(iter(state)).startswith("text_model."):  # transformers 5 drops the prefix
-        state = {f"text_model.{k}": v for k, v in state.items()}
-    save_file({k: v.half().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    state = {text_tower_key(k): v.half().contiguous() for k, v in text_encoder.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = text_encoder.config
     config.dtype = "float32"  # transformers 5 loads "auto" as this, matching diffusers' float32 default
     config.save_pretrained(str(folder))
@@ -96,12 +95,12 @@ def check_shared_text_tower(frozen: Path, clip_run: Path) -> None:
     """The U-Net's frozen text encoder must be the reranker's text tower, since only one is shipped."""
     from safetensors.torch import load_file
 
-    from pipelines.rerank import TEXT_TOWER_PREFIX
+    from pipelines.rerank import text_tower_key
 
     text_encoder = load_file(str(frozen / "text_encoder" / "model.safetensors"))
     clip = load_file(str(clip_run / "ckpt" / "clip" / "model.safetensors"))
     for key, tensor in text_encoder.items():
-        key = key if key.startswith(TEXT_TOWER_PREFIX) else TEXT_TOWER_PREFIX + key
+        key = text_tower_key(key)
         if key not in clip or not torch.equal(clip[key].float(), tensor.float()):
             raise SystemExit(f"{frozen}/text_encoder differs from {clip_run}'s text tower at {key}: the "
                              "U-Net was trained against another CLIP; export with that CLIP run (--clip)")

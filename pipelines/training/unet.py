@@ -47,7 +47,7 @@ def unet_config(cross_attention_dim: int = 128) -> dict:
                 cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
 
 
-def min_snr_weights(noise_schedule: torch.nn.Module, t: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """(B,) Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR (Hang et al. 2023).
 
     Low-noise steps (high SNR) dominate plain epsilon MSE yet decide little; capping their weight
@@ -55,7 +55,7 @@ def min_snr_weights(noise_schedule: torch.nn.Module, t: torch.Tensor, gamma: flo
     """
     if gamma <= 0:
         return torch.ones(t.shape)
-    alphas = noise_schedule.alphas_cumprod[t.cpu()]  # (B,)
+    alphas = alphas_cumprod[t.cpu()]  # (B,)
     snr = alphas / (1 - alphas)
     return snr.clamp(max=gamma) / snr
 
@@ -236,7 +236,8 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         with runtime.autocast():
             pred = unet(noisy, t, encoder_hidden_states=states[cond.to(runtime.device)]).sample.float()
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = (per_sample * min_snr_weights(noise_schedule, t, args.snr_gamma).to(runtime.device)).mean()
+        weights = min_snr_weights(noise_schedule.alphas_cumprod, t, args.snr_gamma).to(runtime.device)  # (B,)
+        loss = (per_sample * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
