@@ -75,7 +75,9 @@ def test_golden_image(fp32_pipe):
     if os.environ.get("SD_APP_WRITE_GOLDEN") == "1":
         image.save(GOLDEN)
         pytest.skip(f"wrote {GOLDEN}")
-    assert psnr(image, Image.open(GOLDEN).convert("RGB")) >= 35
+    # The same prompt at other seeds scores 11-14 dB; 30 dB leaves room for other CPUs' float rounding, which moves a
+    # few pixels along this model's hard edges (our fp32 and plain diffusers' differ by 38-40 dB).
+    assert psnr(image, Image.open(GOLDEN).convert("RGB")) >= 30
 
 
 def test_default_path_runs_and_the_oracle_reads_the_golden_prompt():
