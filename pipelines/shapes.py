@@ -242,6 +242,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     Label propagation: every pixel takes the smallest index among itself and its masked neighbours
     until nothing changes, so each region ends labelled by its smallest pixel index.
     """
+    if not mask.any():
+        return mask
     h, w = mask.shape
     none = h * w  # label of unmasked pixels
     labels = np.where(mask, np.arange(h * w).reshape(h, w), none)  # (H, W)
@@ -252,8 +254,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         if np.array_equal(smallest, labels):
             break
         labels = smallest
-    if not mask.any():
-        return mask
     return labels == np.bincount(labels[mask]).argmax()
 
 
