@@ -286,3 +286,11 @@ def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
         seen_shape_colour=seen_colour,
         seen_background=COLOURS[bg],
     )
+
+
+def fidelity(verdicts: list[Verdict]) -> dict[str, float]:
+    """Fraction of verdicts all right (``"all"``) and right per attribute."""
+    return {"all": float(np.mean([v.all_ok for v in verdicts])),
+            "shape": float(np.mean([v.shape_ok for v in verdicts])),
+            "shape_colour": float(np.mean([v.shape_colour_ok for v in verdicts])),
+            "background": float(np.mean([v.background_ok for v in verdicts]))}

@@ -58,14 +58,6 @@ def zero_shot(scorer: ClipScorer, n: int) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
-def fidelity(verdicts: list[shapes.Verdict]) -> dict[str, float]:
-    """Fraction of verdicts all right and right per attribute."""
-    return {"all": float(np.mean([v.all_ok for v in verdicts])),
-            "shape": float(np.mean([v.shape_ok for v in verdicts])),
-            "shape_colour": float(np.mean([v.shape_colour_ok for v in verdicts])),
-            "background": float(np.mean([v.background_ok for v in verdicts]))}
-
-
 def generation(folder: Path, scorer: ClipScorer, mode_keys: list[str], pairs: int, candidates: int,
                steps: int, cfg: float, size: int = 512) -> list[ModeResult]:
     """Per mode: fidelity of candidate 0, of the best of ``candidates`` by CLIP score, seconds per image."""
@@ -93,7 +85,7 @@ def generation(folder: Path, scorer: ClipScorer, mode_keys: list[str], pairs: in
             verdicts = [shapes.judge(image, attrs) for image in images]
             first.append(verdicts[0])
             best.append(verdicts[scorer.score(images, prompt).order()[0]])
-        results.append(ModeResult(mode.name, fidelity(first), fidelity(best), float(np.median(seconds))))
+        results.append(ModeResult(mode.name, shapes.fidelity(first), shapes.fidelity(best), float(np.median(seconds))))
     return results
 
 

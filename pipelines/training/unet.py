@@ -125,10 +125,7 @@ def oracle_fidelity(images: torch.Tensor, attrs: list[shapes.ShapeAttributes]) -
     for image, a in zip(images, attrs):
         array = ((image.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
         verdicts.append(shapes.judge(Image.fromarray(array), a))
-    return {"all": float(np.mean([v.all_ok for v in verdicts])),
-            "shape": float(np.mean([v.shape_ok for v in verdicts])),
-            "shape_colour": float(np.mean([v.shape_colour_ok for v in verdicts])),
-            "background": float(np.mean([v.background_ok for v in verdicts]))}
+    return shapes.fidelity(verdicts)
 
 
 def main(argv: list[str] | None = None) -> None:
