@@ -31,7 +31,7 @@ class Mode:
     """One way of running: which pipeline, which precision/options, which request changes."""
 
     name: str
-    pipeline: str  # "diffusers" | "fp32" | "fast" | "compiled"
+    pipeline: str  # "diffusers" | "fp32" | "fast" | "fast-sdpa" | "compiled"
     request_changes: dict[str, Any] = field(default_factory=dict)
     key: str = ""  # short name for command lines (``--modes fast,deepcache3``)
 
@@ -44,11 +44,13 @@ DEFAULT_MODES = [
     Mode("ours fast + CFG cutoff 0.3", "fast", {"guidance_cutoff": 0.3}, key="cfg-cutoff"),
 ]
 GPU_MODES = [Mode("ours fast + fused QKV + compile (CUDA graphs)", "compiled", key="compiled")]
+# Chosen by key only: what one part of the default fast path is worth.
+ABLATION_MODES = [Mode("ours fast, PyTorch SDPA attention", "fast-sdpa", key="fast-sdpa")]
 
 
 def modes_by_key(keys: list[str]) -> list[Mode]:
     """Modes named by their keys, in the given order; ValueError lists the choices for an unknown key."""
-    known = {mode.key: mode for mode in DEFAULT_MODES + GPU_MODES}
+    known = {mode.key: mode for mode in DEFAULT_MODES + GPU_MODES + ABLATION_MODES}
     unknown = [key for key in keys if key not in known]
     if unknown:
         raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(known)}")
@@ -135,6 +137,9 @@ class Runner:
             )
         if "fast" in kinds:
             self.ours["fast"] = load_pipeline(self.path, device=device)
+        if "fast-sdpa" in kinds:
+            sdpa = SpeedOptions(fused_cpu_attention=False)
+            self.ours["fast-sdpa"] = load_pipeline(self.path, device=device, speed=sdpa)
         if "compiled" in kinds:
             options = SpeedOptions(channels_last=True, fuse_qkv=True, compile=True, compile_mode="max-autotune")
             self.ours["compiled"] = load_pipeline(self.path, device=device, speed=options)

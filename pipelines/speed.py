@@ -2,8 +2,9 @@
 
 CPU: bf16 weights for the U-Net and VAE where the processor has native bf16 (AVX512-BF16 / AMX), the
 text encoder kept in fp32 (it runs once per request); channels_last for the convolutions (oneDNN's
-preferred layout). CUDA: fp16, SDPA attention (diffusers' default), fused QKV projections,
-channels_last, optionally ``torch.compile`` (``mode="max-autotune"`` uses CUDA graphs for a fixed shape).
+preferred layout); bf16 attention fused by oneDNN Graph (``pipelines.cpu_attention``).
+CUDA: fp16, SDPA attention (diffusers' default), fused QKV projections, channels_last, optionally
+``torch.compile`` (``mode="max-autotune"`` uses CUDA graphs for a fixed shape).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class SpeedOptions:
     """Load-time speed settings; they do not change the picture beyond precision effects."""
 
     channels_last: bool = True
+    fused_cpu_attention: bool = True  # oneDNN Graph attention, used for bf16 models on CPU only
     fuse_qkv: bool = False
     compile: bool = False
     compile_mode: str | None = None  # e.g. "max-autotune" (CUDA graphs) on GPU
@@ -56,9 +58,14 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
     """Apply memory format, fusion and compilation to the U-Net and VAE in place."""
     import torch
 
+    unet = components.unet
     if options.channels_last:
-        components.unet.to(memory_format=torch.channels_last)
+        unet.to(memory_format=torch.channels_last)
         components.vae.to(memory_format=torch.channels_last)
+    if options.fused_cpu_attention and unet.device.type == "cpu" and unet.dtype == torch.bfloat16:
+        from pipelines.cpu_attention import use_fused_cpu_attention
+
+        use_fused_cpu_attention(unet, components.vae)
     if options.fuse_qkv:
         components.unet.fuse_qkv_projections()
     if options.compile:
