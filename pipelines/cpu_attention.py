@@ -86,6 +86,10 @@ class FusedCpuAttention:
             kernel = self._kernels[key]
         return F.scaled_dot_product_attention(q, k, v) if kernel is None else kernel(q, k, v)
 
+    def __len__(self) -> int:
+        """Cached shapes, fused or not."""
+        return len(self._kernels)
+
     def fused_shapes(self) -> int:
         """How many cached shapes run the fused kernel (the rest fell back to SDPA)."""
         return sum(kernel is not None for kernel in self._kernels.values())
@@ -121,7 +125,7 @@ class FusedCpuAttnProcessor:
     def __init__(self, attention: FusedCpuAttention | None = None) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.attention = attention or FusedCpuAttention()
+        self.attention = attention if attention is not None else FusedCpuAttention()
         self.fallback = AttnProcessor2_0()
 
     def __call__(

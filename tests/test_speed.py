@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.cpu_attention import FusedCpuAttnProcessor, onednn_graph_available
 from pipelines.deep_cache import DeepCacheRunner
 from pipelines.loading import load_pipeline
 from pipelines.request import GenerationRequest
-from pipelines.speed import SpeedOptions
+from pipelines.speed import SpeedOptions, cpu_has_native_bf16
 
 
 def psnr(a, b) -> float:
@@ -65,12 +66,15 @@ def test_bad_accelerator_settings_are_errors():
 
 
 def test_default_fast_path_keeps_the_picture_on_the_embedded_model():
-    """bf16 + channels_last (the CPU default) stays within 25 dB PSNR of fp32 for the same seed."""
+    """bf16 + channels_last + fused attention (the CPU default) stays within 25 dB PSNR of fp32, same seed."""
     reference = load_pipeline("embedded", device="cpu", dtype=torch.float32)
     fast = load_pipeline("embedded", device="cpu")
     for seed in (1, 2):
         request = GenerationRequest(prompt="a red circle on a blue background", seed=seed, steps=20)
         assert psnr(reference(request).images[0], fast(request).images[0]) >= 25
+    if cpu_has_native_bf16() and onednn_graph_available():  # then the bound above was the fused kernels'
+        processor = next(iter(fast.components.unet.attn_processors.values()))
+        assert isinstance(processor, FusedCpuAttnProcessor) and processor.attention.fused_shapes() > 0
 
 
 def test_gpu_fast_path_options_run_on_cpu(tiny_model, tiny_pipe):
