@@ -105,7 +105,9 @@ class FusedCpuAttention:
         try:
             with _llga_fuser(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
-                kernel = torch.jit.freeze(torch.jit.trace(_attention_module(q.shape[-1] ** -0.5), (q, k, v)))
+                # check_trace would run the pattern again and import torch.distributed to compare (0.6 s)
+                traced = torch.jit.trace(_attention_module(q.shape[-1] ** -0.5), (q, k, v), check_trace=False)
+                kernel = torch.jit.freeze(traced)
                 kernel(q, k, v)  # profiling run
                 out = kernel(q, k, v)  # optimized: the fuser replaces the pattern with one partition
                 fused = FUSED_NODE in str(kernel.graph_for(q, k, v))
