@@ -60,6 +60,17 @@ def test_bf16_attention_is_fused_and_the_fuser_switch_is_put_back():
     assert torch._C._jit_llga_enabled() == before  # on only while the kernel was built
 
 
+def test_without_the_onednn_bridge_it_is_plain_sdpa(monkeypatch):
+    import pipelines.cpu_attention as cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "onednn_graph_available", lambda: False)
+    q, k, v = _qkv(64, 64, torch.bfloat16)
+    attention = FusedCpuAttention()
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attention(q, k, v), expected) and torch.equal(attention(q, k, v), expected)
+    assert (len(attention), attention.fused_shapes()) == (1, 0)
+
+
 def test_kernel_cache_keeps_the_most_recent_shapes():
     attention = FusedCpuAttention(max_kernels=2)
     for q_len in (64, 128, 192, 128):

@@ -116,3 +116,21 @@ def test_full_size_sd15_random_weights_round_trip(tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         assert _same_weights(getattr(pipe.components, name), getattr(loaded.components, name)), name
     assert tuple(loaded.encode_prompt("a cat", "", 1, guided=False).shape) == (1, 77, 768)
+
+
+def test_scheduler_class_comes_from_model_index_when_its_config_lacks_it(tmp_path):
+    """diffusers takes the scheduler class from model_index.json; so does the sampler the model ships with."""
+    import json
+
+    from pipelines.loading import read_scheduler_config
+    from pipelines.schedulers import sampler_for_config
+
+    (tmp_path / "scheduler").mkdir()
+    schedule = {"num_train_timesteps": 1000, "algorithm_type": "dpmsolver++", "solver_order": 2}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule))
+    (tmp_path / "model_index.json").write_text(json.dumps({"scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
+    config = read_scheduler_config(tmp_path)
+    assert config["_class_name"] == "DPMSolverMultistepScheduler"
+    assert sampler_for_config(config) == "DPM++ 2M"
+    (tmp_path / "model_index.json").write_text("{}")  # no class anywhere: the app's default sampler
+    assert "_class_name" not in read_scheduler_config(tmp_path)

@@ -50,7 +50,9 @@ def scheduler_config() -> dict:
 
     scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
                                             steps_offset=1)
-    return dict(scheduler.config)
+    config = {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}  # as save_config writes it
+    config.pop("_use_default_values", None)  # diffusers bookkeeping (a set: its order changes between runs)
+    return config
 
 
 def save_text_encoder(text_encoder: torch.nn.Module, folder: Path) -> None:
