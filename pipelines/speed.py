@@ -67,6 +67,6 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
 
         use_fused_cpu_attention(unet, components.vae)
     if options.fuse_qkv:
-        components.unet.fuse_qkv_projections()
+        unet.fuse_qkv_projections()
     if options.compile:
-        components.unet = torch.compile(components.unet, mode=options.compile_mode, fullgraph=False)
+        components.unet = torch.compile(unet, mode=options.compile_mode, fullgraph=False)
