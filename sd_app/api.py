@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.request import GenerationRequest
-from pipelines.schedulers import SAMPLERS, resolve_sampler
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.schedulers import SAMPLERS, resolve_sampler
 from sd_app.metadata import VERSION
 from sd_app.ui_jobs import Busy, JobTracker
 
@@ -218,8 +218,8 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
         import torch
 
-        from pipelines.loading import ModelLoadError
-        from pipelines.text_to_image import GenerationCancelled
+        from pipelines.generation.text_to_image import GenerationCancelled
+        from pipelines.models.errors import ModelLoadError
 
         try:
             request = to_generation_request(body)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest
 
 if TYPE_CHECKING:
 
@@ -199,7 +199,7 @@ def run_job(engine: Engine, job: Job, out: Path, rerank: bool, keep: int | None,
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     """``PROMPTS`` plus the same generation options as ``sd-app generate`` (``--out`` is the output folder)."""
-    from sd_app.cli import add_generation_arguments
+    from sd_app.arguments import add_generation_arguments
 
     parser.add_argument("prompts", type=Path, help="prompts file: .txt (one per line) or .jsonl")
     add_generation_arguments(parser)
@@ -216,7 +216,7 @@ def _cpu_only(device: str | None) -> bool:
 
 def base_request(args: argparse.Namespace) -> GenerationRequest:
     """The shared settings of a batch; each prompt line fills in (or overrides) its own."""
-    from sd_app.cli import request_from_args
+    from sd_app.arguments import request_from_args
 
     return request_from_args(args, "")
 

@@ -30,8 +30,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _model_path(spec: str, workdir: Path) -> str:
     if spec != SD15_RANDOM:
         return spec
-    from pipelines.loading import SD1_CONFIG_DIR
-    from pipelines.random_model import write_random_model
+    from pipelines.models.random_model import write_random_model
+    from pipelines.models.shipped import SD1_CONFIG_DIR
 
     print("writing an SD 1.5-shaped model with random weights ...", file=sys.stderr)
     return str(write_random_model(SD1_CONFIG_DIR, workdir / SD15_RANDOM))
@@ -40,7 +40,8 @@ def _model_path(spec: str, workdir: Path) -> str:
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from pipelines.benchmark import format_table, measure_startup, modes_by_key, run_benchmark
+    from pipelines.models.modes import modes_by_key
+    from sd_app.benchmark import format_table, measure_startup, run_benchmark
 
     modes = modes_by_key(args.modes.split(",")) if args.modes else None
     with tempfile.TemporaryDirectory(prefix="sd-app-bench-") as workdir:

@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
-from pipelines.request import GenerationRequest
-from pipelines.schedulers import DEFAULT_SAMPLER
+from sd_app.arguments import add_generation_arguments, request_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,25 +18,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"sd-app: error: {message}\n")
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = GenerationRequest()
-    parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (1-150)")
-    parser.add_argument("--cfg", type=float, default=defaults.cfg_scale, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; -1 = random")
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--height", type=int, default=defaults.height)
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 sampler name (see `sd-app info`)")
-    parser.add_argument("--n", type=int, default=1, help="number of images / candidates (1-16)")
-    parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
-    parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
-    parser.add_argument("--reranker", default="embedded", help="CLIP model folder used to score candidates")
-    parser.add_argument("--no-rerank", action="store_true", help="keep generation order, no CLIP scores")
-    parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,21 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def request_from_args(args: argparse.Namespace, prompt: str) -> GenerationRequest:
-    """The request the generation options of ``add_generation_arguments`` describe."""
-    return GenerationRequest(
-        prompt=prompt,
-        negative_prompt=args.negative,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        n=args.n,
-        sampler=args.sampler,
-    )
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from sd_app.engine import Engine
 
@@ -100,8 +64,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_info() -> int:
-    from pipelines.loading import EMBEDDED_MODEL_DIR, default_device
-    from pipelines.schedulers import sampler_names
+    from pipelines.generation.schedulers import sampler_names
+    from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+    from pipelines.speed.options import default_device
 
     built = (EMBEDDED_MODEL_DIR / "model_index.json").is_file()
     print("models:")

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest
 from sd_app.metadata import format_parameters
 from sd_app.storage import save_png
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.rerank import ClipScorer
-    from pipelines.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.rerank.clip_scorer import ClipScorer
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Engine:
         """The text-to-image pipeline, loaded on first call."""
         with self._load_lock:
             if self._pipeline is None:
-                from pipelines.loading import load_pipeline
+                from pipelines.models.loading import load_pipeline
 
                 self._pipeline = load_pipeline(self.model, device=self.device, vae=self.vae)
             return self._pipeline
@@ -79,7 +79,7 @@ class Engine:
             return None
         with self._load_lock:
             if self._scorer is None:
-                from pipelines.rerank import ClipScorer
+                from pipelines.rerank.clip_scorer import ClipScorer
 
                 self._scorer = ClipScorer.load(self.reranker, device=self.device)
             return self._scorer
@@ -97,7 +97,7 @@ class Engine:
         progress: bool = False,
     ) -> GenerationResult:
         """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs."""
-        from pipelines.best_of import best_of_n
+        from pipelines.rerank.best_of import best_of_n
 
         output = best_of_n(
             self.pipeline(),

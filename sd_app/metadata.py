@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any
 
-from pipelines.request import GenerationRequest
-from pipelines.schedulers import resolve_sampler
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.schedulers import resolve_sampler
 
 VERSION = "sd-app 0.1.0"
 NEGATIVE_PREFIX = "Negative prompt:"

@@ -17,7 +17,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from pipelines.rerank import ClipScorer, load_image_file
+    from pipelines.rerank.clip_scorer import ClipScorer, load_image_file
 
     images = [load_image_file(path, convert=args.convert) for path in args.images]
     scorer = ClipScorer.load(args.reranker, device=args.device)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipelines.request import LIMITS, GenerationRequest
-from pipelines.schedulers import sampler_names
+from pipelines.generation.request import LIMITS, GenerationRequest
+from pipelines.generation.schedulers import sampler_names
 
 if TYPE_CHECKING:
     import gradio as gr

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from pipelines.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest
 from sd_app.ui_jobs import Busy, JobTracker
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def number(name: str, value: Any) -> float:
 
 def canonical_sampler(name: str) -> str:
     """The dropdown's spelling of a sampler name (names are matched case-insensitively)."""
-    from pipelines.schedulers import SAMPLERS, resolve_sampler
+    from pipelines.generation.schedulers import SAMPLERS, resolve_sampler
 
     spec = resolve_sampler(name)
     return next(key for key, value in SAMPLERS.items() if value == spec)
@@ -221,7 +221,7 @@ class UiHandlers:
     ) -> None:
         import torch
 
-        from pipelines.text_to_image import GenerationCancelled
+        from pipelines.generation.text_to_image import GenerationCancelled
 
         try:
             pipe = self.engine.pipeline()
@@ -246,7 +246,7 @@ class UiHandlers:
             events.put(("error", error))
 
     def _failed(self, error: BaseException) -> Iterator[tuple[Any, ...]]:
-        from pipelines.text_to_image import GenerationCancelled
+        from pipelines.generation.text_to_image import GenerationCancelled
 
         skip = gr.update()
         if isinstance(error, GenerationCancelled):
@@ -325,7 +325,7 @@ class UiHandlers:
 
     def score(self, files: list[str] | None, texts: str) -> list[list[Any]]:
         """Zero-shot table: for each uploaded image, every text with cosine, logit and probability."""
-        from pipelines.rerank import load_image_file
+        from pipelines.rerank.clip_scorer import load_image_file
 
         lines = [line.strip() for line in (texts or "").splitlines() if line.strip()]
         if not files:

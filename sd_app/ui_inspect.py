@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.rerank import ClipScorer
-    from pipelines.text_to_image import TextToImagePipeline
+    from pipelines.generation.text_to_image import TextToImagePipeline
+    from pipelines.rerank.clip_scorer import ClipScorer
     from sd_app.engine import GenerationResult
 
 TOKEN_HEADERS = ["chunk", "position", "token", "id", "weight"]
@@ -20,7 +20,7 @@ TOKEN_HEADERS = ["chunk", "position", "token", "id", "weight"]
 
 def token_rows(tokenizer: Any, prompt: str) -> list[list[Any]]:
     """One row per position up to each chunk's end-of-text token: chunk, position, token, id, weight."""
-    from pipelines.prompts import chunk_prompt
+    from pipelines.generation.prompts import chunk_prompt
 
     encoded = chunk_prompt(tokenizer, prompt)
     eos = tokenizer.eos_token_id
@@ -40,7 +40,7 @@ def embedding_shapes(
     """Markdown listing the tensors of one request, the text embedding computed for real."""
     import torch
 
-    from pipelines.prompts import count_tokens
+    from pipelines.generation.prompts import count_tokens
 
     with torch.inference_mode():
         states = pipe.encode_prompt(prompt, negative, 1, guided=True)  # [2, 77k, D]
@@ -68,7 +68,7 @@ def similarity(
     scorer: ClipScorer, result: GenerationResult, extra_texts: list[str]
 ) -> tuple[dict[str, Any], Image.Image]:
     """CLIP score table (100 * cosine) of the result's images vs its prompt + extra texts, and the PCA map."""
-    from pipelines.embedding_map import embedding_map
+    from pipelines.rerank.embedding_map import embedding_map
 
     texts = list(dict.fromkeys([result.request.prompt, *extra_texts]))  # unique, prompt first
     images = result.images

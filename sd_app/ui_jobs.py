@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.text_to_image import StepInfo
+    from pipelines.generation.text_to_image import StepInfo
 
 
 class Busy(RuntimeError):

@@ -1,6 +1,6 @@
 """Tiny random CLIP folders (openai/clip-vit-* layout) and test images for the rerank tests.
 
-The folder builder lives in ``pipelines.bench_rerank`` (the benchmark needs it too); these helpers
+The folder builder lives in ``pipelines.rerank.random_clip`` (the benchmark needs it too); these helpers
 give the tests their folders and images.
 """
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.bench_rerank import build_random_clip_folder, to_uint8_chw, torchmetrics_clip_score
+from pipelines.rerank.random_clip import build_random_clip_folder
+from pipelines.rerank.torchmetrics_reference import to_uint8_chw, torchmetrics_clip_score
 
 __all__ = [
     "tiny_clip_dir",

@@ -28,6 +28,6 @@ def tiny_config(tiny_model):
 def tiny_pipe(tiny_model):
     import torch
 
-    from pipelines.loading import load_pipeline
+    from pipelines.models.loading import load_pipeline
 
     return load_pipeline(tiny_model, device="cpu", dtype=torch.float32)  # the reference precision

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.random_model import write_config_dir, write_random_model
+from pipelines.models.random_model import write_config_dir, write_random_model
 
 TINY_UNET = {
     "_class_name": "UNet2DConditionModel",

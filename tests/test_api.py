@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.latent_preview import preview
-from pipelines.text_to_image import StepInfo
+from pipelines.generation.previews import preview
+from pipelines.generation.text_to_image import StepInfo
 from sd_app.api import progress_payload, sampler_from_fields
 from sd_app.metadata import parse_parameters
 from sd_app.server import is_loopback, parse_credentials

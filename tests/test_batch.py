@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest
 from sd_app.batch import MANIFEST, Job, job_id, read_done, read_prompts, remove_leftovers, repair_manifest
 from sd_app.metadata import parse_parameters
 

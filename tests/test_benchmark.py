@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pipelines.benchmark import DEFAULT_MODES, REFERENCE, format_table, run_benchmark
-from pipelines.schedulers import sampler_for_config
+from pipelines.generation.schedulers import sampler_for_config
+from pipelines.models.modes import DEFAULT_MODES, REFERENCE
+from sd_app.benchmark import format_table, run_benchmark
 
 
 def test_benchmark_table_on_the_tiny_model(tiny_model):
@@ -30,7 +31,7 @@ def test_sampler_for_config_names_the_models_scheduler():
 def test_modes_by_key_and_unknown_mode():
     import pytest
 
-    from pipelines.benchmark import modes_by_key
+    from pipelines.models.modes import modes_by_key
 
     assert [m.name for m in modes_by_key(["fast", "diffusers"])] == ["ours fast (default)", REFERENCE]
     with pytest.raises(ValueError, match="unknown mode 'turbo'; choose from diffusers, fp32"):
@@ -41,7 +42,7 @@ def test_shapes_evaluation_table_on_the_tiny_model(tiny_model, tmp_path):
     """The evaluation script's generation part runs each mode on the same seeds and judges every image."""
     import shutil
 
-    from pipelines.rerank import ClipScorer
+    from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.training import evaluate
     from tests.clip_fixtures import tiny_clip_dir
 

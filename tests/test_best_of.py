@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.best_of import best_of_n
-from pipelines.request import GenerationRequest
-from pipelines.rerank import ClipScorer
+from pipelines.generation.request import GenerationRequest
+from pipelines.rerank.best_of import best_of_n
+from pipelines.rerank.clip_scorer import ClipScorer
 from sd_app.cli import main
 from sd_app.engine import Engine
 from sd_app.metadata import parse_parameters

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.cpu_attention import (
+from pipelines.models.loading import load_pipeline
+from pipelines.speed.cpu_attention import (
     FusedCpuAttention,
     FusedCpuAttnProcessor,
     onednn_graph_available,
     use_fused_cpu_attention,
 )
-from pipelines.loading import load_pipeline
-from pipelines.speed import SpeedOptions, cpu_has_native_bf16
+from pipelines.speed.options import SpeedOptions, cpu_has_native_bf16
 
 can_fuse_bf16 = pytest.mark.skipif(
     not (onednn_graph_available() and cpu_has_native_bf16()),
@@ -61,7 +61,7 @@ def test_bf16_attention_is_fused_and_the_fuser_switch_is_put_back():
 
 
 def test_without_the_onednn_bridge_it_is_plain_sdpa(monkeypatch):
-    import pipelines.cpu_attention as cpu_attention
+    import pipelines.speed.cpu_attention as cpu_attention
 
     monkeypatch.setattr(cpu_attention, "onednn_graph_available", lambda: False)
     q, k, v = _qkv(64, 64, torch.bfloat16)

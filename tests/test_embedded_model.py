@@ -18,11 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import shapes
-from pipelines.loading import EMBEDDED_MODEL_DIR, load_pipeline, read_scheduler_config
-from pipelines.request import GenerationRequest
-from pipelines.rerank import ClipScorer
-from pipelines.schedulers import sampler_for_config
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.schedulers import sampler_for_config
+from pipelines.models.loading import load_pipeline
+from pipelines.models.shipped import EMBEDDED_MODEL_DIR, read_scheduler_config
+from pipelines.rerank.clip_scorer import ClipScorer
+from pipelines.training import shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "embedded-red-circle-blue-seed1-20steps.png"
@@ -57,7 +58,7 @@ def test_shipped_as_safetensors_within_40_mb_with_registered_hashes():
 def test_loads_offline_in_plain_diffusers_and_matches_our_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.speed import SpeedOptions
+    from pipelines.speed.options import SpeedOptions
 
     plain = StableDiffusionPipeline.from_pretrained(str(EMBEDDED_MODEL_DIR), local_files_only=True)
     plain.set_progress_bar_config(disable=True)

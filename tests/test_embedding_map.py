@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.embedding_map import embedding_map, embedding_map_for, pca_2d
+from pipelines.rerank.embedding_map import embedding_map, embedding_map_for, pca_2d
 from tests.clip_fixtures import blob_images, tiny_clip_dir, torch_threads
 
 
@@ -54,7 +54,7 @@ def test_embedding_map_checks_lengths():
 
 
 def test_embedding_map_for_scorer(tmp_path):
-    from pipelines.rerank import ClipScorer
+    from pipelines.rerank.clip_scorer import ClipScorer
 
     scorer = ClipScorer.load(tiny_clip_dir(tmp_path), device="cpu")
     images = blob_images([(64, 64), (80, 60), (96, 96)])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.latent_preview import (
+from pipelines.generation.previews import (
     SD1_LATENT_RGB,
     LatentRGBProjection,
     calibration_images,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.loading import ModelLoadError, load_pipeline
-from pipelines.single_file import save_single_file
+from pipelines.models.errors import ModelLoadError
+from pipelines.models.loading import load_pipeline
+from pipelines.models.single_file import save_single_file
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_truncated_file_is_a_clear_error(single_file, tmp_path, tiny_config):
 
 
 def test_wrong_shapes_and_wrong_layout_name_the_file(single_file, tiny_model, tmp_path):
-    from pipelines.loading import SD1_CONFIG_DIR  # noqa: F401 - the default config: SD 1.5 shapes
+    from pipelines.models.loading import SD1_CONFIG_DIR  # noqa: F401 - the default config: SD 1.5 shapes
 
     with pytest.raises(ModelLoadError, match=r"tiny\.safetensors.*U-Net"):
         load_pipeline(single_file, device="cpu")  # tiny weights against SD 1.5 shapes
@@ -106,8 +107,8 @@ def test_missing_tensors_are_reported(single_file, tmp_path, tiny_config):
 @pytest.mark.slow
 def test_full_size_sd15_random_weights_round_trip(tmp_path):
     """SD 1.5 shapes (860M U-Net): diffusers folder -> single file -> loader, with the shipped configs."""
-    from pipelines.loading import SD1_CONFIG_DIR
-    from pipelines.random_model import write_random_model
+    from pipelines.models.random_model import write_random_model
+    from pipelines.models.shipped import SD1_CONFIG_DIR
 
     folder = write_random_model(SD1_CONFIG_DIR, tmp_path / "sd15")
     pipe = load_pipeline(folder, device="cpu", dtype=torch.float32)
@@ -122,8 +123,8 @@ def test_scheduler_class_comes_from_model_index_when_its_config_lacks_it(tmp_pat
     """diffusers takes the scheduler class from model_index.json; so does the sampler the model ships with."""
     import json
 
-    from pipelines.loading import read_scheduler_config
-    from pipelines.schedulers import sampler_for_config
+    from pipelines.generation.schedulers import sampler_for_config
+    from pipelines.models.shipped import read_scheduler_config
 
     (tmp_path / "scheduler").mkdir()
     schedule = {"num_train_timesteps": 1000, "algorithm_type": "dpmsolver++", "solver_order": 2}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from pipelines.loading import CLIP_TOKENIZER_DIR
-from pipelines.prompts import chunk_prompt, count_tokens, encode_chunks, parse_emphasis
+from pipelines.generation.prompts import chunk_prompt, count_tokens, encode_chunks, parse_emphasis
+from pipelines.models.shipped import CLIP_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pipelines.request import MAX_SEED, GenerationRequest
-from pipelines.schedulers import build_scheduler, resolve_sampler, sampler_names
+from pipelines.generation.request import MAX_SEED, GenerationRequest
+from pipelines.generation.schedulers import build_scheduler, resolve_sampler, sampler_names
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ REQUIRED = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PNDM", "
 
 @pytest.mark.parametrize("name", REQUIRED)
 def test_a1111_sampler_names_build_schedulers(name):
-    from pipelines.loading import SD1_CONFIG_DIR, read_scheduler_config
+    from pipelines.models.shipped import SD1_CONFIG_DIR, read_scheduler_config
 
     scheduler = build_scheduler(name, read_scheduler_config(SD1_CONFIG_DIR))
     scheduler.set_timesteps(10)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import rerank
-from pipelines.rerank import ClipScorer, load_image_file
+from pipelines.rerank import clip_scorer as rerank
+from pipelines.rerank.clip_scorer import ClipScorer, load_image_file
 from tests.clip_fixtures import (
     blob_images,
     hf_cache_copy,

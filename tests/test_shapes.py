@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipelines import shapes
+from pipelines.training import shapes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cpu_attention import FusedCpuAttnProcessor, onednn_graph_available
-from pipelines.deep_cache import DeepCacheRunner
-from pipelines.loading import load_pipeline
-from pipelines.request import GenerationRequest
-from pipelines.speed import SpeedOptions, cpu_has_native_bf16
+from pipelines.generation.request import GenerationRequest
+from pipelines.models.loading import load_pipeline
+from pipelines.speed.cpu_attention import FusedCpuAttnProcessor, onednn_graph_available
+from pipelines.speed.deep_cache import DeepCacheRunner
+from pipelines.speed.options import SpeedOptions, cpu_has_native_bf16
 
 
 def psnr(a, b) -> float:

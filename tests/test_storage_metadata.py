@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipelines.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest
 from sd_app.metadata import format_parameters, parse_parameters, read_png_parameters, request_from_parameters
 from sd_app.storage import save_png, slugify
 

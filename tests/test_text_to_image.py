@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.request import GenerationRequest
-from pipelines.text_to_image import GenerationCancelled
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.text_to_image import GenerationCancelled
 
 
 def _pixels(image) -> np.ndarray:
@@ -20,7 +20,7 @@ def _pixels(image) -> np.ndarray:
 def test_images_equal_diffusers_stable_diffusion_pipeline(tiny_model, tiny_pipe, sampler):
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.schedulers import build_scheduler
+    from pipelines.generation.schedulers import build_scheduler
 
     reference = StableDiffusionPipeline.from_pretrained(
         tiny_model, safety_checker=None, feature_extractor=None, requires_safety_checker=False,

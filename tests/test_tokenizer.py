@@ -5,7 +5,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "clip-tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "models" / "configs" / "clip-tokenizer"
 
 
 def test_known_caption_ids():

@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from pipelines.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest
 from sd_app.engine import Engine
 from sd_app.metadata import parse_parameters
 from sd_app.ui import build_demo

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipelines import shapes
-from pipelines.training import common, data
+from pipelines.training import common, data, shapes
 
 WIDTH = 128
 TRAIN_TOKENS = 16

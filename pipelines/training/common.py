@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.models.shipped import CLIP_TOKENIZER_DIR
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER_DIR = REPO_ROOT / "pipelines" / "configs" / "clip-tokenizer"
+TOKENIZER_DIR = CLIP_TOKENIZER_DIR
 
 
 def base_parser(description: str, out: str, steps: int, batch: int, lr: float) -> argparse.ArgumentParser:

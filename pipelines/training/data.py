@@ -1,7 +1,7 @@
 """Datasets of the shapes world, drawn once and cached as .npy under ``runs/data`` (git-ignored).
 
 Images are uint8 (N, H, W, 3), memory-mapped on load; labels are indices into
-:func:`pipelines.shapes.all_captions`. The same (seed, n, size) always gives the same arrays.
+:func:`pipelines.training.shapes.all_captions`. The same (seed, n, size) always gives the same arrays.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines import shapes
+from pipelines.training import shapes
 
 DATA_DIR = Path("runs/data")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

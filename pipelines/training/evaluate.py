@@ -4,9 +4,9 @@
         [--modes fast,diffusers,deepcache3,cfg-cutoff]
 
 Rows: tiny-CLIP zero-shot accuracy (image -> correct caption among all 120) on held-out 512x512
-drawings through the shipped reranker (:class:`pipelines.rerank.ClipScorer`); then, per pipeline mode
-(those of :mod:`pipelines.benchmark`), generation fidelity judged by the pixel oracle
-(:func:`pipelines.shapes.judge`) over prompt x seed pairs at 20 steps and CFG 7, for the first
+drawings through the shipped reranker (:class:`pipelines.rerank.clip_scorer.ClipScorer`); then, per pipeline mode
+(those of :mod:`pipelines.models.modes`), generation fidelity judged by the pixel oracle
+(:func:`pipelines.training.shapes.judge`) over prompt x seed pairs at 20 steps and CFG 7, for the first
 candidate and for the best of 4 by CLIP score (Radford et al. 2021), and seconds per 512x512 image.
 Candidate ``c`` of pair ``k`` uses seed ``1000 k + c`` in every mode, so modes see the same noise.
 """
@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipelines import shapes
-from pipelines.rerank import ClipScorer
-from pipelines.training import data
+from pipelines.rerank.clip_scorer import ClipScorer
+from pipelines.training import data, shapes
 from pipelines.training.export import DEFAULT_OUT
 
 PROMPT_SEED = 2024  # prompts of the evaluation: shapes.dataset(PROMPT_SEED, pairs)
@@ -61,10 +60,10 @@ def zero_shot(scorer: ClipScorer, n: int) -> dict[str, float]:
 def generation(folder: Path, scorer: ClipScorer, mode_keys: list[str], pairs: int, candidates: int,
                steps: int, cfg: float, size: int = 512) -> list[ModeResult]:
     """Per mode: fidelity of candidate 0, of the best of ``candidates`` by CLIP score, seconds per image."""
-    from pipelines.benchmark import Runner, modes_by_key
-    from pipelines.loading import read_scheduler_config
-    from pipelines.request import GenerationRequest
-    from pipelines.schedulers import sampler_for_config
+    from pipelines.generation.request import GenerationRequest
+    from pipelines.generation.schedulers import sampler_for_config
+    from pipelines.models.modes import Runner, modes_by_key
+    from pipelines.models.shipped import read_scheduler_config
 
     modes = modes_by_key(mode_keys)
     runner = Runner(folder, "cpu", modes)
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_OUT, help="diffusers folder with clip/")
-    parser.add_argument("--modes", default="fast", help="comma-separated pipeline modes (pipelines.benchmark)")
+    parser.add_argument("--modes", default="fast", help="comma-separated pipeline modes (pipelines.models.modes)")
     parser.add_argument("--pairs", type=int, default=48)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)

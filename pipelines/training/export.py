@@ -59,7 +59,7 @@ def save_text_encoder(text_encoder: torch.nn.Module, folder: Path) -> None:
     """CLIPTextModel in the classic key layout (``text_model.*``, as SD's text_encoder), fp16."""
     from safetensors.torch import save_file
 
-    from pipelines.rerank import text_tower_key
+    from pipelines.rerank.clip_scorer import text_tower_key
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {text_tower_key(k): v.half().contiguous() for k, v in text_encoder.state_dict().items()}
@@ -73,13 +73,13 @@ def save_clip(clip_run: Path, folder: Path) -> None:
     """The reranker: CLIPModel fp16 without its text tower + a CLIPImageProcessor for 64x64 input.
 
     The text tower is ``../text_encoder`` (the U-Net is trained against the reranker's own text
-    tower) and its tokenizer is ``../tokenizer``; :func:`pipelines.rerank.load_clip_model` joins them.
+    tower) and its tokenizer is ``../tokenizer``; :func:`pipelines.rerank.clip_scorer.load_clip_model` joins them.
     Copies would push the folder over the 40 MB budget.
     """
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from pipelines.rerank import TEXT_TOWER_PREFIX
+    from pipelines.rerank.clip_scorer import TEXT_TOWER_PREFIX
 
     folder.mkdir(parents=True, exist_ok=True)
     clip = CLIPModel.from_pretrained(str(clip_run / "ckpt" / "clip"), dtype=torch.float32)
@@ -97,7 +97,7 @@ def check_shared_text_tower(frozen: Path, clip_run: Path) -> None:
     """The U-Net's frozen text encoder must be the reranker's text tower, since only one is shipped."""
     from safetensors.torch import load_file
 
-    from pipelines.rerank import text_tower_key
+    from pipelines.rerank.clip_scorer import text_tower_key
 
     text_encoder = load_file(str(frozen / "text_encoder" / "model.safetensors"))
     clip = load_file(str(clip_run / "ckpt" / "clip" / "model.safetensors"))

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipelines import shapes
-from pipelines.training import common, data
+from pipelines.training import common, data, shapes
 
 EMPTY = ""  # the unconditional caption of classifier-free guidance
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipelines import shapes
-from pipelines.training import common, data
+from pipelines.training import common, data, shapes
 
 
 def vae_config() -> dict:

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines.prompts import TokenCount, count_tokens, encode_prompt_pair
-from pipelines.request import GenerationRequest
-from pipelines.schedulers import build_scheduler
+from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.schedulers import build_scheduler
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from PIL import Image
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipelines.models.components import SDComponents
 
 
 class GenerationCancelled(Exception):
@@ -48,20 +48,6 @@ class TextToImageOutput:
     model_name: str
     model_hash: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SDComponents:
-    """The three models of SD 1.x plus tokenizer and the model's noise schedule (scheduler config)."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    scheduler_config: dict[str, Any]
-    name: str = "model"
-    model_hash: str | None = None
-    source: str = ""
 
 
 StepCallback = Callable[[StepInfo], None]
@@ -99,7 +85,7 @@ class TextToImagePipeline:
 
     def preview_latents(self, latents: torch.Tensor, size: int | None = None) -> list[Image.Image]:
         """Cheap RGB previews of latents [n, C, h, w] (a linear map, no VAE decode), for progress views."""
-        from pipelines.latent_preview import preview, projection_for_vae
+        from pipelines.generation.previews import preview, projection_for_vae
 
         if self._latent_projection is None:
             self._latent_projection = projection_for_vae(self.components.vae)
@@ -188,7 +174,7 @@ class TextToImagePipeline:
         import torch
         from tqdm.auto import tqdm
 
-        from pipelines.deep_cache import DeepCacheRunner
+        from pipelines.speed.deep_cache import DeepCacheRunner
 
         unet = self.components.unet
         n = latents.shape[0]

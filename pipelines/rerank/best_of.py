@@ -10,14 +10,14 @@ import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pipelines.prompts import parse_emphasis
-from pipelines.request import GenerationRequest
+from pipelines.generation.prompts import parse_emphasis
+from pipelines.generation.request import GenerationRequest
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.rerank import ClipScorer
-    from pipelines.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.rerank.clip_scorer import ClipScorer
 
 DEFAULT_BATCH_SIZE = 4
 

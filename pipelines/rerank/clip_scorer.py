@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-EMBEDDED_CLIP = Path(__file__).resolve().parent / "embedded" / "shapes-tiny" / "clip"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+from pipelines.models.errors import PICKLE_SUFFIXES
+from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+
+EMBEDDED_CLIP = EMBEDDED_MODEL_DIR / "clip"
 TEXT_TOWER_PREFIX = "text_model."  # CLIPModel's and SD text_encoder's key prefix of the text transformer
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -220,7 +222,7 @@ def resolve_clip_folder(spec: str | Path, cache_dir: str | Path | None = None) -
     if path.exists():
         raise ValueError(f"reranker {str(spec)!r} is a file, expected a CLIP model folder")
     if isinstance(spec, str) and _REPO_ID.match(spec):
-        from pipelines.loading import cached_repo
+        from pipelines.models.loading import cached_repo
 
         return cached_repo(spec, cache_dir=cache_dir)
     raise FileNotFoundError(f"reranker folder not found: {spec}")
@@ -291,7 +293,7 @@ def check_clip_folder(folder: Path, tokenizer_dir: Path | None = None) -> None:
         )
     names = {p.name for p in folder.iterdir()}
     if not any(n.endswith(".safetensors") for n in names):
-        pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+        pickled = sorted(n for n in names if n.endswith(tuple(PICKLE_SUFFIXES)))
         if pickled:
             raise ValueError(
                 f"{folder} has only pickled weights ({', '.join(pickled)}); they are refused because "

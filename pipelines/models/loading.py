@@ -2,59 +2,27 @@
 
 Specs: ``"embedded"`` (the model shipped in this package), a diffusers folder (model_index.json,
 unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single-file SD 1.x ``.safetensors`` checkpoint
-in the original CompVis key layout (configs shipped in ``pipelines/configs/sd1``), or a Hugging Face
+in the original CompVis key layout (configs shipped in ``pipelines/models/configs/sd1``), or a Hugging Face
 repo id already in the local cache (looked up with ``local_files_only``; nothing is downloaded).
 Pickle-based files (.ckpt, .bin, .pt, .pth) are refused: loading them can execute code.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.speed import SpeedOptions, apply_speed_options, default_dtype, text_encoder_dtype
-from pipelines.text_to_image import SDComponents, TextToImagePipeline
+from pipelines.generation.text_to_image import TextToImagePipeline
+from pipelines.models.components import SDComponents
+from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, refuse_pickle
+from pipelines.models.hashing import file_hash
+from pipelines.models.shipped import CLIP_TOKENIZER_DIR, EMBEDDED_MODEL_DIR, SD1_CONFIG_DIR, read_scheduler_config
+from pipelines.speed.options import SpeedOptions, apply_speed_options, default_device, default_dtype, text_encoder_dtype
 
 if TYPE_CHECKING:
     import torch
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-EMBEDDED_MODEL_DIR = PACKAGE_DIR / "embedded" / "shapes-tiny"
-SD1_CONFIG_DIR = PACKAGE_DIR / "configs" / "sd1"
-CLIP_TOKENIZER_DIR = PACKAGE_DIR / "configs" / "clip-tokenizer"
-PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder")
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message names the file or folder and what to do."""
-
-
-def refuse_pickle(path: Path) -> None:
-    """Raise for pickle-based weight files, which can run arbitrary code when loaded."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"{path}: '{path.suffix}' files are Python pickles and are never loaded (they can run code). "
-            "Convert it to .safetensors first, e.g. with the safetensors convert tool "
-            "(https://huggingface.co/spaces/safetensors/convert) on a trusted machine."
-        )
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def file_hash(path: Path) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
 
 
 def resolve_spec(spec: str | Path) -> Path:
@@ -105,7 +73,7 @@ def load_pipeline(
     """Load a text-to-image pipeline from a local model spec (see module docstring).
 
     ``dtype``: the U-Net and VAE dtype (default: fp16 on CUDA, bf16 on CPUs with native bf16, else
-    fp32; see ``pipelines.speed``). ``vae``: a separate VAE ``.safetensors`` (original or diffusers
+    fp32; see ``pipelines.speed.options``). ``vae``: a separate VAE ``.safetensors`` (original or diffusers
     key layout) replacing the model's. ``config``: a diffusers folder whose configs describe a
     single-file checkpoint (default: SD 1.x). ``speed``: memory format / fusion / compile options.
     """
@@ -117,13 +85,13 @@ def load_pipeline(
     if path.is_dir():
         components = load_diffusers_folder(path, dtypes)
     elif path.suffix.lower() == ".safetensors":
-        from pipelines.single_file import load_single_file
+        from pipelines.models.single_file import load_single_file
 
         components = load_single_file(path, config_dir, dtypes)
     else:
         raise ModelLoadError(f"{path}: not a model; expected a diffusers folder or a .safetensors file")
     if vae is not None:
-        from pipelines.single_file import load_vae_file
+        from pipelines.models.single_file import load_vae_file
 
         components.vae = load_vae_file(Path(vae), config_dir, dtypes["model"])
     if str(spec).strip() == "embedded":
@@ -180,27 +148,3 @@ def load_diffusers_folder(path: Path, dtypes: dict[str, torch.dtype]) -> SDCompo
         model_hash=file_hash(weights["unet"][0]),
         source=str(path),
     )
-
-
-def read_scheduler_config(path: Path) -> dict[str, Any]:
-    """The model's noise schedule (scheduler/scheduler_config.json), SD 1.x's when absent.
-
-    A config without ``_class_name`` gets the scheduler class from model_index.json, as diffusers'
-    ``from_pretrained`` takes it, so ``sampler_for_config`` names the scheduler the model ships with.
-    """
-    file = path / "scheduler" / "scheduler_config.json"
-    if not file.is_file():
-        file = SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{file}: unreadable scheduler config: {error}") from error
-    if "_class_name" not in config and file.parent.parent == path:
-        try:
-            index = json.loads((path / "model_index.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            index = {}
-        entry = index.get("scheduler") if isinstance(index, dict) else None
-        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
-            config["_class_name"] = entry[1]
-    return config

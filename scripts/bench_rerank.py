@@ -1,8 +1,8 @@
 """Scoring throughput of ClipScorer vs torchmetrics' CLIPScore on the same model and images.
 
-    python -m pipelines.bench_rerank                       # tiny random CLIP built in a temp dir
-    python -m pipelines.bench_rerank --size base32         # openai/clip-vit-base-patch32 config, random
-    python -m pipelines.bench_rerank --model DIR           # any local CLIP folder
+    python scripts/bench_rerank.py                       # tiny random CLIP built in a temp dir
+    python scripts/bench_rerank.py --size base32         # openai/clip-vit-base-patch32 config, random
+    python scripts/bench_rerank.py --model DIR           # any local CLIP folder
 
 Reranking needs one score per image. torchmetrics' CLIPScore returns the mean over what it was
 given, so per-image scores take one update per image (text re-encoded each time); ClipScorer
@@ -13,146 +13,25 @@ time is steadier on a shared machine; with ``--threads 1`` it is the fairer colu
 method's time over ClipScorer's ("x"). With a random model folder the timings reflect that model's
 size only (weights do not change the cost).
 
-Also home of two helpers shared with the tests: ``build_random_clip_folder`` (a CLIPModel folder
-with random weights in the layout of openai/clip-vit-*) and ``torchmetrics_clip_score``.
 """
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "configs" / "clip-tokenizer"
+from pipelines.rerank.random_clip import CLIP_SIZES, build_random_clip_folder
+from pipelines.rerank.torchmetrics_reference import to_uint8_chw, torchmetrics_clip_score
+
 PROMPT = "a red circle on a blue background"
-
-# Text / vision settings per size. "base32" is openai/clip-vit-base-patch32's config.json.
-CLIP_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        "vision": dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=64,
-            patch_size=16,
-        ),
-        "projection_dim": 16,
-    },
-    "base32": {
-        "text": dict(
-            hidden_size=512,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=8,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        ),  # openai's legacy ids: argmax pooling
-        "vision": dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        ),
-        "projection_dim": 512,
-    },
-}
-
-
-def build_random_clip_folder(
-    folder: str | Path, size: str = "tiny", legacy_preprocessor: bool = False, seed: int = 0
-) -> Path:
-    """Write a random-weight CLIPModel folder (config.json, model.safetensors, image processor,
-    the real CLIP BPE tokenizer) in the layout of openai/clip-vit-base-patch32.
-
-    ``legacy_preprocessor`` writes preprocessor_config.json the way openai's repos have it
-    (``feature_extractor_type``, integer ``size``/``crop_size``).
-    """
-    import json
-
-    from transformers import CLIPConfig, CLIPModel
-
-    spec = CLIP_SIZES[size]
-    text = dict(
-        vocab_size=49408,
-        max_position_embeddings=77,
-        projection_dim=spec["projection_dim"],
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    text.update(spec["text"])
-    vision = dict(projection_dim=spec["projection_dim"], **spec["vision"])
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec["projection_dim"])
-    torch.manual_seed(seed)
-    folder = Path(folder)
-    CLIPModel(config).eval().save_pretrained(folder, safe_serialization=True)
-    side = spec["vision"]["image_size"]
-    preprocessor = {
-        "do_resize": True,
-        "do_center_crop": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_convert_rgb": True,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }
-    if legacy_preprocessor:
-        preprocessor.update(feature_extractor_type="CLIPFeatureExtractor", size=side, crop_size=side)
-    else:
-        preprocessor.update(
-            image_processor_type="CLIPImageProcessor",
-            size={"shortest_edge": side},
-            crop_size={"height": side, "width": side},
-        )
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    for file in TOKENIZER_DIR.iterdir():
-        shutil.copy(file, folder / file.name)
-    return folder
-
-
-def torchmetrics_clip_score(folder: str | Path) -> Any:
-    """``torchmetrics.multimodal.CLIPScore`` on a local folder, loaded as torchmetrics loads
-    ``openai/*`` names (CLIPModel + CLIPProcessor.from_pretrained).
-
-    torchmetrics 1.9 expects get_*_features to return tensors; transformers >= 5 returns an output
-    object (Lightning-AI/torchmetrics#3407), so the projected ``pooler_output`` is unwrapped here.
-    Nothing else of torchmetrics' computation is changed.
-    """
-    from torchmetrics.multimodal import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    def model_and_processor() -> tuple[Any, Any]:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
-        for method in ("get_text_features", "get_image_features"):
-            model.__dict__[method] = _returning_tensor(getattr(model, method))
-        return model, CLIPProcessor.from_pretrained(folder, local_files_only=True)
-
-    return CLIPScore(model_name_or_path=model_and_processor)
-
-
-def _returning_tensor(fn: Callable[..., Any]) -> Callable[..., torch.Tensor]:
-    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = fn(*args, **kwargs)
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    return wrapped
-
 
 def random_images(n: int, size: int = 512, seed: int = 0) -> list[Image.Image]:
     """n RGB images of smooth random colour blobs (SD output size by default)."""
@@ -162,11 +41,6 @@ def random_images(n: int, size: int = 512, seed: int = 0) -> list[Image.Image]:
         small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         images.append(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC))
     return images
-
-
-def to_uint8_chw(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> uint8 tensor [3, H, W], the input torchmetrics takes."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -180,7 +54,7 @@ class BenchRow:
 
 def run_benchmark(folder: str | Path, n_images: int = 64, repeats: int = 3) -> list[BenchRow]:
     """Time the three methods alternately (``repeats`` rounds after one warm-up round)."""
-    from pipelines.rerank import ClipScorer
+    from pipelines.rerank.clip_scorer import ClipScorer
 
     scorer = ClipScorer.load(folder, device="cpu")
     metric = torchmetrics_clip_score(folder)
@@ -239,7 +113,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m pipelines.bench_rerank [--model DIR] [--size tiny|base32]``."""
+    """Command line: ``python scripts/bench_rerank.py [--model DIR] [--size tiny|base32]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

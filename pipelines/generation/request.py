@@ -10,7 +10,7 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from pipelines.schedulers import DEFAULT_SAMPLER, resolve_sampler
+from pipelines.generation.schedulers import DEFAULT_SAMPLER, resolve_sampler
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.loading import CLIP_TOKENIZER_DIR
+from pipelines.models.shipped import CLIP_TOKENIZER_DIR
 
 
 def write_config_dir(out: Path, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]) -> Path:
     """A diffusers config folder (no weights) from config dicts; SD 1.x scheduler and tokenizer."""
-    from pipelines.loading import SD1_CONFIG_DIR
+    from pipelines.models.shipped import SD1_CONFIG_DIR
 
     out.mkdir(parents=True, exist_ok=True)
     for name, config in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):

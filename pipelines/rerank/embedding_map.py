@@ -130,7 +130,7 @@ def embedding_map(
 def embedding_map_for(
     scorer: Any, images: Sequence[Image.Image], texts: Sequence[str], **kwargs: Any
 ) -> Image.Image:
-    """Encode with a ``pipelines.rerank.ClipScorer`` and draw the map (thumbnails included)."""
+    """Encode with a ``pipelines.rerank.clip_scorer.ClipScorer`` and draw the map (thumbnails included)."""
     text_features, _ = scorer.text_features(texts)
     return embedding_map(scorer.image_features(images), text_features, list(texts), images=images, **kwargs)
 

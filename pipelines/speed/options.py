@@ -2,7 +2,7 @@
 
 CPU: bf16 weights for the U-Net and VAE where the processor has native bf16 (AVX512-BF16 / AMX), the
 text encoder kept in fp32 (it runs once per request); channels_last for the convolutions (oneDNN's
-preferred layout); bf16 attention fused by oneDNN Graph (``pipelines.cpu_attention``).
+preferred layout); bf16 attention fused by oneDNN Graph (``pipelines.speed.cpu_attention``).
 CUDA: fp16, SDPA attention (diffusers' default), fused QKV projections, channels_last, optionally
 ``torch.compile`` (``mode="max-autotune"`` uses CUDA graphs for a fixed shape).
 """
@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.text_to_image import SDComponents
+    from pipelines.models.components import SDComponents
+
+
+def default_device() -> str:
+    """CUDA when there is a GPU, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -63,7 +70,7 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
         unet.to(memory_format=torch.channels_last)
         components.vae.to(memory_format=torch.channels_last)
     if options.fused_cpu_attention and unet.device.type == "cpu" and unet.dtype == torch.bfloat16:
-        from pipelines.cpu_attention import use_fused_cpu_attention
+        from pipelines.speed.cpu_attention import use_fused_cpu_attention
 
         use_fused_cpu_attention(unet, components.vae)
     if options.fuse_qkv:

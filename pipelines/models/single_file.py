@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.text_to_image import SDComponents
+from pipelines.models.components import SDComponents
+from pipelines.models.errors import ModelLoadError, refuse_pickle
+from pipelines.models.hashing import file_hash
+from pipelines.models.shipped import CLIP_TOKENIZER_DIR, read_scheduler_config
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +31,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from pipelines.loading import ModelLoadError, refuse_pickle
 
     refuse_pickle(path)
     if not path.is_file():
@@ -42,7 +44,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_prefix(path: Path, state: dict[str, Any], prefix: str, what: str) -> None:
-    from pipelines.loading import ModelLoadError
 
     if not any(key.startswith(prefix) for key in state):
         raise ModelLoadError(
@@ -53,7 +54,6 @@ def _check_prefix(path: Path, state: dict[str, Any], prefix: str, what: str) -> 
 
 def _assert_materialized(path: Path, name: str, module: torch.nn.Module) -> None:
     """Converters may leave weights they did not find on the meta device: treat that as an error."""
-    from pipelines.loading import ModelLoadError
 
     missing = [key for key, value in module.state_dict().items() if value.is_meta]
     if missing:
@@ -61,7 +61,6 @@ def _assert_materialized(path: Path, name: str, module: torch.nn.Module) -> None
 
 
 def _convert(path: Path, name: str, build: Any) -> Any:
-    from pipelines.loading import ModelLoadError
 
     try:
         module = build()
@@ -79,7 +78,6 @@ def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pipelines.loading import CLIP_TOKENIZER_DIR, file_hash, read_scheduler_config
 
     state = read_safetensors(path)
     for prefix, what in ((UNET_PREFIX, "U-Net"), (VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):

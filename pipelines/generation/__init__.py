@@ -1,0 +1,1 @@
+"""What one picture is: the request, prompts, samplers, the text-to-image pipeline and its previews."""

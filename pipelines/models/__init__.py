@@ -1,0 +1,1 @@
+"""Models on disk -> components: loading, single-file conversion, hashes, errors, shipped configs."""

@@ -1,0 +1,24 @@
+"""The parts of one Stable Diffusion 1.x model, as loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+
+@dataclass
+class SDComponents:
+    """The three models of SD 1.x plus tokenizer and the model's noise schedule (scheduler config)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    name: str = "model"
+    model_hash: str | None = None
+    source: str = ""

@@ -1,0 +1,15 @@
+"""Model file hashes as AUTOMATIC1111 writes them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def file_hash(path: Path) -> str:
+    """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]

@@ -1,0 +1,124 @@
+"""Ways of running one image: plain diffusers ``StableDiffusionPipeline`` (the reference) or our
+pipeline at a precision with speed options and request changes. The benchmark (``sd-app bench``)
+and the shapes evaluation (``pipelines.training.evaluate``) run the same modes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.generation.request import GenerationRequest
+from pipelines.speed.measure import PeakMemory, step_seconds
+
+REFERENCE = "diffusers fp32"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of running: which pipeline, which precision/options, which request changes."""
+
+    name: str
+    pipeline: str  # "diffusers" | "fp32" | "fast" | "fast-sdpa" | "compiled"
+    request_changes: dict[str, Any] = field(default_factory=dict)
+    key: str = ""  # short name for command lines (``--modes fast,deepcache3``)
+
+
+DEFAULT_MODES = [
+    Mode(REFERENCE, "diffusers", key="diffusers"),
+    Mode("ours fp32", "fp32", key="fp32"),
+    Mode("ours fast (default)", "fast", key="fast"),
+    Mode("ours fast + DeepCache 3", "fast", {"cache_interval": 3}, key="deepcache3"),
+    Mode("ours fast + CFG cutoff 0.3", "fast", {"guidance_cutoff": 0.3}, key="cfg-cutoff"),
+]
+GPU_MODES = [Mode("ours fast + fused QKV + compile (CUDA graphs)", "compiled", key="compiled")]
+# Chosen by key only: what one part of the default fast path is worth.
+ABLATION_MODES = [Mode("ours fast, PyTorch SDPA attention", "fast-sdpa", key="fast-sdpa")]
+
+
+def modes_by_key(keys: list[str]) -> list[Mode]:
+    """Modes named by their keys, in the given order; ValueError lists the choices for an unknown key."""
+    known = {mode.key: mode for mode in DEFAULT_MODES + GPU_MODES + ABLATION_MODES}
+    unknown = [key for key in keys if key not in known]
+    if unknown:
+        raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(known)}")
+    return [known[key] for key in keys]
+
+
+class Runner:
+    """Loads each pipeline once and runs one image in a given mode."""
+
+    def __init__(self, model: str | Path, device: str, modes: list[Mode]) -> None:
+        import torch
+
+        from pipelines.models.loading import load_pipeline, resolve_spec
+        from pipelines.speed.options import SpeedOptions
+
+        self.device = device
+        self.path = resolve_spec(model)
+        kinds = {mode.pipeline for mode in modes}
+        self.ours: dict[str, Any] = {}
+        if "fp32" in kinds:
+            self.ours["fp32"] = load_pipeline(
+                self.path, device=device, dtype=torch.float32, speed=SpeedOptions(channels_last=False)
+            )
+        if "fast" in kinds:
+            self.ours["fast"] = load_pipeline(self.path, device=device)
+        if "fast-sdpa" in kinds:
+            sdpa = SpeedOptions(fused_cpu_attention=False)
+            self.ours["fast-sdpa"] = load_pipeline(self.path, device=device, speed=sdpa)
+        if "compiled" in kinds:
+            options = SpeedOptions(channels_last=True, fuse_qkv=True, compile=True, compile_mode="max-autotune")
+            self.ours["compiled"] = load_pipeline(self.path, device=device, speed=options)
+        self.diffusers = self._load_diffusers() if "diffusers" in kinds else None
+
+    def _load_diffusers(self) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            self.path, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            local_files_only=True, use_safetensors=True,
+        ).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(self, mode: Mode, request: GenerationRequest) -> tuple[Any, float, float, float]:
+        """(image, seconds per image, seconds per step, peak memory MB) for one image."""
+        import torch
+
+        stamps: list[float] = []
+        with PeakMemory(self.device) as memory:
+            start = time.perf_counter()
+            if mode.pipeline == "diffusers":
+                image = self._run_diffusers(request, stamps)
+            else:
+                on_step: Callable[[Any], None] = lambda _info: stamps.append(time.perf_counter())  # noqa: E731
+                out = self.ours[mode.pipeline](replace(request, **mode.request_changes), on_step=on_step)
+                image = out.images[0]
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        return image, seconds, step_seconds(stamps), memory.peak_mb
+
+    def _run_diffusers(self, request: GenerationRequest, stamps: list[float]) -> Any:
+        import torch
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        return self.diffusers(
+            request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.cfg_scale,
+            height=request.height,
+            width=request.width,
+            generator=[torch.Generator("cpu").manual_seed(request.seed)],
+            callback_on_step_end=on_step_end,
+        ).images[0]
+
+

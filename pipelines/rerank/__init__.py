@@ -1,0 +1,1 @@
+"""Reranking candidates: the CLIP scorer, best-of-N and the embedding map."""

@@ -1,0 +1,1 @@
+"""Fast paths: speed options, fused CPU attention, DeepCache."""
