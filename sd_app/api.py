@@ -9,7 +9,7 @@ build and run through the same ``Engine``. Differences from A1111, on purpose:
   order of ``images``; no grid image is prepended for batches;
 - options that would change the picture but are not implemented (``enable_hr``, ``restore_faces``,
   ``tiling``, ``subseed_strength``, ``styles``, scripts) are refused with 422 instead of ignored;
-- defaults for absent fields are ``GenerationRequest``'s (20 steps, DPM++ 2M Karras).
+- defaults for absent fields are ``GenerationRequest``'s (20 steps, DPM++ 2M with its Karras schedule).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.generation.request import GenerationRequest
-from pipelines.generation.schedulers import SAMPLERS, resolve_sampler
+from pipelines.generation.schedulers import SAMPLERS, resolve_sampler, schedule_names
 from sd_app.metadata import VERSION
 from sd_app.ui_jobs import Busy, JobTracker
 
@@ -54,7 +54,7 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
     "PLMS": ["plms"],
     "UniPC": ["unipc"],
 }
-SCHEDULERS = ("Automatic", "Karras")
+SCHEDULERS = tuple(schedule_names())
 
 
 class Txt2ImgRequest(BaseModel):
@@ -73,7 +73,7 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(1, ge=1)
     sampler_name: str | None = None
     sampler_index: str | None = None  # older clients send the sampler here
-    scheduler: str | None = None  # A1111 1.9+: "Automatic" or "Karras"
+    scheduler: str | None = None  # A1111 1.9+ schedule type: Automatic, Uniform, Karras or Exponential
     send_images: bool = True
     save_images: bool = False
     rerank: bool = True  # sd-app: order images best first by CLIP score
@@ -88,18 +88,12 @@ class Txt2ImgRequest(BaseModel):
 
 
 def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
-    """Our sampler name for A1111's ``sampler_name`` (+ optional ``scheduler``); ValueError if unknown."""
+    """Our sampler name for A1111's ``sampler_name`` (or an alias) and ``scheduler``; ValueError if unknown."""
     name = (sampler_name or _DEFAULTS.sampler).strip()
     for canonical, aliases in SAMPLER_ALIASES.items():
         if name.casefold() in aliases:
             name = canonical
-    if scheduler is not None and scheduler.strip().casefold() not in ("", "automatic"):
-        if scheduler.strip().casefold() != "karras":
-            raise ValueError(f"scheduler {scheduler!r} is not supported; choose one of: {', '.join(SCHEDULERS)}")
-        if not name.casefold().endswith(" karras"):
-            name = f"{name} Karras"
-    resolve_sampler(name)
-    return name
+    return resolve_sampler(name, scheduler).label
 
 
 def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
@@ -195,7 +189,8 @@ def samplers_list() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``: every sampler name we accept, A1111's shape."""
     rows = []
     for name, spec in SAMPLERS.items():
-        options = {"scheduler": "karras"} if spec.schedule == "Karras" else {}
+        default = spec.default_schedule
+        options = {"scheduler": default.lower()} if default not in (None, "Uniform") else {}
         rows.append({"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": options})
     return rows
 
@@ -335,12 +330,7 @@ def progress_payload(
 
 
 def _side_by_side(tiles: list[Image.Image]) -> Image.Image:
-    """Preview tiles of all images of a job in one row."""
-    from PIL import Image
+    """Preview tiles of all images of a job (all the same size) in one row."""
+    from diffusers.utils import make_image_grid
 
-    grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
-    x = 0
-    for tile in tiles:
-        grid.paste(tile, (x, 0))
-        x += tile.width
-    return grid
+    return make_image_grid(tiles, rows=1, cols=len(tiles))

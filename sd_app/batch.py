@@ -17,7 +17,7 @@ Processes: under ``accelerate launch --num_processes K`` (one process per GPU on
 the process group runs on CPU (gloo). Note: accelerate's ``--cpu`` launcher starts ONE process whatever
 ``--num_processes`` says (multi-CPU needs ``--mpirun_hostfile``); for K CPU processes use
 ``accelerate launch --multi_gpu --num_processes K`` on a machine without GPUs, or ``torchrun --nproc_per_node K``.
-All processes append to the one ``manifest.jsonl`` under an exclusive ``flock`` on
+All processes append to the one ``manifest.jsonl`` under an exclusive lock (``filelock``) on
 ``manifest.lock`` (write + flush + fsync while holding it), so the manifest stays a single readable file
 while the run is live. ``flock`` needs a local or lock-capable shared filesystem (NFSv4, Lustre with
 ``-o flock``). A restart may use a different ``K``: done jobs are read from the manifest, not per rank.
@@ -113,18 +113,12 @@ def read_done(out: Path) -> set[str]:
 
 @contextlib.contextmanager
 def manifest_lock(out: Path) -> Iterator[None]:
-    """Exclusive lock shared by every process writing ``out``'s manifest (no-op where flock is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: single-process runs only
+    """Exclusive lock shared by every process writing ``out``'s manifest (``filelock``: flock on POSIX,
+    msvcrt locking on Windows)."""
+    from filelock import FileLock
+
+    with FileLock(out / LOCK):
         yield
-        return
-    with open(out / LOCK, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def repair_manifest(out: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -54,10 +55,19 @@ def run_generate(args: argparse.Namespace) -> int:
         output_dir=args.out,
         device=args.device,
     )
+    started = time.perf_counter()
     result = engine.generate(request, rerank=rerank, keep=args.keep, progress=True)
+    seconds = time.perf_counter() - started
     for candidate in result.candidates:
         score = f"  CLIP score {candidate.score:.2f}" if candidate.score is not None else ""
         print(f"{candidate.path}  seed {candidate.seed}{score}")
+    order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
+    made = result.request
+    print(
+        f"{len(result.candidates)} of {made.n} image(s) written to {args.out}/ {order}; {result.model_name}, "
+        f"{made.sampler}, {made.steps} steps, {made.width}x{made.height}, {seconds:.1f} s",
+        file=sys.stderr,
+    )
     if result.prompt_truncated_for_scoring:
         print("note: the prompt is longer than CLIP's 77 tokens; it was truncated for scoring", file=sys.stderr)
     return 0

@@ -86,12 +86,9 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
 def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
     """A request reproducing a parsed ``parameters`` dict (A1111's or ours)."""
-    sampler = str(params.get("Sampler", "Euler a"))
-    schedule = str(params.get("Schedule type", "Automatic"))
-    if schedule not in ("Automatic", "") and not sampler.endswith(schedule):
-        sampler = f"{sampler} {schedule}"
     width, _, height = str(params.get("Size", "512x512")).partition("x")
     try:
+        sampler = resolve_sampler(str(params.get("Sampler", "Euler a")), str(params.get("Schedule type", ""))).label
         return GenerationRequest(
             prompt=params.get("prompt", ""),
             negative_prompt=params.get("negative_prompt", ""),

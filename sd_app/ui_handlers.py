@@ -76,10 +76,9 @@ def number(name: str, value: Any) -> float:
 
 def canonical_sampler(name: str) -> str:
     """The dropdown's spelling of a sampler name (names are matched case-insensitively)."""
-    from pipelines.generation.schedulers import SAMPLERS, resolve_sampler
+    from pipelines.generation.schedulers import resolve_sampler
 
-    spec = resolve_sampler(name)
-    return next(key for key, value in SAMPLERS.items() if value == spec)
+    return resolve_sampler(name).label
 
 
 def caption(seed: int, score: float | None) -> str:

@@ -70,7 +70,11 @@ def test_sampler_aliases_and_scheduler_field(live_server):
     assert (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M", "Karras")
     assert "Schedule type: Karras" in info["infotexts"][0]
     assert sampler_from_fields("k_euler_a", None) == "Euler a"
-    assert sampler_from_fields("DPM++ 2M Karras", "Automatic") == "DPM++ 2M Karras"
+    assert sampler_from_fields("DPM++ 2M Karras", "Automatic") == "DPM++ 2M"  # Karras is its default
+    assert sampler_from_fields("k_lms", "Karras") == "LMS Karras"
+    assert sampler_from_fields("Euler a", "exponential") == "Euler a Exponential"
+    info = json.loads(txt2img(live_server.url, sampler_name="LMS", seed=1, steps=2)["info"])
+    assert (info["sampler_name"], info["scheduler"]) == ("LMS", "Uniform")  # needs scipy: declared
 
 
 @pytest.mark.parametrize(
@@ -80,7 +84,9 @@ def test_sampler_aliases_and_scheduler_field(live_server):
         ({"steps": 0}, "steps must be between 1 and 150, got 0"),
         ({"seed": -7}, "seed must be -1 (random)"),
         ({"sampler_name": "Euler z"}, "unknown sampler 'Euler z'"),
-        ({"scheduler": "Exponential"}, "scheduler 'Exponential' is not supported"),
+        ({"scheduler": "Polyexponential"}, "scheduler 'Polyexponential' is an A1111 schedule type we do not"),
+        ({"scheduler": "Bogus"}, "scheduler 'Bogus' is unknown; choose one of: Automatic, Uniform, Karras"),
+        ({"sampler_name": "DDIM", "scheduler": "Karras"}, "sampler 'DDIM' has no schedule choice"),
         ({"batch_size": 8, "n_iter": 3}, "batch_size * n_iter must be between 1 and 16"),
         ({"enable_hr": True}, "enable_hr is not supported"),
     ],
@@ -100,7 +106,10 @@ def test_wrong_types_are_422(live_server):
 def test_samplers_models_options_progress(live_server):
     samplers = httpx.get(f"{live_server.url}/sdapi/v1/samplers").json()
     names = [s["name"] for s in samplers]
-    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC"} <= set(names)
+    assert {"Euler a", "DPM++ 2M", "DPM++ SDE", "Heun", "DDIM", "PLMS", "UniPC"} <= set(names)  # A1111 labels
+    assert next(s for s in samplers if s["name"] == "DPM++ 2M")["options"] == {"scheduler": "karras"}
+    schedulers = httpx.get(f"{live_server.url}/sdapi/v1/schedulers").json()
+    assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential"]
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     (model,) = httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json()
     assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}

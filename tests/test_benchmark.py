@@ -20,12 +20,16 @@ def test_benchmark_table_on_the_tiny_model(tiny_model):
 
 
 def test_sampler_for_config_names_the_models_scheduler():
-    assert sampler_for_config({"_class_name": "PNDMScheduler", "skip_prk_steps": True}) == "PNDM"
+    assert sampler_for_config({"_class_name": "PNDMScheduler", "skip_prk_steps": True}) == "PLMS"
     assert sampler_for_config({"_class_name": "EulerDiscreteScheduler"}) == "Euler"
+    assert sampler_for_config({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}) == "Euler Karras"
     assert sampler_for_config(
         {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "solver_order": 2,
          "use_karras_sigmas": True}
-    ) == "DPM++ 2M Karras"
+    ) == "DPM++ 2M"  # Karras is what A1111's DPM++ 2M means
+    assert sampler_for_config(
+        {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "solver_order": 2}
+    ) == "DPM++ 2M Uniform"
 
 
 def test_modes_by_key_and_unknown_mode():

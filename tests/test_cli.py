@@ -46,7 +46,7 @@ def test_random_seed_is_written_into_metadata(tiny_model, tmp_path):
         (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
         (["--cfg", "nan"], "cfg_scale must be a finite number"),
         (["--n", "17"], "n must be between 1 and 16, got 17"),
-        (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: Euler, Euler a"),
+        (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: DPM++ 2M, DPM++ 2M Uniform"),
         (["--model", "/no/such/model"], "model not found: /no/such/model"),
     ],
 )
@@ -79,7 +79,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 def test_info_lists_samplers_and_models(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "DPM++ 2M Karras" in out and "UniPC" in out and "embedded" in out
+    assert "DPM++ 2M" in out and "Euler a Karras" in out and "UniPC" in out and "embedded" in out
 
 
 def test_generate_does_not_import_gradio():

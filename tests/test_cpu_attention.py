@@ -19,6 +19,12 @@ can_fuse_bf16 = pytest.mark.skipif(
     not (onednn_graph_available() and cpu_has_native_bf16()),
     reason="needs PyTorch's oneDNN Graph bridge and a CPU with native bf16",
 )
+# Without the bridge FusedCpuAttention is F.scaled_dot_product_attention itself: comparing the two
+# would pass whatever the fused path does.
+has_bridge = pytest.mark.skipif(
+    not onednn_graph_available(),
+    reason="this PyTorch has no oneDNN Graph (LLGA) bridge: the 'fused' kernel would be SDPA compared with SDPA",
+)
 
 
 def _qkv(q_len: int, kv_len: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -28,6 +34,7 @@ def _qkv(q_len: int, kv_len: int, dtype: torch.dtype, seed: int = 0) -> tuple[to
     return tuple(x.to(dtype) for x in (q, k, v))
 
 
+@has_bridge
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.05), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("kv_len", [256, 77])  # self- and cross-attention
 def test_matches_scaled_dot_product_attention(dtype, tolerance, kv_len):
@@ -38,17 +45,20 @@ def test_matches_scaled_dot_product_attention(dtype, tolerance, kv_len):
     for out in (first, cached):
         assert out.dtype == dtype and out.shape == q.shape
         assert (out.float() - expected).abs().max().item() < tolerance
-    assert len(attention) == 1
+    assert len(attention) == 1 and attention.fused_shapes() == 1  # the fused kernel, not the SDPA fallback
 
 
+@has_bridge
 def test_strided_inputs_as_the_processor_passes_them():
     """[B, N, H*D] projections viewed as [B, H, N, D] (not contiguous) give the same attention."""
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 128, 4 * 40, generator=generator).bfloat16() for _ in range(3))
     q, k, v = (x.view(2, 128, 4, 40).transpose(1, 2) for x in (q, k, v))
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    out = FusedCpuAttention()(q, k, v)
+    attention = FusedCpuAttention()
+    out = attention(q, k, v)
     assert (out.float() - expected).abs().max().item() < 0.05
+    assert attention.fused_shapes() == 1
 
 
 @can_fuse_bf16
@@ -78,6 +88,7 @@ def test_kernel_cache_keeps_the_most_recent_shapes():
     assert len(attention) == 2
 
 
+@can_fuse_bf16
 def test_processor_is_as_close_to_fp32_as_diffusers_bf16_on_unet_and_vae(tiny_model):
     """Self- and cross-attention in the U-Net, 4-D group-normed attention in the VAE: against the fp32
     model, the fused processor's error stays within that of diffusers' own processor at the same bf16."""
@@ -100,6 +111,7 @@ def test_processor_is_as_close_to_fp32_as_diffusers_bf16_on_unet_and_vae(tiny_mo
     processors = [*bf16.unet.attn_processors.values(), *bf16.vae.attn_processors.values()]
     assert {type(p) for p in processors} == {FusedCpuAttnProcessor}
     assert len(attention) >= 3  # U-Net self- and cross-attention and the VAE's, in one cache
+    assert attention.fused_shapes() == len(attention)  # every shape ran oneDNN Graph's kernel
     for ours, theirs, exact in zip(fused, diffusers_bf16, reference):
         assert (ours - exact).abs().max().item() <= 1.5 * (theirs - exact).abs().max().item() + 1e-3
         assert (ours - exact).abs().mean().item() <= 1.5 * (theirs - exact).abs().mean().item() + 1e-4

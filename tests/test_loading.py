@@ -132,6 +132,6 @@ def test_scheduler_class_comes_from_model_index_when_its_config_lacks_it(tmp_pat
     (tmp_path / "model_index.json").write_text(json.dumps({"scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
     config = read_scheduler_config(tmp_path)
     assert config["_class_name"] == "DPMSolverMultistepScheduler"
-    assert sampler_for_config(config) == "DPM++ 2M"
+    assert sampler_for_config(config) == "DPM++ 2M Uniform"  # no use_karras_sigmas: the model's own spacing
     (tmp_path / "model_index.json").write_text("{}")  # no class anywhere: the app's default sampler
     assert "_class_name" not in read_scheduler_config(tmp_path)

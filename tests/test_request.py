@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pipelines.generation.request import MAX_SEED, GenerationRequest
-from pipelines.generation.schedulers import build_scheduler, resolve_sampler, sampler_names
+from pipelines.generation.schedulers import resolve_sampler
 
 
 @pytest.mark.parametrize(
@@ -36,25 +36,6 @@ def test_random_seed_is_resolved_and_seeds_follow():
     assert 0 <= request.seed <= MAX_SEED
     assert request.seeds() == [request.seed, request.seed + 1, request.seed + 2]
     assert GenerationRequest(seed=7, n=2).resolved().seeds() == [7, 8]
-
-
-REQUIRED = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PNDM", "LMS", "Heun", "UniPC"]
-
-
-@pytest.mark.parametrize("name", REQUIRED)
-def test_a1111_sampler_names_build_schedulers(name):
-    from pipelines.models.shipped import SD1_CONFIG_DIR, read_scheduler_config
-
-    scheduler = build_scheduler(name, read_scheduler_config(SD1_CONFIG_DIR))
-    scheduler.set_timesteps(10)
-    assert len(scheduler.timesteps) >= 10
-    assert scheduler.config.beta_schedule == "scaled_linear"
-    assert name in sampler_names()
-
-
-def test_karras_and_case_insensitive_names():
-    assert resolve_sampler("dpm++ 2m karras").options["use_karras_sigmas"] is True
-    assert resolve_sampler("DPM++ 2M").schedule == "Automatic"
 
 
 def test_unknown_sampler_lists_choices():

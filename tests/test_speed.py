@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,13 +12,8 @@ from pipelines.generation.request import GenerationRequest
 from pipelines.models.loading import load_pipeline
 from pipelines.speed.cpu_attention import FusedCpuAttnProcessor, onednn_graph_available
 from pipelines.speed.deep_cache import DeepCacheRunner
+from pipelines.speed.measure import psnr
 from pipelines.speed.options import SpeedOptions, cpu_has_native_bf16
-
-
-def psnr(a, b) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = np.mean((x - y) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_deep_cache_full_step_equals_the_unet(tiny_pipe):
@@ -40,14 +37,15 @@ def test_deep_cache_full_step_equals_the_unet(tiny_pipe):
     "changes",
     [{"cache_interval": 3}, {"guidance_cutoff": 0.5}, {"cache_interval": 2, "guidance_cutoff": 0.3}],
 )
-def test_accelerators_produce_valid_close_images(tiny_pipe, changes):
+def test_accelerators_change_little_of_the_picture(tiny_pipe, changes):
     base = dict(prompt="a red circle", steps=6, width=64, height=64, seed=4, n=2, sampler="DPM++ 2M")
     reference = tiny_pipe(GenerationRequest(**base)).images
+    unrelated = tiny_pipe(GenerationRequest(**{**base, "seed": 40})).images  # other seeds: about 12 dB
     fast = tiny_pipe(GenerationRequest(**base, **changes)).images
-    for a, b in zip(reference, fast):
+    for a, b, other in zip(reference, fast, unrelated):
         assert b.size == (64, 64) and b.mode == "RGB"
-        assert np.asarray(b).std() > 0  # not blank
-        assert psnr(a, b) > 10
+        assert psnr(a, other) < 20  # what "a different picture" scores on this model
+        assert 30 <= psnr(a, b) < math.inf  # the same picture, and the accelerator did change something
 
 
 def test_bf16_channels_last_mode_runs(tiny_model):
@@ -65,14 +63,23 @@ def test_bad_accelerator_settings_are_errors():
         GenerationRequest(guidance_cutoff=1.0)
 
 
+@pytest.mark.skipif(
+    not cpu_has_native_bf16(),
+    reason="this CPU has no native bf16: the default path is fp32 here, so there is no reduced precision to bound",
+)
 def test_default_fast_path_keeps_the_picture_on_the_embedded_model():
-    """bf16 + channels_last + fused attention (the CPU default) stays within 25 dB PSNR of fp32, same seed."""
+    """bf16 + channels_last + fused attention (the CPU default) stays within 25 dB PSNR of fp32, same seed;
+    other seeds of the same prompt score 11-14 dB, so the bound tells the same picture from another."""
     reference = load_pipeline("embedded", device="cpu", dtype=torch.float32)
     fast = load_pipeline("embedded", device="cpu")
+    assert fast.components.unet.dtype == torch.bfloat16 and fast.components.vae.dtype == torch.bfloat16
+    images = {}
     for seed in (1, 2):
         request = GenerationRequest(prompt="a red circle on a blue background", seed=seed, steps=20)
-        assert psnr(reference(request).images[0], fast(request).images[0]) >= 25
-    if cpu_has_native_bf16() and onednn_graph_available():  # then the bound above was the fused kernels'
+        images[seed] = reference(request).images[0]
+        assert psnr(images[seed], fast(request).images[0]) >= 25
+    assert psnr(images[1], images[2]) < 20
+    if onednn_graph_available():  # then the bound above was the fused kernels'
         processor = next(iter(fast.components.unet.attn_processors.values()))
         assert isinstance(processor, FusedCpuAttnProcessor) and processor.attention.fused_shapes() > 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from PIL import Image
 
@@ -45,8 +47,8 @@ def test_save_png_numbers_never_overwrite_and_keep_metadata(tmp_path):
 def test_parameters_format_matches_a1111_and_round_trips():
     request = GenerationRequest(
         prompt="a red circle on a blue background", negative_prompt="blurry", steps=20,
-        sampler="DPM++ 2M Karras", cfg_scale=7, seed=1234,
-    )
+        sampler="DPM++ 2M", cfg_scale=7, seed=1234,
+    )  # A1111 1.9+: DPM++ 2M schedules with Karras unless told otherwise
     text = format_parameters(request, 1234, "shapes-tiny", "6ce0161689", {"CLIP score": "31.24", "Reranker": "x"})
     assert text == (
         "a red circle on a blue background\nNegative prompt: blurry\n"
@@ -57,6 +59,12 @@ def test_parameters_format_matches_a1111_and_round_trips():
     assert parsed["prompt"] == request.prompt and parsed["negative_prompt"] == "blurry"
     assert parsed["Seed"] == "1234" and parsed["CLIP score"] == "31.24"
     assert request_from_parameters(parsed) == request
+    legacy = format_parameters(replace(request, sampler="DPM++ 2M Karras"), 1234, "shapes-tiny", "6ce0161689",
+                               {"CLIP score": "31.24", "Reranker": "x"})
+    assert legacy == text  # the pre-1.9 name means the same sampler and schedule
+    uniform = format_parameters(replace(request, sampler="DPM++ 2M Uniform"), 1234, "shapes-tiny")
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform" in uniform
+    assert request_from_parameters(parse_parameters(uniform)).sampler == "DPM++ 2M Uniform"
 
 
 def test_values_with_commas_are_quoted_and_multiline_prompts_survive():

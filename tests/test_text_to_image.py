@@ -16,17 +16,29 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
-@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a", "DDIM", "PNDM"])
-def test_images_equal_diffusers_stable_diffusion_pipeline(tiny_model, tiny_pipe, sampler):
-    from diffusers import StableDiffusionPipeline
+# The diffusers scheduler each A1111 sampler is, written from the diffusers documentation's table
+# "A1111/k-diffusion -> diffusers", not from our mapping: (class, config options).
+REFERENCE_SCHEDULERS = {
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True, "noise_sampler_seed": [11, 12]}),
+}
 
-    from pipelines.generation.schedulers import build_scheduler
+
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_images_equal_diffusers_stable_diffusion_pipeline(tiny_model, tiny_pipe, sampler):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
 
     reference = StableDiffusionPipeline.from_pretrained(
         tiny_model, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         local_files_only=True,
     )
-    reference.scheduler = build_scheduler(sampler, dict(reference.scheduler.config))
+    class_name, options = REFERENCE_SCHEDULERS[sampler]
+    reference.scheduler = getattr(diffusers, class_name).from_config(dict(reference.scheduler.config), **options)
     reference.set_progress_bar_config(disable=True)
     seeds = [11, 12]
     expected = reference(

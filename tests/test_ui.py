@@ -124,14 +124,14 @@ def test_png_info_round_trip(client, live_server, tmp_path):
             width=64,
             height=64,
             seed=99,
-            sampler="DPM++ 2M Karras",
+            sampler="DPM++ 2M Exponential",
         ),
         output_dir=tmp_path,
     )
     text, fields = client.predict(handle_file(str(result.candidates[0].path)), api_name="/png_info")
     assert fields["Seed"] == "99" and fields["prompt"] == "a (red:1.2) circle"
     filled = UiHandlers.send_to_generate(text)
-    assert filled[:8] == ("a (red:1.2) circle", "blurry", "DPM++ 2M Karras", 2, 7.0, 64, 64, 99)
+    assert filled[:8] == ("a (red:1.2) circle", "blurry", "DPM++ 2M Exponential", 2, 7.0, 64, 64, 99)
 
 
 def test_nothing_heavy_at_import_and_build_demo_loads_no_model():

@@ -1,9 +1,13 @@
-"""AUTOMATIC1111 sampler names -> diffusers schedulers.
+"""AUTOMATIC1111 samplers and schedule types -> diffusers schedulers.
 
-The mapping follows the diffusers documentation's table "A1111/k-diffusion -> diffusers"
-(https://huggingface.co/docs/diffusers/api/schedulers/overview). A name may carry its schedule type
-("DPM++ 2M Karras"); the PNG metadata writes it back split, as A1111 1.6+ does
-(``Sampler: DPM++ 2M, Schedule type: Karras``).
+A1111 (1.9+) names a sampler (the k-diffusion or CompVis algorithm) and, separately, a schedule type
+(how the noise levels are spaced); "Automatic" takes the sampler's own default
+(``modules/sd_samplers_kdiffusion.py``: DPM++ 2M, DPM++ SDE, DPM2 and DPM2 a default to Karras,
+DPM++ 2M SDE to Exponential, the rest to the model's own uniform spacing). Older names carry the
+schedule in the sampler name ("DPM++ 2M Karras") and are still accepted. The diffusers class for each
+algorithm follows the diffusers documentation's table "A1111/k-diffusion -> diffusers"
+(https://huggingface.co/docs/diffusers/api/schedulers/overview). The PNG metadata writes sampler and
+schedule apart, as A1111 does (``Sampler: DPM++ 2M, Schedule type: Karras``).
 """
 
 from __future__ import annotations
@@ -14,81 +18,197 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
-DEFAULT_SAMPLER = "DPM++ 2M Karras"
+AUTOMATIC = "Automatic"
+UNIFORM = "Uniform"
+# Schedule types we implement, with the diffusers options that give them.
+SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
+    UNIFORM: {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+}
+SCHEDULES = (AUTOMATIC, *SCHEDULE_OPTIONS)
+SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# Every schedule type A1111 offers; the ones not in SCHEDULES are refused by name.
+A1111_SCHEDULES = (
+    *SCHEDULES, "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta",
+)
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One A1111 sampler: the diffusers class that implements it and the config it needs."""
+    """One A1111 sampler: the diffusers class that implements its algorithm and what A1111 defaults to."""
 
-    name: str  # A1111's sampler name without the schedule type, e.g. "DPM++ 2M"
+    name: str  # A1111's sampler label, e.g. "DPM++ 2M"
     scheduler_class: str  # attribute of the diffusers package
     options: dict[str, Any] = field(default_factory=dict)
-    schedule: str = "Automatic"  # A1111 "Schedule type"
+    default_schedule: str | None = UNIFORM  # what "Automatic" means; None: no schedule choice (CompVis samplers)
+    second_order: bool = False  # two model evaluations per step (A1111 counts steps, not evaluations)
+    brownian_noise: bool = False  # noise from a Brownian tree seeded per image (k-diffusion's SDE samplers)
 
 
-_DPMPP = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-_KARRAS = {"use_karras_sigmas": True}
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    spec.name if spec.schedule == "Automatic" else f"{spec.name} {spec.schedule}": spec
+    spec.name: spec
     for spec in [
-        SamplerSpec("Euler", "EulerDiscreteScheduler"),
-        SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler"),
-        SamplerSpec("Heun", "HeunDiscreteScheduler"),
-        SamplerSpec("LMS", "LMSDiscreteScheduler"),
-        SamplerSpec("LMS", "LMSDiscreteScheduler", _KARRAS, "Karras"),
-        SamplerSpec("DPM2", "KDPM2DiscreteScheduler"),
-        SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
-        SamplerSpec("DPM++ 2M", "DPMSolverMultistepScheduler", _DPMPP),
-        SamplerSpec("DPM++ 2M", "DPMSolverMultistepScheduler", {**_DPMPP, **_KARRAS}, "Karras"),
-        SamplerSpec("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+        SamplerSpec("DPM++ 2M", "DPMSolverMultistepScheduler", _DPMPP_2M, "Karras"),
+        SamplerSpec("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras", second_order=True, brownian_noise=True),
         SamplerSpec(
-            "DPM++ 2M SDE",
-            "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", **_KARRAS},
-            "Karras",
+            "DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+            "Exponential",
         ),
-        SamplerSpec("DPM++ SDE", "DPMSolverSinglestepScheduler"),
-        SamplerSpec("DDIM", "DDIMScheduler"),
-        SamplerSpec("PNDM", "PNDMScheduler", {"skip_prk_steps": True}),
-        SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
-        SamplerSpec("UniPC", "UniPCMultistepScheduler"),
+        SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler"),
+        SamplerSpec("Euler", "EulerDiscreteScheduler"),
+        SamplerSpec("LMS", "LMSDiscreteScheduler"),
+        SamplerSpec("Heun", "HeunDiscreteScheduler", second_order=True),
+        SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", second_order=True),
+        SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", second_order=True),
+        SamplerSpec("DDIM", "DDIMScheduler", {}, None),
+        SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, None),
+        SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, None),
     ]
 }
+SAMPLER_ALIASES = {"PNDM": "PLMS"}  # diffusers' name for PLMS
+DEFAULT_SAMPLER = "DPM++ 2M"  # Karras, as A1111 defaults to
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler with its schedule resolved: what one request samples with."""
+
+    spec: SamplerSpec
+    schedule: str  # a key of SCHEDULE_OPTIONS, or "Automatic" for samplers without a schedule choice
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def scheduler_class(self) -> str:
+        return self.spec.scheduler_class
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The diffusers config options: the algorithm's and the schedule's."""
+        return {**self.spec.options, **SCHEDULE_OPTIONS.get(self.schedule, {})}
+
+    @property
+    def second_order(self) -> bool:
+        return self.spec.second_order
+
+    @property
+    def label(self) -> str:
+        """The short name: the sampler alone when the schedule is its default, else "sampler schedule"."""
+        if self.schedule in (AUTOMATIC, self.spec.default_schedule):
+            return self.name
+        return f"{self.name} {self.schedule}"
+
+
+def _schedules_for(spec: SamplerSpec) -> tuple[str, ...]:
+    return tuple(SCHEDULE_OPTIONS) if spec.default_schedule is not None else (AUTOMATIC,)
 
 
 def sampler_names() -> list[str]:
-    """Every accepted sampler name, in display order."""
-    return list(SAMPLERS)
+    """Every sampler name we show: each sampler (its default schedule), then its other schedules."""
+    names = []
+    for spec in SAMPLERS.values():
+        names.append(spec.name)
+        names.extend(f"{spec.name} {s}" for s in _schedules_for(spec) if s not in (AUTOMATIC, spec.default_schedule))
+    return names
 
 
-def resolve_sampler(name: str) -> SamplerSpec:
-    """The spec for an A1111 sampler name (case-insensitive); ValueError listing the choices."""
+def schedule_names() -> list[str]:
+    """The schedule types we accept (A1111's names)."""
+    return list(SCHEDULES)
+
+
+def _match(text: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    wanted = " ".join(text.split()).casefold()
+    return next((choice for choice in choices if choice.casefold() == wanted), None)
+
+
+def resolve_schedule(schedule: str | None) -> str:
+    """A1111's spelling of a schedule type (case-insensitive); ValueError naming the ones we implement."""
+    if schedule is None or not str(schedule).strip():
+        return AUTOMATIC
+    if not isinstance(schedule, str):
+        raise ValueError(f"scheduler must be a string, got {schedule!r}")
+    known = _match(schedule, SCHEDULES)
+    if known is not None:
+        return known
+    what = "is an A1111 schedule type we do not implement" if _match(schedule, A1111_SCHEDULES) else "is unknown"
+    raise ValueError(f"scheduler {schedule!r} {what}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def resolve_sampler(name: str, schedule: str | None = None) -> Sampler:
+    """The sampler for an A1111 name ("DPM++ 2M", "DPM++ 2M Karras", "euler a") and schedule type.
+
+    ValueError lists the choices for an unknown name and names the clash when the name's schedule and
+    ``schedule`` disagree.
+    """
     if not isinstance(name, str):
         raise ValueError(f"sampler must be a string, got {name!r}")
-    wanted = " ".join(name.split()).casefold()
-    for known, spec in SAMPLERS.items():
-        if known.casefold() == wanted:
-            return spec
-    raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    text = " ".join(name.split())
+    named_schedule = None
+    sampler_name = _match(text, list(SAMPLERS) + list(SAMPLER_ALIASES))
+    if sampler_name is None:
+        for suffix in SCHEDULE_OPTIONS:
+            if text.casefold().endswith(" " + suffix.casefold()):
+                sampler_name = _match(text[: -len(suffix) - 1], list(SAMPLERS) + list(SAMPLER_ALIASES))
+                named_schedule = suffix
+                break
+    if sampler_name is None:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
+    spec = SAMPLERS[SAMPLER_ALIASES.get(sampler_name, sampler_name)]
+    wanted = resolve_schedule(schedule)
+    if named_schedule is not None and wanted not in (AUTOMATIC, named_schedule):
+        raise ValueError(f"sampler {name!r} names schedule {named_schedule}, but scheduler is {schedule!r}")
+    wanted = named_schedule or wanted
+    if spec.default_schedule is None:
+        if wanted != AUTOMATIC:
+            raise ValueError(
+                f"sampler {spec.name!r} has no schedule choice; scheduler must be Automatic, got {wanted!r}"
+            )
+        return Sampler(spec, AUTOMATIC)
+    return Sampler(spec, spec.default_schedule if wanted == AUTOMATIC else wanted)
 
 
-def build_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
-    """A fresh scheduler for ``name`` carrying the model's noise schedule from ``base_config``."""
+def build_scheduler(
+    name: str, base_config: dict[str, Any], noise_seeds: list[int] | None = None, schedule: str | None = None
+) -> SchedulerMixin:
+    """A fresh scheduler for sampler ``name`` carrying the model's noise schedule from ``base_config``.
+
+    ``noise_seeds`` (one per image) seed the Brownian-tree noise of the DPM++ SDE sampler, so that its
+    picture for a seed does not depend on the batch; other stochastic samplers take the per-image
+    generators at each step instead.
+    """
+    import inspect
+
     import diffusers
 
-    spec = resolve_sampler(name)
-    scheduler_class = getattr(diffusers, spec.scheduler_class)
-    return scheduler_class.from_config(dict(base_config), **spec.options)
+    sampler = resolve_sampler(name, schedule)
+    scheduler_class = getattr(diffusers, sampler.scheduler_class)
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    # The model's config may switch a schedule on (use_karras_sigmas: true): every flag is set explicitly.
+    options = {flag: False for flag in SCHEDULE_FLAGS if flag in accepted}
+    options.update(sampler.options)
+    if sampler.spec.brownian_noise:
+        options["noise_sampler_seed"] = list(noise_seeds) if noise_seeds else None
+    if sampler.scheduler_class == "EulerAncestralDiscreteScheduler" and sampler.schedule != UNIFORM:
+        from pipelines.generation.sigma_schedules import with_sigma_schedule
+
+        return with_sigma_schedule(scheduler_class.from_config(dict(base_config)), SCHEDULE_OPTIONS[sampler.schedule])
+    return scheduler_class.from_config(dict(base_config), **options)
 
 
 def sampler_for_config(config: dict[str, Any]) -> str:
-    """The A1111 name of the scheduler a model ships with (its scheduler_config.json), e.g. "PNDM"."""
-    most_specific_first = sorted(SAMPLERS.items(), key=lambda item: -len(item[1].options))
-    for name, spec in most_specific_first:
+    """The A1111 name of the scheduler a model ships with (its scheduler_config.json), e.g. "PLMS"."""
+    schedule = next((s for s, o in SCHEDULE_OPTIONS.items() if o and all(config.get(k) for k in o)), UNIFORM)
+    most_specific_first = sorted(SAMPLERS.values(), key=lambda spec: -len(spec.options))
+    for spec in most_specific_first:
         if spec.scheduler_class == config.get("_class_name") and all(
-            config.get(key, False) == value for key, value in spec.options.items()
+            config.get(key) == value for key, value in spec.options.items()
         ):
-            return name
+            chosen = schedule if spec.default_schedule is not None else AUTOMATIC
+            return Sampler(spec, chosen).label
     return DEFAULT_SAMPLER

@@ -116,7 +116,7 @@ class TextToImagePipeline:
             guided = request.cfg_scale > 1.0
             text_states = self.encode_prompt(request.prompt, request.negative_prompt, request.n, guided)
             # 3. Timesteps of a fresh scheduler (schedulers keep per-run state).
-            scheduler = build_scheduler(request.sampler, self.components.scheduler_config)
+            scheduler = build_scheduler(request.sampler, self.components.scheduler_config, noise_seeds=seeds)
             scheduler.set_timesteps(request.steps, device=self.device)
             # 4. Latents: one CPU generator per image, so a seed's picture is independent of batch size.
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -148,10 +148,12 @@ class TextToImagePipeline:
     def prepare_latents(self, request: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
         """Gaussian latents [n, C, H/8, W/8], drawn in fp32 on the CPU, one generator per image."""
         import torch
+        from diffusers.utils.torch_utils import randn_tensor
 
         channels = self.components.unet.config.in_channels
-        shape = (1, channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
-        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        h, w = request.height // self.vae_scale_factor, request.width // self.vae_scale_factor
+        # One draw per generator (randn_tensor with a list), on the CPU: the same on every device.
+        latents = randn_tensor((len(generators), channels, h, w), generator=generators, dtype=torch.float32)
         return latents.to(self.device)  # [n, C, h, w], fp32 whatever the model's dtype
 
     def denoise(
@@ -168,6 +170,9 @@ class TextToImagePipeline:
         """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler.
 
         Latents and scheduler arithmetic stay in fp32; only the U-Net runs in the model's dtype.
+        ``request.steps`` counts steps as A1111 does: a second-order sampler (Heun, DPM2, DPM++ SDE)
+        evaluates the U-Net twice per step, and the progress, the CFG cutoff and the DeepCache interval
+        all count steps, not evaluations.
         """
         import inspect
 
@@ -184,18 +189,23 @@ class TextToImagePipeline:
             step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
         if "eta" in step_parameters:
             step_kwargs["eta"] = 0.0
-        timesteps = scheduler.timesteps
-        guided_steps = len(timesteps) - round(len(timesteps) * request.guidance_cutoff)
+        timesteps = scheduler.timesteps  # [evaluations]: 2 * steps - 1 for second-order samplers
+        total = request.steps
+        guided_steps = total - round(total * request.guidance_cutoff)
         runner = DeepCacheRunner(unet, request.cache_interval)
-        for index, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
+        order = getattr(scheduler, "order", 1)
+        warmup = max(len(timesteps) - (total if order == 1 else 2 * total - 1), 0)  # evaluations before step 1 ends
+        step = 0  # steps completed so far
+        bar = tqdm(total=total, disable=not progress, desc="denoise", leave=False)
+        for index, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"cancelled after {index} of {len(timesteps)} steps")
-            guided = text_states.shape[0] == 2 * n and index < guided_steps
+                raise GenerationCancelled(f"cancelled after {step} of {total} steps")
+            guided = text_states.shape[0] == 2 * n and step < guided_steps
             states = text_states if guided else text_states[-n:]  # positive half when unguided
             model_input = torch.cat([latents] * 2) if guided else latents  # [2n or n, C, h, w]
             model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
             if request.cache_interval > 1:
-                noise = runner(model_input, t, states, index)
+                noise = runner(model_input, t, states, step)
             else:
                 noise = unet(model_input, t, encoder_hidden_states=states).sample
             noise = noise.float()  # [2n or n, C, h, w]
@@ -203,8 +213,14 @@ class TextToImagePipeline:
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + request.cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
             latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
-            if on_step is not None:
-                on_step(StepInfo(index + 1, len(timesteps), float(t), latents))
+            # A step is complete when the scheduler is back in its first stage (always, for first-order
+            # ones), after the warm-up evaluations (PLMS evaluates its first step twice).
+            if index >= warmup and (getattr(scheduler, "state_in_first_order", True) or index == len(timesteps) - 1):
+                step += 1
+                bar.update()
+                if on_step is not None:
+                    on_step(StepInfo(step, total, float(t), latents))
+        bar.close()
         return latents
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

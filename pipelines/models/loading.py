@@ -16,6 +16,7 @@ from pipelines.generation.text_to_image import TextToImagePipeline
 from pipelines.models.components import SDComponents
 from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, refuse_pickle
 from pipelines.models.hashing import file_hash
+from pipelines.models.quiet import quiet_loading
 from pipelines.models.shipped import CLIP_TOKENIZER_DIR, EMBEDDED_MODEL_DIR, SD1_CONFIG_DIR, read_scheduler_config
 from pipelines.speed.options import SpeedOptions, apply_speed_options, default_device, default_dtype, text_encoder_dtype
 
@@ -82,18 +83,19 @@ def load_pipeline(
     path = resolve_spec(spec)
     refuse_pickle(path)
     config_dir = Path(config) if config else SD1_CONFIG_DIR
-    if path.is_dir():
-        components = load_diffusers_folder(path, dtypes)
-    elif path.suffix.lower() == ".safetensors":
-        from pipelines.models.single_file import load_single_file
+    with quiet_loading():
+        if path.is_dir():
+            components = load_diffusers_folder(path, dtypes)
+        elif path.suffix.lower() == ".safetensors":
+            from pipelines.models.single_file import load_single_file
 
-        components = load_single_file(path, config_dir, dtypes)
-    else:
-        raise ModelLoadError(f"{path}: not a model; expected a diffusers folder or a .safetensors file")
-    if vae is not None:
-        from pipelines.models.single_file import load_vae_file
+            components = load_single_file(path, config_dir, dtypes)
+        else:
+            raise ModelLoadError(f"{path}: not a model; expected a diffusers folder or a .safetensors file")
+        if vae is not None:
+            from pipelines.models.single_file import load_vae_file
 
-        components.vae = load_vae_file(Path(vae), config_dir, dtypes["model"])
+            components.vae = load_vae_file(Path(vae), config_dir, dtypes["model"])
     if str(spec).strip() == "embedded":
         components.name = EMBEDDED_MODEL_DIR.name
     for module in (components.unet, components.vae, components.text_encoder):

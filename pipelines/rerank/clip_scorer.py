@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from pipelines.models.errors import PICKLE_SUFFIXES
+from pipelines.models.quiet import quiet_loading
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR
 
 EMBEDDED_CLIP = EMBEDDED_MODEL_DIR / "clip"
@@ -114,9 +115,10 @@ class ClipScorer:
         check_clip_folder(folder, tokenizer_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
-            model = load_clip_model(folder)
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-            processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
+            with quiet_loading():
+                model = load_clip_model(folder)
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+                processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - any library error becomes one message naming the folder
             raise ValueError(f"{folder}: cannot load the CLIP model: {err}") from err
         model = model.to(device=device, dtype=dtype)

@@ -5,7 +5,7 @@ vocabulary is built exactly as openai/CLIP ``simple_tokenizer.py`` does: 256 byt
 with ``</w>``, 48894 merges, then the two special tokens -> 49408 ids (bos 49406, eos 49407).
 
     pip download --no-deps open-clip-torch -d /tmp/oc
-    python -m pipelines.training.build_tokenizer /tmp/oc/open_clip_torch-*.whl pipelines/configs/clip-tokenizer
+    python -m pipelines.training.build_tokenizer /tmp/oc/open_clip_torch-*.whl pipelines/models/configs/clip-tokenizer
 """
 
 from __future__ import annotations

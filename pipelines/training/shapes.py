@@ -158,40 +158,28 @@ def _nearest_colour(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _open(mask: np.ndarray) -> np.ndarray:
-    """Morphological opening with a 3x3 cross: drops isolated pixels and one-pixel speckle."""
+    """Morphological opening with a 3x3 cross: drops isolated pixels and one-pixel speckle.
 
-    def shifted(m: np.ndarray, op: np.ufunc) -> np.ndarray:
-        out = m.copy()
-        p = np.pad(m, 1, constant_values=op is np.logical_or)
-        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            out = op(out, p[dy : dy + m.shape[0], dx : dx + m.shape[1]])
-        return out
+    Outside the image counts as off for the erosion and as on for the dilation, so mask pixels on the
+    image border are kept.
+    """
+    from scipy import ndimage
 
-    eroded = shifted(mask, np.logical_and)
-    return shifted(eroded, np.logical_or) & mask
+    cross = ndimage.generate_binary_structure(2, 1)
+    eroded = ndimage.binary_erosion(mask, cross, border_value=0)
+    return ndimage.binary_dilation(eroded, cross, border_value=1) & mask
 
 
 def _hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of (N, 2) points (Andrew's monotone chain + shoelace)."""
-    pts = np.unique(points, axis=0)
-    if len(pts) < 3:
+    """Area of the convex hull of (N, 2) points; 0 for fewer than 3 points or collinear ones."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    if len(np.unique(points, axis=0)) < 3:
         return 0.0
-    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
-
-    def chain(seq: np.ndarray) -> list[np.ndarray]:
-        hull: list[np.ndarray] = []
-        for p in seq:
-            while len(hull) >= 2:
-                a, b = hull[-2], hull[-1]
-                if (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) > 0:
-                    break
-                hull.pop()
-            hull.append(p)
-        return hull
-
-    hull = np.array(chain(pts)[:-1] + chain(pts[::-1])[:-1], dtype=np.float64)  # (H, 2)
-    x, y = hull[:, 0], hull[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+    try:
+        return float(ConvexHull(points).volume)  # in 2-D the hull's "volume" is its area
+    except QhullError:
+        return 0.0
 
 
 def shape_features(mask: np.ndarray) -> tuple[float, float]:
@@ -213,9 +201,9 @@ def shape_features(mask: np.ndarray) -> tuple[float, float]:
 
 
 def _erode1(mask: np.ndarray) -> np.ndarray:
-    p = np.pad(mask, 1)
-    h, w = mask.shape
-    return mask & p[:h, 1 : w + 1] & p[2:, 1 : w + 1] & p[1 : h + 1, :w] & p[1 : h + 1, 2:]
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, ndimage.generate_binary_structure(2, 1), border_value=0)
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
@@ -239,21 +227,13 @@ def classify_shape(mask: np.ndarray) -> str | None:
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean (H, W) mask (the one shape a caption speaks of).
 
-    Label propagation: every pixel takes the smallest index among itself and its masked neighbours
-    until nothing changes, so each region ends labelled by its smallest pixel index.
+    Ties go to the region met first in raster order.
     """
+    from scipy import ndimage
+
     if not mask.any():
         return mask
-    h, w = mask.shape
-    none = h * w  # label of unmasked pixels
-    labels = np.where(mask, np.arange(h * w).reshape(h, w), none)  # (H, W)
-    while True:
-        p = np.pad(labels, 1, constant_values=none)
-        smallest = np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
-        smallest = np.where(mask, smallest, none)
-        if np.array_equal(smallest, labels):
-            break
-        labels = smallest
+    labels, _ = ndimage.label(mask)  # (H, W), 0 = background, regions 1..n in raster order
     return labels == np.bincount(labels[mask]).argmax()
 
 
