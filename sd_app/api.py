@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.generation.request import GenerationRequest
@@ -58,7 +58,8 @@ SCHEDULERS = tuple(schedule_names())
 
 
 class Txt2ImgRequest(BaseModel):
-    """The A1111 ``StableDiffusionTxt2ImgProcessingAPI`` fields we honour; unknown fields are accepted."""
+    """The A1111 ``StableDiffusionTxt2ImgProcessingAPI`` fields we honour; the others are checked by
+    ``sd_app.a1111_fields`` (ignored when harmless, refused when they would change the picture)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -77,14 +78,6 @@ class Txt2ImgRequest(BaseModel):
     send_images: bool = True
     save_images: bool = False
     rerank: bool = True  # sd-app: order images best first by CLIP score
-    # Features that would change the picture; refused unless off.
-    enable_hr: bool = False
-    restore_faces: bool | None = None
-    tiling: bool | None = None
-    subseed_strength: float = 0.0
-    styles: list[str] | None = None
-    script_name: str | None = None
-    alwayson_scripts: dict[str, Any] | None = None
 
 
 def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
@@ -98,18 +91,10 @@ def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
 
 def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
     """Validate and convert; ValueError names the A1111 field at fault."""
-    refused = {
-        "enable_hr": body.enable_hr,
-        "restore_faces": body.restore_faces,
-        "tiling": body.tiling,
-        "subseed_strength": body.subseed_strength,
-        "styles": body.styles,
-        "script_name": body.script_name,
-        "alwayson_scripts": body.alwayson_scripts,
-    }
-    for field, value in refused.items():
-        if value:
-            raise ValueError(f"{field} is not supported by sd-app (got {value!r}); leave it unset")
+    from sd_app.a1111_fields import check_fields
+
+    sampler = sampler_from_fields(body.sampler_name or body.sampler_index, body.scheduler)
+    check_fields(body.model_extra or {}, resolve_sampler(sampler).name, set(Txt2ImgRequest.model_fields))
     n = body.batch_size * body.n_iter
     if not 1 <= n <= 16:
         raise ValueError(f"batch_size * n_iter must be between 1 and 16, got {body.batch_size} * {body.n_iter} = {n}")
@@ -122,7 +107,7 @@ def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
         width=body.width,
         height=body.height,
         n=n,
-        sampler=sampler_from_fields(body.sampler_name or body.sampler_index, body.scheduler),
+        sampler=sampler,
     )
 
 
@@ -182,6 +167,8 @@ def build_info(body: Txt2ImgRequest, result: GenerationResult, model_hash: str |
         "reranker": result.reranker_name,
         "reranked": result.reranker_name is not None,
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
+        "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
+        "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,
     }
 
 
@@ -205,46 +192,80 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+async def run_cancelling_on_disconnect(work: Callable[[], Any], http: Request, cancel: threading.Event) -> Any:
+    """Run ``work`` in a worker thread; set ``cancel`` if the client goes away meanwhile (its queued or
+    running job then stops within a step). Errors become HTTP answers with a ``detail``."""
+    import anyio
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        while not await http.is_disconnected():
+            await anyio.sleep(0.25)
+        cancel.set()
+        scope.cancel()
+
+    outcome: dict[str, Any] = {}
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, group.cancel_scope)
+        try:
+            outcome["result"] = await anyio.to_thread.run_sync(work)
+        except Exception as error:  # noqa: BLE001 - mapped to an HTTP answer below
+            outcome["error"] = error
+        group.cancel_scope.cancel()
+    if "error" in outcome:
+        raise http_error(outcome["error"])
+    if "result" not in outcome:  # the client disconnected; nobody reads this answer
+        raise HTTPException(status_code=499, detail="client disconnected; the job was cancelled")
+    return outcome["result"]
+
+
+def http_error(error: Exception) -> HTTPException:
+    """The HTTP answer for an error raised while generating."""
+    import torch
+
+    from pipelines.generation.text_to_image import GenerationCancelled
+    from pipelines.models.errors import ModelLoadError
+
+    if isinstance(error, HTTPException):
+        return error
+    if isinstance(error, Busy):
+        return HTTPException(status_code=503, detail=str(error))
+    if isinstance(error, GenerationCancelled):
+        return HTTPException(status_code=409, detail=f"interrupted: {error}")
+    if isinstance(error, (ModelLoadError, OSError)):  # the server's model files, not the request
+        return HTTPException(status_code=500, detail=f"model could not be loaded: {error}")
+    if isinstance(error, ValueError):
+        return HTTPException(status_code=422, detail=str(error))
+    _free_memory()
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return HTTPException(status_code=503, detail="out of memory: try a smaller size or fewer images")
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return HTTPException(status_code=500, detail=f"generation failed: {first_line[:300]}")
+
+
 def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     """The ``/sdapi/v1`` routes for one engine; no state outside ``engine`` and ``tracker``."""
     router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
     @router.post("/txt2img")
-    def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
-        import torch
-
-        from pipelines.generation.text_to_image import GenerationCancelled
-        from pipelines.models.errors import ModelLoadError
-
+    async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
         try:
             request = to_generation_request(body)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         cancel = threading.Event()
-        try:
-            with tracker.job(request.steps, cancel, "api") as job:
-                result = engine.generate(
+        client = http.client.host if http.client else ""
+
+        def work() -> GenerationResult:
+            with tracker.job(request.steps, cancel, "api", client=client) as job:
+                return engine.generate(
                     request,
                     rerank=body.rerank,
                     save=body.save_images,
                     on_step=lambda info: tracker.step(job, info),
                     cancel=cancel,
                 )
-        except Busy as error:
-            raise HTTPException(status_code=503, detail=str(error)) from None
-        except GenerationCancelled as error:
-            raise HTTPException(status_code=409, detail=f"interrupted: {error}") from None
-        except (ModelLoadError, OSError) as error:  # the server's model files, not the request
-            raise HTTPException(status_code=500, detail=f"model could not be loaded: {error}") from None
-        except ValueError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from None
-        except (torch.OutOfMemoryError, MemoryError):
-            _free_memory()
-            raise HTTPException(status_code=503, detail="out of memory: try a smaller size or fewer images") from None
-        except RuntimeError as error:
-            _free_memory()
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise HTTPException(status_code=500, detail=f"generation failed: {first_line[:300]}") from None
+
+        result = await run_cancelling_on_disconnect(work, http, cancel)
         images = [png_base64(c.image, c.parameters) for c in result.candidates] if body.send_images else []
         model_hash = engine.pipeline().components.model_hash
         return {

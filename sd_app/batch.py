@@ -45,12 +45,13 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.jsonl"
 LOCK = "manifest.lock"
+CLAIMS = ".claims"  # one lock file per job being generated
 OVERRIDES = ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "n", "sampler")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One line of the prompts file."""
+    """One prompt of the prompts file."""
 
     index: int
     request: GenerationRequest
@@ -91,10 +92,37 @@ def _line_request(text: str, is_jsonl: bool, base: GenerationRequest) -> Generat
     return replace(base, **record)
 
 
-def job_id(index: int, request: GenerationRequest, identity: dict[str, Any]) -> str:
-    """``NNNNN-<10 hex>``: the line index and a hash of everything that shapes its images."""
-    payload = json.dumps({"request": request.to_dict(), **identity}, sort_keys=True, default=str)
-    return f"{index:05d}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+def job_ids(requests: list[GenerationRequest], identity: dict[str, Any]) -> list[str]:
+    """Each request's id: a hash of what shapes its images (prompt, settings, model hash, reranker), not of
+    its line, so that editing, reordering or appending lines regenerates only what changed. The k-th
+    repeat of the same content gets ``rK`` so that a prompt listed twice is made twice."""
+    ids, seen = [], {}
+    for request in requests:
+        payload = json.dumps({"request": request.to_dict(), **identity}, sort_keys=True, default=str)
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        seen[digest] = seen.get(digest, 0) + 1
+        ids.append(digest if seen[digest] == 1 else f"{digest}r{seen[digest]}")
+    return ids
+
+
+@contextlib.contextmanager
+def claimed(out: Path, job: Job) -> Iterator[bool]:
+    """Hold ``job`` for this process while the block runs: True if we got it, False if another live process
+    (another launch on the same folder) holds it. The OS drops the claim of a process that dies."""
+    from filelock import FileLock, Timeout
+
+    claims = out / CLAIMS
+    claims.mkdir(exist_ok=True)
+    lock = FileLock(claims / f"{job.job_id}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def read_done(out: Path) -> set[str]:
@@ -220,31 +248,35 @@ def run_batch(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
     rerank = not args.no_rerank and str(args.reranker).lower() != "none"
-    identity = {
-        "model": str(args.model),
-        "vae": args.vae,
-        "reranker": args.reranker if rerank else None,
-        "keep": args.keep,
-    }
+    check_output_folder(args.out, "--out")
+    check_device(args.device, "--device")
     requests = read_prompts(args.prompts, base_request(args))
     if args.keep is not None and any(not 1 <= args.keep <= r.n for r in requests):
         raise ValueError(f"--keep must be between 1 and --n, got {args.keep}")
-    jobs = [Job(i, request, job_id(i, request, identity)) for i, request in enumerate(requests)]
     state = PartialState(cpu=_cpu_only(args.device))
     rank, world = state.process_index, state.num_processes
+    device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
+    engine = Engine(
+        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=args.out, device=device
+    )
+    components = engine.pipeline().components  # the model's hash names the jobs, not its path
+    identity = {
+        "model_hash": components.model_hash or components.source,
+        "vae": str(args.vae) if args.vae else None,
+        "reranker": args.reranker if rerank else None,
+        "keep": args.keep,
+    }
+    jobs = [Job(i, request, jid) for i, (request, jid) in enumerate(zip(requests, job_ids(requests, identity)))]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     repair_manifest(out)
     done = read_done(out)
     mine = [job for job in jobs if job.index % world == rank]
     todo = [job for job in mine if job.job_id not in done]
-    device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
-    engine = Engine(
-        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=out, device=device
-    )
     bar = tqdm(
         total=len(mine),
         initial=len(mine) - len(todo),
@@ -253,13 +285,20 @@ def run_batch(args: argparse.Namespace) -> int:
         unit="prompt",
         dynamic_ncols=True,
     )
+    made = elsewhere = 0
     with bar:
         for job in todo:
-            run_job(engine, job, out, rerank, args.keep, rank)
+            with claimed(out, job) as ours:
+                # Another launch may hold it, or have finished it since we read the manifest.
+                if ours and job.job_id not in read_done(out):
+                    run_job(engine, job, out, rerank, args.keep, rank)
+                    made += 1
+                else:
+                    elsewhere += 1
             bar.update(1)
     print(
-        f"sd-app batch[{rank}/{world}]: {len(todo)} generated, {len(mine) - len(todo)} already done, "
-        f"manifest {out / MANIFEST}",
+        f"sd-app batch[{rank}/{world}]: {made} generated, {len(mine) - len(todo)} already done, "
+        f"{elsewhere} done by another launch, manifest {out / MANIFEST}",
         file=sys.stderr,
     )
     return 0

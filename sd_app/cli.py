@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
     request = request_from_args(args, args.prompt)
+    check_output_folder(args.out, "--out")
+    check_device(args.device, "--device")
     rerank = not args.no_rerank and args.reranker.lower() != "none"
     engine = Engine(
         model=args.model,
@@ -68,8 +71,15 @@ def run_generate(args: argparse.Namespace) -> int:
         f"{made.sampler}, {made.steps} steps, {made.width}x{made.height}, {seconds:.1f} s",
         file=sys.stderr,
     )
+    tokens = result.prompt_tokens
+    if tokens is not None and tokens.chunks > 1:
+        print(
+            f"note: the prompt has {tokens.tokens} tokens; it was encoded in {tokens.chunks} chunks of 75 "
+            "(A1111's way: nothing was cut)",
+            file=sys.stderr,
+        )
     if result.prompt_truncated_for_scoring:
-        print("note: the prompt is longer than CLIP's 77 tokens; it was truncated for scoring", file=sys.stderr)
+        print("note: the reranker read only the first 77 tokens of the prompt (CLIP's limit)", file=sys.stderr)
     return 0
 
 

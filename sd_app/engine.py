@@ -17,8 +17,10 @@ from sd_app.storage import save_png
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pipelines.generation.prompts import TokenCount
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
+    from sd_app.limits import RequestLimits
 
 
 @dataclass
@@ -41,6 +43,7 @@ class GenerationResult:
     model_name: str
     reranker_name: str | None = None
     prompt_truncated_for_scoring: bool = False
+    prompt_tokens: TokenCount | None = None  # CLIP tokens and 75-token chunks the prompt was encoded in
 
     @property
     def images(self) -> list[Image.Image]:
@@ -60,6 +63,7 @@ class Engine:
     reranker: str | None = "embedded"
     output_dir: Path = Path("outputs")
     device: str | None = None
+    limits: RequestLimits | None = None  # a server's bounds on one request (none for the CLI)
     _pipeline: TextToImagePipeline | None = field(default=None, init=False, repr=False)
     _scorer: ClipScorer | None = field(default=None, init=False, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -96,11 +100,17 @@ class Engine:
         cancel: threading.Event | None = None,
         progress: bool = False,
     ) -> GenerationResult:
-        """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs."""
+        """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs.
+
+        ValueError (nothing generated) when the request breaks the engine's ``limits``.
+        """
         from pipelines.rerank.best_of import best_of_n
 
+        pipe = self.pipeline()
+        if self.limits is not None:
+            self.limits.check(request, pipe.count_tokens)
         output = best_of_n(
-            self.pipeline(),
+            pipe,
             request,
             self.scorer() if rerank else None,
             keep=keep,
@@ -128,4 +138,5 @@ class Engine:
             model_name=output.model_name,
             reranker_name=output.reranker,
             prompt_truncated_for_scoring=output.prompt_truncated,
+            prompt_tokens=pipe.count_tokens(output.request.prompt),
         )

@@ -18,7 +18,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     from pipelines.rerank.clip_scorer import ClipScorer, load_image_file
+    from sd_app.checks import check_device
 
+    check_device(args.device, "--device")
     images = [load_image_file(path, convert=args.convert) for path in args.images]
     scorer = ClipScorer.load(args.reranker, device=args.device)
     if args.prompt is not None:

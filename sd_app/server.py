@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sd_app.security import DEFAULT_MAX_BODY_BYTES, AccessPolicy, BodySizeLimit, HostOriginGuard
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -116,10 +118,18 @@ def create_app(
     credentials: dict[str, str] | None = None,
     max_queue: int = 16,
     tracker: JobTracker | None = None,
+    policy: AccessPolicy | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
-    """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``; Basic auth if credentials."""
+    """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``.
+
+    Outermost first: our own Host names only and no cross-site writes (``policy``, loopback names by
+    default), bounded request bodies, then HTTP Basic auth if ``credentials``. Every error is JSON with
+    a ``detail``.
+    """
     import gradio as gr
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
     from sd_app.api import build_api_router
     from sd_app.ui import CSS, build_demo
@@ -127,19 +137,32 @@ def create_app(
 
     tracker = tracker or JobTracker(max_waiting=max_queue)
     app = FastAPI(title="sd-app", version="0.1.0")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Any, error: Exception) -> JSONResponse:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return JSONResponse({"detail": f"internal error: {first_line[:300]}"}, status_code=500)
+
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
     demo = build_demo(engine, tracker=tracker, max_queue=max_queue)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())
     app = gr.mount_gradio_app(
         app, demo, path="/", allowed_paths=[output_dir], show_error=False, css=CSS, footer_links=["api"]
     )
+    # Gradio accepts only uploaded files as handler inputs once an app "has launched"; mount_gradio_app
+    # never sets that flag (gradio 6.31), which let an API call hand a handler any path on the server.
+    demo.has_launched = True
     if credentials:
         app.add_middleware(BasicAuthMiddleware, credentials=credentials)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(HostOriginGuard, policy=policy or AccessPolicy.build(DEFAULT_HOST))
     return app
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``sd-app serve``."""
+    from sd_app.limits import RequestLimits
+
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
@@ -160,13 +183,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow a non-loopback --host without auth (anyone on the network can use it)",
     )
     parser.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (default 16)")
+    parser.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="another Host name to serve (repeatable; loopback names and --host are always served)",
+    )
+    parser.add_argument(
+        "--cors-origin", action="append", default=[], metavar="URL",
+        help="let pages of this origin (http://host:port) call the API from a browser (repeatable)",
+    )
+    limits = RequestLimits()
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+                        help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_BYTES // 2**20})")
+    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+                        help=f"longest prompt in CLIP tokens (default {limits.max_prompt_tokens})")
+    parser.add_argument("--max-pixels", type=int, default=limits.max_image_pixels,
+                        help=f"largest image, width x height (default {limits.max_image_pixels})")
+    parser.add_argument("--max-work", type=int, default=limits.max_pixel_steps,
+                        help=f"largest width x height x steps x images per request (default {limits.max_pixel_steps})")
+    parser.add_argument("--max-waiting-per-client", type=int, default=4,
+                        help="requests one client address may have waiting (default 4)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start the server (blocks until interrupted)."""
     import uvicorn
 
+    from sd_app.checks import check_output_folder
     from sd_app.engine import Engine
+    from sd_app.limits import RequestLimits
+    from sd_app.ui_jobs import JobTracker
 
     credentials = parse_credentials(args.auth, args.auth_file)
     if not is_loopback(args.host) and not credentials and not args.insecure:
@@ -178,9 +223,24 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_waiting_per_client < 1:
+        raise ValueError(f"--max-waiting-per-client must be at least 1, got {args.max_waiting_per_client}")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    limits = RequestLimits(
+        max_prompt_tokens=args.max_prompt_tokens, max_image_pixels=args.max_pixels, max_pixel_steps=args.max_work
+    )
+    policy = AccessPolicy.build(args.host, args.allowed_host, args.cors_origin)
+    check_output_folder(args.out, "--out")
     reranker = None if str(args.reranker).lower() == "none" else args.reranker
-    engine = Engine(model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device)
-    app = create_app(engine, credentials=credentials or None, max_queue=args.max_queue)
+    engine = Engine(
+        model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits
+    )
+    tracker = JobTracker(max_waiting=args.max_queue, max_waiting_per_client=args.max_waiting_per_client)
+    app = create_app(
+        engine, credentials=credentials or None, max_queue=args.max_queue, tracker=tracker, policy=policy,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"sd-app: serving on http://{shown}:{args.port} (UI at /, API at /sdapi/v1)"

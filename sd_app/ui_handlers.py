@@ -263,8 +263,11 @@ class UiHandlers:
         status = f"Done: {len(result.candidates)} image(s) in {seconds:.1f} s"
         if best.score is not None:
             status += f" · best CLIP score {best.score:.1f} (seed {best.seed})"
+        tokens = result.prompt_tokens
+        if tokens is not None and tokens.chunks > 1:
+            status += f" · prompt: {tokens.tokens} tokens in {tokens.chunks} chunks of 75"
         if result.prompt_truncated_for_scoring:
-            status += " · the prompt was truncated to 77 tokens for scoring"
+            status += " · the reranker read only the first 77 tokens"
         return status, gr.update(), items, best.parameters, files
 
     @staticmethod

@@ -34,6 +34,7 @@ class Job:
     source: str  # "ui", "api"
     total_steps: int
     cancel: threading.Event
+    client: str = ""  # the client's address, for the per-client cap on waiting jobs
     registered: float = field(default_factory=time.time)
     started: float | None = None  # time of the first denoising step
     step: int = 0
@@ -54,20 +55,25 @@ class Job:
 class JobTracker:
     """Thread-safe registry of waiting and running jobs."""
 
-    def __init__(self, max_waiting: int = 16) -> None:
+    def __init__(self, max_waiting: int = 16, max_waiting_per_client: int = 4) -> None:
         self.max_waiting = max_waiting
+        self.max_waiting_per_client = max_waiting_per_client
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
 
     @contextmanager
-    def job(self, total_steps: int, cancel: threading.Event, source: str) -> Iterator[Job]:
-        """Register a job for the duration of the block; raises Busy when ``max_waiting`` wait already."""
+    def job(self, total_steps: int, cancel: threading.Event, source: str, client: str = "") -> Iterator[Job]:
+        """Register a job for the duration of the block; raises Busy when ``max_waiting`` jobs wait already,
+        or ``max_waiting_per_client`` of this ``client``'s."""
         with self._lock:
-            waiting = sum(1 for j in self._jobs.values() if j.started is None)
-            if waiting >= self.max_waiting:
-                raise Busy(f"busy: {waiting} requests are already waiting for the model; try again shortly")
-            job = Job(next(self._ids), source, total_steps, cancel)
+            waiting = [j for j in self._jobs.values() if j.started is None]
+            if len(waiting) >= self.max_waiting:
+                raise Busy(f"busy: {len(waiting)} requests are already waiting for the model; try again shortly")
+            mine = sum(1 for j in waiting if client and j.client == client)
+            if mine >= self.max_waiting_per_client:
+                raise Busy(f"busy: {mine} of your requests are already waiting; wait for them to finish")
+            job = Job(next(self._ids), source, total_steps, cancel, client)
             self._jobs[job.id] = job
         try:
             yield job

@@ -88,7 +88,7 @@ def test_sampler_aliases_and_scheduler_field(live_server):
         ({"scheduler": "Bogus"}, "scheduler 'Bogus' is unknown; choose one of: Automatic, Uniform, Karras"),
         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "sampler 'DDIM' has no schedule choice"),
         ({"batch_size": 8, "n_iter": 3}, "batch_size * n_iter must be between 1 and 16"),
-        ({"enable_hr": True}, "enable_hr is not supported"),
+        ({"enable_hr": True}, "not supported by sd-app: enable_hr=True"),
     ],
 )
 def test_bad_input_is_422_with_a_clear_detail(live_server, fields, message):
@@ -149,7 +149,7 @@ def auth_client(serve_engine):
 
     from sd_app.server import create_app
 
-    return TestClient(create_app(serve_engine, credentials={"alice": "s3cret"}))
+    return TestClient(create_app(serve_engine, credentials={"alice": "s3cret"}), base_url="http://127.0.0.1")
 
 
 @pytest.mark.parametrize(

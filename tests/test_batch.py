@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipelines.generation.request import GenerationRequest
-from sd_app.batch import MANIFEST, Job, job_id, read_done, read_prompts, remove_leftovers, repair_manifest
+from sd_app.batch import MANIFEST, Job, job_ids, read_done, read_prompts, remove_leftovers, repair_manifest
 from sd_app.metadata import parse_parameters
 
 BASE = GenerationRequest(steps=2, width=64, height=64)
@@ -48,12 +49,54 @@ def test_bad_prompts_files_name_file_and_line(tmp_path, name, text, message):
         read_prompts(path, BASE)
 
 
-def test_job_id_is_index_plus_settings_hash():
-    identity = {"model": "m", "reranker": None}
-    a = job_id(3, GenerationRequest(prompt="x"), identity)
-    assert a == job_id(3, GenerationRequest(prompt="x"), identity) and a.startswith("00003-")
-    assert a != job_id(3, GenerationRequest(prompt="x", steps=5), identity)
-    assert a != job_id(3, GenerationRequest(prompt="x"), {"model": "other", "reranker": None})
+def test_job_ids_follow_content_not_line_numbers():
+    identity = {"model_hash": "abc", "reranker": None}
+    first = job_ids([GenerationRequest(prompt="x"), GenerationRequest(prompt="y")], identity)
+    edited = job_ids([GenerationRequest(prompt="new"), GenerationRequest(prompt="x"), GenerationRequest(prompt="y")],
+                     identity)
+    assert edited[1:] == first  # a line inserted above changes nobody else's id
+    twice = job_ids([GenerationRequest(prompt="x"), GenerationRequest(prompt="x")], identity)
+    assert twice == [first[0], first[0] + "r2"]  # a repeated prompt is made twice
+    assert job_ids([GenerationRequest(prompt="x", steps=5)], identity)[0] != first[0]
+    assert job_ids([GenerationRequest(prompt="x")], {**identity, "model_hash": "def"})[0] != first[0]
+
+
+def _batch(prompts_file: Path, out: Path, model: Path) -> list[str]:
+    return ["batch", str(prompts_file), "--out", str(out), "--model", str(model), "--no-rerank", "--steps", "2",
+            "--width", "64", "--height", "64", "--seed", "7", "--sampler", "Euler"]
+
+
+def test_editing_the_prompts_file_regenerates_only_what_changed(tiny_model, tmp_path):
+    from sd_app.cli import main
+
+    prompts_file, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts_file.write_text("a red circle\na blue square\n")
+    assert main(_batch(prompts_file, out, tiny_model)) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    prompts_file.write_text("a green star\na red circle\na blue square\na yellow triangle\n")
+    assert main(_batch(prompts_file, out, tiny_model)) == 0
+    lines = _manifest_lines(out)
+    assert sorted(line["prompt"] for line in lines) == sorted(
+        ["a red circle", "a blue square", "a green star", "a yellow triangle"]
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png") if p.name in before} == before  # untouched
+
+
+def test_two_launches_on_one_folder_share_the_work(tiny_model, tmp_path):
+    prompts_file, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts = [f"prompt number {i}" for i in range(8)]
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    command = [sys.executable, "-m", "sd_app.cli", *_batch(prompts_file, out, tiny_model)]
+    launches = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [launch.communicate(timeout=240)[1] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], logs
+    lines = _manifest_lines(out)
+    assert sorted(line["prompt"] for line in lines) == sorted(prompts)  # each job once, by one of them
+    generated = [int(re.search(r"(\d+) generated", log).group(1)) for log in logs]
+    assert sum(generated) == len(prompts), logs  # no job was generated twice
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(name for line in lines for name in line["files"])  # nobody deleted the other's files
 
 
 def test_torn_manifest_line_and_leftovers_are_cleaned(tmp_path):

@@ -86,3 +86,43 @@ def test_generate_does_not_import_gradio():
     code = "import sys, sd_app.cli, sd_app.engine; print('gradio' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False"
+
+
+def test_out_and_device_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import sd_app.engine
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(sd_app.engine.Engine, "pipeline", no_loading)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = [
+        (["--out", str(a_file)], f"--out {a_file}: exists and is not a folder"),
+        (["--device", "nosuchdevice"], "--device 'nosuchdevice': not a device; use cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda:7"], "--device cuda:7: "),
+    ]
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["--out", str(read_only / "sub")], f"no permission to write in {read_only}"))
+    for args, message in cases:
+        assert main(["generate", "x", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_long_prompt_says_its_tokens_and_chunks(tiny_model, tmp_path):
+    prompt = " ".join(["red circle"] * 150)  # 300 tokens
+    result = subprocess.run(
+        [sys.executable, "-m", "sd_app.cli", "generate", prompt, "--steps", "1", "--width", "64", "--height", "64",
+         "--model", str(tiny_model), "--out", str(tmp_path), "--no-rerank", "--seed", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the prompt has 300 tokens; it was encoded in 4 chunks of 75" in result.stderr
+    assert "Token indices sequence length" not in result.stderr and "Loading weights" not in result.stderr
+    assert "1 of 1 image(s) written to" in result.stderr

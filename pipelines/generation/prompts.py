@@ -98,7 +98,7 @@ def tokenize_weighted(tokenizer: CLIPTokenizer, prompt: str) -> tuple[list[int],
     ids: list[int] = []
     weights: list[float] = []
     for span in parse_emphasis(prompt):
-        span_ids = tokenizer(span.text, add_special_tokens=False, truncation=False).input_ids
+        span_ids = tokenizer(span.text, add_special_tokens=False, truncation=False, verbose=False).input_ids
         ids.extend(span_ids)
         weights.extend([span.weight] * len(span_ids))
     return ids, weights

@@ -16,7 +16,7 @@ from pipelines.generation.request import GenerationRequest
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
 
 DEFAULT_BATCH_SIZE = 4
@@ -44,6 +44,18 @@ class BestOfOutput:
     prompt_truncated: bool  # the prompt was cut to CLIP's 77 positions for scoring
 
 
+def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
+    """Report a part's steps as steps of the whole request (part 2 of 3 at step 5/20 -> step 25/60), so
+    progress only moves forward and its ETA covers every part."""
+    if on_step is None or parts == 1:
+        return on_step
+
+    def forward(info: StepInfo) -> None:
+        on_step(replace(info, step=part * info.total + info.step, total=parts * info.total))
+
+    return forward
+
+
 def best_of_n(
     pipe: TextToImagePipeline,
     request: GenerationRequest,
@@ -64,9 +76,11 @@ def best_of_n(
     images: list[Image.Image] = []
     seeds: list[int] = []
     model_hash = None
-    for start in range(0, request.n, batch_size):
+    parts = range(0, request.n, batch_size)
+    for part_index, start in enumerate(parts):
         part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
-        output = pipe(part, on_step=on_step, cancel=cancel, progress=progress)
+        output = pipe(part, on_step=_whole_request_steps(on_step, part_index, len(parts)), cancel=cancel,
+                      progress=progress)
         images.extend(output.images)
         seeds.extend(output.seeds)
         model_hash = output.model_hash

@@ -1,0 +1,76 @@
+"""Which AUTOMATIC1111 request fields we honour, which we may ignore, and which we must refuse.
+
+A client of A1111's API (``StableDiffusionTxt2ImgProcessingAPI``) sends many fields, most at their
+defaults. A field we do not implement is refused (422, naming it) only when its value would change the
+picture in A1111; at its "off" value it is accepted, so existing clients keep working. Fields A1111
+itself would not use for the picture (saving options, ``subseed`` without ``subseed_strength``, hires
+options without ``enable_hr``) are accepted and ignored. Anything else is an unknown field: refused,
+and never echoed back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Never change the picture (saving, bookkeeping), or only matter with a switch that is off by default.
+IGNORED = frozenset(
+    {
+        "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "infotext",
+        "override_settings_restore_afterwards", "disable_extra_networks", "subseed", "sampler_index",
+        "send_images", "save_images", "denoising_strength", "firstphase_width", "firstphase_height",
+        "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
+        "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
+        "refiner_switch_at", "firstpass_image",
+    }
+)
+# Would change the picture; accepted only at a value meaning "off" (A1111's defaults).
+OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "enable_hr": (None, False),
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "subseed_strength": (None, 0),
+    "seed_resize_from_h": (None, -1, 0),
+    "seed_resize_from_w": (None, -1, 0),
+    "styles": (None, []),
+    "script_name": (None, ""),
+    "script_args": (None, []),
+    "alwayson_scripts": (None, {}),
+    "override_settings": (None, {}),
+    "refiner_checkpoint": (None, "", "None"),
+    "s_min_uncond": (None, 0),
+    "s_churn": (None, 0),
+    "s_tmin": (None, 0),
+    "s_tmax": (None, 0),  # A1111 reads 0 as infinity, its default
+    "s_noise": (None, 1),
+}
+# eta as A1111 applies it: DDIM's eta (default 0) and the ancestral/SDE samplers' (default 1). The
+# other samplers ignore it there, so any value is accepted for them.
+ETA_WE_RUN = {"DDIM": 0.0, "Euler a": 1.0, "DPM2 a": 1.0, "DPM++ SDE": 1.0, "DPM++ 2M SDE": 1.0}
+
+
+def check_fields(extra: Mapping[str, Any], sampler_name: str, known: set[str]) -> None:
+    """Raise ValueError naming the fields of ``extra`` (those the request model did not declare) that we
+    cannot honour. ``sampler_name``: the resolved A1111 sampler, for ``eta``; ``known``: fields the
+    route's model declares (they are never unknown)."""
+    accepted = known | IGNORED | OFF_VALUES.keys() | {"eta"}
+    unknown = sorted(name for name in extra if name not in accepted)
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)} (not A1111 txt2img fields sd-app accepts)")
+    refused = [name for name, value in extra.items() if name in OFF_VALUES and value not in OFF_VALUES[name]]
+    if refused:
+        shown = ", ".join(f"{name}={_short(extra[name])}" for name in sorted(refused))
+        raise ValueError(f"not supported by sd-app: {shown}; leave these unset or at their defaults")
+    eta = extra.get("eta")
+    if eta is not None and not isinstance(eta, (int, float)):
+        raise ValueError(f"eta must be a number, got {_short(eta)}")
+    if eta is not None and sampler_name in ETA_WE_RUN and float(eta) != ETA_WE_RUN[sampler_name]:
+        raise ValueError(
+            f"eta={_short(eta)} is not supported for {sampler_name}; sd-app runs it with eta "
+            f"{ETA_WE_RUN[sampler_name]:g}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

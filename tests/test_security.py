@@ -1,0 +1,234 @@
+"""The server as a hostile page or client would try it: foreign Host names (DNS rebinding), cross-site
+requests, CORS, file paths into Gradio handlers, oversized and unbounded requests, unknown fields,
+disconnects, per-client caps, progress that must not go backwards. Against live servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.text_to_image import StepInfo
+from sd_app.security import AccessPolicy, host_name
+from sd_app.ui_jobs import Busy, JobTracker
+from tests.serve_fixtures import start_server
+
+pytest_plugins = ["tests.serve_fixtures"]
+
+BASE = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler a"}
+
+
+def _stop(server: object, thread: threading.Thread) -> None:
+    server.should_exit = server.force_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module", params=["no auth", "auth"])
+def guarded(request, serve_engine):
+    """A server as ``sd-app serve --allowed-host sd.example --cors-origin http://app.example:3000`` makes
+    it, once without and once with auth: the rules must be the same."""
+    from dataclasses import replace
+
+    from sd_app.limits import RequestLimits
+    from sd_app.server import create_app
+
+    credentials = {"alice": "s3cret"} if request.param == "auth" else None
+    policy = AccessPolicy.build("127.0.0.1", ["sd.example"], ["http://app.example:3000"])
+    limits = RequestLimits(max_prompt_tokens=100, max_image_pixels=128 * 128, max_pixel_steps=64 * 64 * 8)
+    engine = replace(serve_engine, limits=limits)  # the same tiny models, this server's limits
+    app = create_app(engine, credentials=credentials, policy=policy, max_body_bytes=200_000)
+    url, server, thread = start_server(app)
+    auth = ("alice", "s3cret") if credentials else None
+    yield url, auth, engine
+    _stop(server, thread)
+
+
+def test_host_names(guarded):
+    url, auth, _ = guarded
+    port = url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "sd.example", f"SD.example:{port}"):
+        assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Host": host}, auth=auth).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "sd.example.evil"):
+        for method, path in (("GET", "/sdapi/v1/samplers"), ("GET", "/config"), ("POST", "/sdapi/v1/interrupt")):
+            response = httpx.request(method, f"{url}{path}", headers={"Host": host}, auth=auth)
+            assert response.status_code == 403, (host, path)
+            assert "not served here" in response.json()["detail"]
+            assert "access-control-allow-origin" not in response.headers
+
+
+def test_downloads_of_outputs_need_our_host(guarded):
+    url, auth, engine = guarded
+    body = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "seed": 3, "save_images": True}, auth=auth,
+                      timeout=120).json()
+    assert len(body["images"]) == 1
+    saved = sorted(engine.output_dir.glob("*.png"))[-1]
+    path = f"/gradio_api/file={saved}"
+    assert httpx.get(f"{url}{path}", auth=auth).status_code == 200
+    assert httpx.get(f"{url}{path}", headers={"Host": "evil.example"}, auth=auth).status_code == 403
+
+
+def test_cross_site_writes_are_refused(guarded):
+    url, auth, _ = guarded
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1"):
+        # A form-like POST needs no CORS preflight, so the server itself must refuse it.
+        response = httpx.post(f"{url}/sdapi/v1/interrupt", content="x", auth=auth,
+                              headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert response.status_code == 403 and "cross-site" in response.json()["detail"], origin
+        response = httpx.post(f"{url}/sdapi/v1/txt2img", json=BASE, auth=auth, headers={"Origin": origin})
+        assert response.status_code == 403, origin
+    # Our own pages (same origin) may post.
+    response = httpx.post(f"{url}/sdapi/v1/interrupt", auth=auth, headers={"Origin": url})
+    assert response.status_code == 200
+
+
+def test_cors_headers_only_for_the_opted_in_origin(guarded):
+    url, auth, _ = guarded
+    for path in ("/config", "/sdapi/v1/samplers"):
+        response = httpx.get(f"{url}{path}", auth=auth, headers={"Origin": "http://evil.example"})
+        assert response.status_code == 200  # reading is harmless: the browser hides it without CORS headers
+        assert "access-control-allow-origin" not in response.headers
+        assert "access-control-allow-credentials" not in response.headers
+    friend = "http://app.example:3000"
+    response = httpx.get(f"{url}/sdapi/v1/samplers", auth=auth, headers={"Origin": friend})
+    assert response.headers["access-control-allow-origin"] == friend
+    preflight = httpx.options(f"{url}/sdapi/v1/txt2img", headers={
+        "Origin": friend, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == friend
+    response = httpx.post(f"{url}/sdapi/v1/interrupt", auth=auth, headers={"Origin": friend})
+    assert response.status_code == 200
+
+
+def test_body_size_and_request_limits(guarded):
+    url, auth, _ = guarded
+    response = httpx.post(f"{url}/sdapi/v1/txt2img", auth=auth, timeout=60,
+                          json={**BASE, "prompt": "a " * 150_000})
+    assert response.status_code == 413 and "limit of 200000 bytes" in response.json()["detail"]
+    cases = [
+        ({"prompt": "red " * 150}, "prompt is 150 CLIP tokens; this server accepts up to 100"),
+        ({"negative_prompt": "blue " * 150}, "negative_prompt is 150 CLIP tokens"),
+        ({"width": 256, "height": 256}, "256x256 is 65536 pixels per image; this server accepts up to 16384"),
+        ({"steps": 3, "batch_size": 3}, "width x height x steps x images = 64x64x3x3 = 36864 exceeds"),
+    ]
+    for fields, message in cases:
+        response = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, **fields}, auth=auth, timeout=60)
+        assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"eta": 0.5}, "eta=0.5 is not supported for Euler a"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "not supported by sd-app: override_settings="),
+        ({"enable_hr": True}, "enable_hr=True"),
+        ({"s_churn": 0.3, "tiling": True}, "s_churn=0.3, tiling=True"),
+        ({"colour": "x" * 100_000}, "unknown field(s): colour"),
+    ],
+)
+def test_fields_that_would_change_the_picture_are_refused_by_name(live_server, fields, message):
+    response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **fields}, timeout=60)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert message in detail and len(detail) < 400  # named, never echoed back whole
+
+
+def test_a1111_defaults_of_unimplemented_fields_are_accepted(live_server):
+    defaults = {  # what A1111 clients (e.g. the webuiapi package) send by default
+        "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "override_settings": {},
+        "override_settings_restore_afterwards": True, "script_args": [], "script_name": None, "alwayson_scripts": {},
+        "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7, "restore_faces": False,
+        "tiling": False, "subseed": -1, "subseed_strength": 0.0, "styles": [], "do_not_save_samples": False,
+        "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+    }
+    response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **defaults, "seed": 2}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def test_lms_samplers_answer_images_not_500(live_server):
+    for sampler in ("LMS", "LMS Karras"):
+        response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, "sampler_name": sampler}, timeout=60)
+        assert response.status_code == 200, response.text
+
+
+def test_errors_are_json_with_detail(live_server):
+    bad_json = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", content=b"{not json",
+                          headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 422 and "detail" in bad_json.json()
+    wrong_type = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, "steps": "many"})
+    assert wrong_type.status_code == 422 and "detail" in wrong_type.json()
+
+
+def test_png_info_reads_only_uploaded_files(live_server, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    secret = tmp_path / "secret.png"
+    info = PngInfo()
+    info.add_text("parameters", "the secret\nSteps: 1, Sampler: Euler, Seed: 1")
+    Image.new("RGB", (8, 8)).save(secret, pnginfo=info)
+    call = httpx.post(f"{live_server.url}/gradio_api/call/png_info",
+                      json={"data": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}]})
+    assert call.status_code == 200
+    event_id = call.json()["event_id"]
+    stream = httpx.get(f"{live_server.url}/gradio_api/call/png_info/{event_id}", timeout=60).text
+    assert "the secret" not in stream and "error" in stream
+
+
+def test_a_client_that_disconnects_cancels_its_job(live_server):
+    request = {**BASE, "steps": 150, "batch_size": 16, "width": 256, "height": 256}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json=request, timeout=3.0)
+    progress = httpx.get(f"{live_server.url}/sdapi/v1/progress").json()
+    assert progress["state"]["job_count"] == 1 and progress["eta_relative"] > 10  # far from done
+    gone_at = time.monotonic() + 5
+    while httpx.get(f"{live_server.url}/sdapi/v1/progress").json()["state"]["job_count"] != 0:
+        assert time.monotonic() < gone_at, "the abandoned job kept running"
+        time.sleep(0.1)
+
+
+def test_per_client_cap_on_waiting_jobs():
+    tracker = JobTracker(max_waiting=10, max_waiting_per_client=2)
+    with tracker.job(5, threading.Event(), "api", client="10.0.0.1"), \
+            tracker.job(5, threading.Event(), "api", client="10.0.0.1"):
+        with pytest.raises(Busy, match="2 of your requests"), tracker.job(5, threading.Event(), "api", "10.0.0.1"):
+            pass
+        with tracker.job(5, threading.Event(), "api", client="10.0.0.2"):  # others still get in
+            pass
+
+
+def test_progress_never_goes_backwards_across_batches(serve_engine):
+    """A request of 6 images runs in parts of 4 and 2; the reported steps count over the whole request."""
+    tracker = JobTracker()
+    seen: list[tuple[int, int]] = []
+    cancel = threading.Event()
+    request = GenerationRequest(prompt="a red circle", steps=3, width=64, height=64, n=6, seed=1)
+    with tracker.job(request.steps, cancel, "api") as job:
+
+        def on_step(info: StepInfo) -> None:
+            tracker.step(job, info)
+            seen.append((job.step, job.total_steps))
+
+        serve_engine.generate(request, rerank=False, save=False, on_step=on_step, cancel=cancel)
+    assert seen == [(step, 6) for step in range(1, 7)]
+    assert job.eta(job.started + 10.0) >= 0
+
+
+def test_eta_counts_the_steps_left_of_the_whole_request():
+    tracker = JobTracker()
+    with tracker.job(10, threading.Event(), "api") as job:
+        tracker.step(job, StepInfo(step=2, total=8, timestep=1.0, latents=torch.zeros(1, 4, 2, 2)))
+        assert job.eta(job.started + 4.0) == pytest.approx(2.0 * 6)  # 2 s per step so far, 6 steps left
+
+
+def test_host_name_parsing():
+    assert host_name("LocalHost:7860") == "localhost" and host_name("[::1]:7860") == "::1"
+    assert host_name("sd.example.") == "sd.example" and host_name("::1") == "::1"
+    policy = AccessPolicy.build("0.0.0.0", ["sd.example"])
+    assert "0.0.0.0" not in policy.allowed_hosts and policy.host_allowed("sd.example:80")
+    with pytest.raises(ValueError, match="--cors-origin"):
+        AccessPolicy.build("127.0.0.1", cors_origins=["evil.example"])
+    assert json.loads(json.dumps(sorted(policy.allowed_hosts)))
