@@ -59,7 +59,7 @@ def test_shapes_evaluation_table_on_the_tiny_model(tiny_model, tmp_path):
     assert [r.mode for r in results] == ["ours fp32", "ours fast (default)"]
     for r in results:
         for part in (r.single, r.best):
-            assert set(part) == set(evaluate.ATTRIBUTES) and all(0 <= v <= 1 for v in part.values())
+            assert set(part) == set(evaluate.CHECKS) and all(0 <= v <= 1 for v in part.values())
         assert r.seconds_per_image > 0
     zs = {key: 0.5 for key in evaluate.ATTRIBUTES}
     table = evaluate.format_table(zs, 10, results, 2, 2, 2, 7.0, 1)

@@ -87,3 +87,68 @@ def test_largest_component_keeps_one_region():
     kept = shapes.largest_component(mask)
     assert kept.sum() == 64 and kept[2:10, 2:10].all()
     assert not shapes.largest_component(np.zeros((5, 5), bool)).any()
+
+
+# ---- the caption's whole meaning: one shape, of one colour -------------------------------------
+
+
+def _overlay(*drawings: Image.Image) -> Image.Image:
+    """Shapes of several drawings on the first one's background (pixels differing from it win)."""
+    base = np.asarray(drawings[0]).copy()
+    background = base[0, 0].copy()
+    for drawing in drawings[1:]:
+        pixels = np.asarray(drawing)
+        painted = np.any(pixels != pixels[0, 0], axis=-1)
+        base[painted] = pixels[painted]
+    assert (base[0, 0] == background).all()
+    return Image.fromarray(base)
+
+
+def test_two_shapes_where_the_caption_says_one_are_wrong():
+    named = shapes.ShapeAttributes("circle", "red", "blue", size=0.2, cx=0.3, cy=0.3)
+    twin = shapes.ShapeAttributes("circle", "red", "blue", size=0.2, cx=0.7, cy=0.7)
+    verdict = shapes.judge(_overlay(shapes.draw(named), shapes.draw(twin)), named)
+    assert verdict.seen_count == 2 and not verdict.count_ok and not verdict.all_ok
+    assert verdict.shape_ok and verdict.shape_colour_ok and verdict.background_ok  # only the count is wrong
+    other = shapes.ShapeAttributes("square", "green", "blue", size=0.2, cx=0.7, cy=0.7)
+    verdict = shapes.judge(_overlay(shapes.draw(named), shapes.draw(other)), named)
+    assert verdict.seen_count == 2 and not verdict.all_ok
+    three = [shapes.ShapeAttributes("star", "white", "purple", size=0.2, cx=x, cy=y)
+             for x, y in ((0.25, 0.25), (0.75, 0.3), (0.5, 0.75))]
+    assert shapes.judge(_overlay(*(shapes.draw(a) for a in three)), three[0]).seen_count == 3
+
+
+def test_a_shape_mixed_with_another_colour_is_wrong():
+    outer = shapes.ShapeAttributes("circle", "red", "blue", size=0.3)
+    inner = shapes.ShapeAttributes("circle", "yellow", "blue", size=0.15)  # a quarter of the disc
+    verdict = shapes.judge(_overlay(shapes.draw(outer), shapes.draw(inner)), outer)
+    assert verdict.seen_count == 1 and not verdict.binding_ok and not verdict.all_ok
+    assert verdict.colour_purity < 0.9
+    square = shapes.ShapeAttributes("square", "green", "white", size=0.3)
+    striped = np.asarray(shapes.draw(square)).copy()
+    for top in range(180, 340, 40):  # yellow stripes across the square, about 40% of it
+        band = striped[top : top + 16]
+        band[np.all(band == shapes.PALETTE["green"], axis=-1)] = shapes.PALETTE["yellow"]
+    verdict = shapes.judge(Image.fromarray(striped), square)
+    assert not verdict.binding_ok and verdict.shape_colour_ok and not verdict.all_ok
+
+
+def test_halos_and_anti_aliased_edges_are_not_faults():
+    attrs = shapes.ShapeAttributes("circle", "red", "blue", size=0.3)
+    ring = shapes.ShapeAttributes("circle", "purple", "blue", size=0.31)  # a 5 px purple halo around it
+    verdict = shapes.judge(_overlay(shapes.draw(ring), shapes.draw(attrs)), attrs)
+    assert verdict.all_ok, verdict
+    for attrs in shapes.dataset(21, 40):  # drawn 4x larger and downsampled: smooth, blended edges
+        smooth = shapes.draw(attrs, 2048).resize((512, 512), Image.Resampling.LANCZOS)
+        verdict = shapes.judge(smooth, attrs)
+        assert verdict.all_ok and verdict.seen_count == 1 and verdict.colour_purity > 0.97, (attrs, verdict)
+
+
+def test_specks_are_not_shapes_but_small_second_shapes_are():
+    attrs = shapes.ShapeAttributes("triangle", "yellow", "green", size=0.25, cx=0.4, cy=0.4)
+    image = np.asarray(shapes.draw(attrs)).copy()
+    image[440:470, 440:470] = shapes.PALETTE["yellow"]  # 30x30 px: a speck, not a shape
+    assert shapes.judge(Image.fromarray(image), attrs).seen_count == 1
+    smallest = shapes.ShapeAttributes("triangle", "yellow", "green", size=shapes.SIZE_RANGE[0], cx=0.78, cy=0.78)
+    verdict = shapes.judge(_overlay(shapes.draw(attrs), shapes.draw(smallest)), attrs)
+    assert verdict.seen_count == 2 and not verdict.all_ok

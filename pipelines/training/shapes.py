@@ -2,10 +2,17 @@
 
 One coloured shape (circle, square, triangle, star) on a plain background of another colour, drawn
 procedurally with size and position jitter, captioned "a red circle on a blue background". The
-oracle (:func:`judge`) reads only pixels, never a learned model, so it can grade generated images:
-background colour = dominant palette colour of the border, shape colour = dominant other palette
-colour, shape kind = geometry of the shape mask, the largest connected region of the shape colour
-(fill ratio of its bounding box and solidity, i.e. area over convex-hull area).
+oracle (:func:`judge`) reads only pixels, never a learned model, so it can grade generated images.
+It checks what the caption says, written from the caption before it was run on any model:
+
+- background: the dominant palette colour of the border is the named one;
+- count: exactly one shape ("a"): one region of shape-coloured pixels larger than a small area (an
+  eighth of the smallest shape the world draws), however many smaller specks there are;
+- colour: the dominant non-background palette colour is the named one;
+- binding: the shape's interior (its region shrunk by 2 judge pixels, so anti-aliased edges and thin
+  halos do not count) is that one colour, at least 90% of it, not mixed with another;
+- kind: the geometry of the largest region of the shape colour (fill ratio of its bounding box and
+  solidity, i.e. area over convex-hull area).
 """
 
 from __future__ import annotations
@@ -60,20 +67,27 @@ class Verdict:
     shape_colour_ok: bool
     background_ok: bool
     shape_ok: bool
+    count_ok: bool = True
+    binding_ok: bool = True
     seen_shape: str | None = None
     seen_shape_colour: str | None = None
     seen_background: str | None = None
+    seen_count: int = 1  # shape-sized regions of non-background colour
+    colour_purity: float = 1.0  # fraction of the shape's interior in the shape colour
 
     @property
     def all_ok(self) -> bool:
-        return self.shape_colour_ok and self.background_ok and self.shape_ok
+        return self.shape_colour_ok and self.background_ok and self.shape_ok and self.count_ok and self.binding_ok
+
+
+SIZE_RANGE = (0.2, 0.34)  # radius of the circumscribed circle, fraction of the image side
 
 
 def sample_attributes(rng: np.random.Generator) -> ShapeAttributes:
     """Uniform shape and colour pair (never equal), jittered size and position inside the frame."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     fg, bg = rng.choice(len(COLOURS), size=2, replace=False)
-    size = float(rng.uniform(0.2, 0.34))
+    size = float(rng.uniform(*SIZE_RANGE))
     margin = size + 0.04
     cx, cy = (float(v) for v in rng.uniform(margin, 1.0 - margin, size=2))
     return ShapeAttributes(shape, COLOURS[int(fg)], COLOURS[int(bg)], size, cx, cy)
@@ -237,8 +251,41 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == np.bincount(labels[mask]).argmax()
 
 
+def _smallest_shape_area() -> float:
+    """Area of the smallest shape the world draws, as a fraction of the image (a triangle or star at the
+    smallest size)."""
+    r = SIZE_RANGE[0]
+    triangle = 3 * math.sqrt(3) / 4 * r**2
+    star = 5 * r * (r * STAR_INNER_RATIO) * math.sin(math.pi / 5)
+    return min(math.pi * r**2, 2 * r**2, triangle, star)
+
+
+MIN_SHAPE_PIXELS = _smallest_shape_area() / 8 * _JUDGE_SIDE**2  # a region smaller than this is a speck
+MIN_PURITY = 0.9  # share of the shape's interior that must be the shape colour
+_INTERIOR_MARGIN = 2  # judge pixels shaved off the shape's outline before checking its interior
+
+
+def _regions(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """8-connected labels of ``mask`` and the labels of the regions of at least MIN_SHAPE_PIXELS."""
+    from scipy import ndimage
+
+    labelled, n = ndimage.label(mask, structure=np.ones((3, 3), bool))  # (S, S), 0 = off
+    sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+    return labelled, [k for k in range(1, n + 1) if sizes[k] >= MIN_SHAPE_PIXELS]
+
+
+def _purity(region: np.ndarray, labels: np.ndarray, colour: int) -> float:
+    """Share of the region's interior (its outline shaved off) whose nearest palette colour is ``colour``."""
+    from scipy import ndimage
+
+    interior = ndimage.binary_erosion(region, iterations=_INTERIOR_MARGIN)
+    if interior.sum() < 8:  # too thin to have an inside: judge the whole region
+        interior = region
+    return float(np.mean(labels[interior] == colour))
+
+
 def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
-    """Check from pixels alone whether ``image`` shows ``attrs``' shape colour, background and shape."""
+    """Check from pixels alone whether ``image`` is what ``attrs``' caption says (module docstring)."""
     small = image.convert("RGB").resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)
     pixels = np.asarray(small, dtype=np.float32)  # (S, S, 3)
     labels, dist = _nearest_colour(pixels)  # (S, S), (S, S)
@@ -250,27 +297,41 @@ def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
     foreground = _open(bg_dist > 60.0)
     seen_colour: str | None = None
     seen_shape: str | None = None
+    seen_count, purity = 0, 0.0
     if foreground.sum() >= 16:
-        core = foreground & (labels != bg) & (dist < 90.0)
+        core = foreground & (labels != bg) & (dist < 90.0)  # (S, S) pixels of some other palette colour
         counts = np.bincount(labels[core], minlength=len(COLOURS))
         if counts.sum() > 0:
-            seen_colour = COLOURS[int(counts.argmax())]
-            # ... and its geometry is that of the largest region nearest to the shape colour: halos of
-            # in-between colours and stray specks elsewhere are not the shape.
-            seen_shape = classify_shape(largest_component(_open(labels == counts.argmax())))
+            colour = int(counts.argmax())
+            seen_colour = COLOURS[colour]
+            # ... shapes are the shape-sized regions of such pixels (specks are not shapes) ...
+            regions, shapes_seen = _regions(_open(core))
+            seen_count = len(shapes_seen)
+            if shapes_seen:
+                largest = max(shapes_seen, key=lambda k: int((regions == k).sum()))
+                purity = _purity(regions == largest, labels, colour)
+            # ... and the kind is the geometry of the largest region nearest to the shape colour: halos
+            # of in-between colours and stray specks elsewhere are not the shape.
+            seen_shape = classify_shape(largest_component(_open(labels == colour)))
     return Verdict(
         shape_colour_ok=seen_colour == attrs.shape_colour,
         background_ok=COLOURS[bg] == attrs.background,
         shape_ok=seen_shape == attrs.shape,
+        count_ok=seen_count == 1,
+        binding_ok=purity >= MIN_PURITY,
         seen_shape=seen_shape,
         seen_shape_colour=seen_colour,
         seen_background=COLOURS[bg],
+        seen_count=seen_count,
+        colour_purity=purity,
     )
 
 
 def fidelity(verdicts: list[Verdict]) -> dict[str, float]:
-    """Fraction of verdicts all right (``"all"``) and right per attribute."""
+    """Fraction of verdicts all right (``"all"``) and right per check."""
     return {"all": float(np.mean([v.all_ok for v in verdicts])),
+            "count": float(np.mean([v.count_ok for v in verdicts])),
+            "binding": float(np.mean([v.binding_ok for v in verdicts])),
             "shape": float(np.mean([v.shape_ok for v in verdicts])),
             "shape_colour": float(np.mean([v.shape_colour_ok for v in verdicts])),
             "background": float(np.mean([v.background_ok for v in verdicts]))}
