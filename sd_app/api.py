@@ -20,7 +20,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +78,7 @@ class Txt2ImgRequest(BaseModel):
     send_images: bool = True
     save_images: bool = False
     rerank: bool = True  # sd-app: order images best first by CLIP score
+    rerank_by: Literal["clip", "contrastive", "mixed"] = "clip"  # sd-app: or against counterfactual captions
 
 
 def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
@@ -163,9 +164,12 @@ def build_info(body: Txt2ImgRequest, result: GenerationResult, model_hash: str |
         "clip_skip": 1,
         "is_using_inpainting_conditioning": False,
         "version": VERSION,
-        "clip_scores": [c.score for c in result.candidates],
+        "clip_scores": [c.details.get("CLIP score", c.score) for c in result.candidates],
         "reranker": result.reranker_name,
         "reranked": result.reranker_name is not None,
+        "score_label": result.score_label,
+        "rerank_scores": [c.score for c in result.candidates],
+        "rerank_details": [c.details for c in result.candidates],
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,
@@ -260,6 +264,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
                 return engine.generate(
                     request,
                     rerank=body.rerank,
+                    rerank_by=body.rerank_by,
                     save=body.save_images,
                     on_step=lambda info: tracker.step(job, info),
                     cancel=cancel,

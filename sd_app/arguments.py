@@ -24,6 +24,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder used to score candidates")
     parser.add_argument("--no-rerank", action="store_true", help="keep generation order, no CLIP scores")
+    parser.add_argument(
+        "--rerank-by", choices=("clip", "contrastive", "mixed"), default="clip",
+        help="clip: CLIP score; contrastive: the prompt's probability against counterfactual captions made from "
+             "it (swapped colours, other counts); mixed: half of each",
+    )
     parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

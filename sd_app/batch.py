@@ -189,13 +189,15 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def run_job(engine: Engine, job: Job, out: Path, rerank: bool, keep: int | None, rank: int) -> dict[str, Any]:
+def run_job(
+    engine: Engine, job: Job, out: Path, rerank: bool, keep: int | None, rank: int, rerank_by: str = "clip"
+) -> dict[str, Any]:
     """Generate one job, write its PNGs, then its manifest line; returns the manifest record."""
     from sd_app.storage import save_png_as, slugify
 
     started = time.monotonic()
     remove_leftovers(out, job)
-    result = engine.generate(job.request, rerank=rerank, keep=keep, save=False)
+    result = engine.generate(job.request, rerank=rerank, rerank_by=rerank_by, keep=keep, save=False)
     files = []
     for k, candidate in enumerate(result.candidates):
         path = out / f"{job.job_id}-{k}-{candidate.seed}-{slugify(job.request.prompt, 40)}.png"
@@ -268,6 +270,7 @@ def run_batch(args: argparse.Namespace) -> int:
         "model_hash": components.model_hash or components.source,
         "vae": str(args.vae) if args.vae else None,
         "reranker": args.reranker if rerank else None,
+        "rerank_by": args.rerank_by if rerank else None,
         "keep": args.keep,
     }
     jobs = [Job(i, request, jid) for i, (request, jid) in enumerate(zip(requests, job_ids(requests, identity)))]
@@ -291,7 +294,7 @@ def run_batch(args: argparse.Namespace) -> int:
             with claimed(out, job) as ours:
                 # Another launch may hold it, or have finished it since we read the manifest.
                 if ours and job.job_id not in read_done(out):
-                    run_job(engine, job, out, rerank, args.keep, rank)
+                    run_job(engine, job, out, rerank, args.keep, rank, args.rerank_by)
                     made += 1
                 else:
                     elsewhere += 1

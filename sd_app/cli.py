@@ -59,10 +59,10 @@ def run_generate(args: argparse.Namespace) -> int:
         device=args.device,
     )
     started = time.perf_counter()
-    result = engine.generate(request, rerank=rerank, keep=args.keep, progress=True)
+    result = engine.generate(request, rerank=rerank, rerank_by=args.rerank_by, keep=args.keep, progress=True)
     seconds = time.perf_counter() - started
     for candidate in result.candidates:
-        score = f"  CLIP score {candidate.score:.2f}" if candidate.score is not None else ""
+        score = f"  {result.score_label} {candidate.score:.2f}" if candidate.score is not None else ""
         print(f"{candidate.path}  seed {candidate.seed}{score}")
     order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
     made = result.request

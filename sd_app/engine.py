@@ -29,9 +29,10 @@ class Candidate:
 
     image: Image.Image
     seed: int
-    score: float | None
+    score: float | None  # by the reranker's measure (result.score_label)
     parameters: str
     path: Path | None = None
+    details: dict[str, float] = field(default_factory=dict)  # the numbers behind a contrastive score
 
 
 @dataclass
@@ -44,6 +45,7 @@ class GenerationResult:
     reranker_name: str | None = None
     prompt_truncated_for_scoring: bool = False
     prompt_tokens: TokenCount | None = None  # CLIP tokens and 75-token chunks the prompt was encoded in
+    score_label: str = "CLIP score"  # what the candidates' scores are ("Contrastive score", ...)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -93,6 +95,7 @@ class Engine:
         request: GenerationRequest,
         *,
         rerank: bool = True,
+        rerank_by: str = "clip",
         keep: int | None = None,
         save: bool = True,
         output_dir: Path | None = None,
@@ -100,19 +103,25 @@ class Engine:
         cancel: threading.Event | None = None,
         progress: bool = False,
     ) -> GenerationResult:
-        """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs.
+        """Generate ``request.n`` candidates; score and sort them best first if ``rerank`` (``rerank_by``:
+        "clip", "contrastive" against counterfactual captions, or "mixed"); save PNGs.
 
         ValueError (nothing generated) when the request breaks the engine's ``limits``.
         """
         from pipelines.rerank.best_of import best_of_n
+        from pipelines.rerank.contrastive import RERANK_MODES, reranker_for
 
+        if rerank_by not in RERANK_MODES:
+            raise ValueError(f"rerank_by must be one of {', '.join(RERANK_MODES)}, got {rerank_by!r}")
+        scorer = self.scorer() if rerank else None
+        reranker = reranker_for(scorer, rerank_by) if scorer is not None else None
         pipe = self.pipeline()
         if self.limits is not None:
             self.limits.check(request, pipe.count_tokens)
         output = best_of_n(
             pipe,
             request,
-            self.scorer() if rerank else None,
+            reranker,
             keep=keep,
             on_step=on_step,
             cancel=cancel,
@@ -122,11 +131,13 @@ class Engine:
         for ranked in output.candidates:
             extra: dict[str, Any] = {}
             if ranked.score is not None:
-                extra = {"CLIP score": f"{ranked.score:.2f}", "Reranker": output.reranker}
+                extra = {output.score_label: f"{ranked.score:.2f}"}
+                extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
+                extra["Reranker"] = output.reranker
             parameters = format_parameters(
                 output.request, ranked.seed, output.model_name, output.model_hash, extra
             )
-            candidate = Candidate(ranked.image, ranked.seed, ranked.score, parameters)
+            candidate = Candidate(ranked.image, ranked.seed, ranked.score, parameters, details=ranked.details)
             if save:
                 candidate.path = save_png(
                     candidate.image, output_dir or self.output_dir, candidate.seed, request.prompt, parameters
@@ -139,4 +150,5 @@ class Engine:
             reranker_name=output.reranker,
             prompt_truncated_for_scoring=output.prompt_truncated,
             prompt_tokens=pipe.count_tokens(output.request.prompt),
+            score_label=output.score_label,
         )

@@ -13,6 +13,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--texts", nargs="+", help="rank these texts for each image (zero-shot table)")
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder (default: the embedded one)")
     parser.add_argument("--convert", action="store_true", help="convert grayscale/alpha images to RGB")
+    parser.add_argument("--rerank-by", choices=("clip", "contrastive", "mixed"), default="clip",
+                        help="with --prompt: CLIP score, or the prompt's probability against counterfactuals")
     parser.add_argument("--device", default=None)
 
 
@@ -24,11 +26,17 @@ def run_score(args: argparse.Namespace) -> int:
     images = [load_image_file(path, convert=args.convert) for path in args.images]
     scorer = ClipScorer.load(args.reranker, device=args.device)
     if args.prompt is not None:
-        result = scorer.score(images, args.prompt)
+        from pipelines.rerank.contrastive import ContrastiveScorer, reranker_for
+
+        reranker = reranker_for(scorer, args.rerank_by)
+        if isinstance(reranker, ContrastiveScorer):
+            print("counterfactual captions:", "; ".join(c.text for c in reranker.captions(args.prompt)) or "none")
+        result = reranker.score(images, args.prompt)
         width = max(len(str(p)) for p in args.images)
-        print(f"{'image':<{width}}  CLIP score  cosine   ({scorer.name})")
+        print(f"{'image':<{width}}  {result.label:>17}  cosine   ({reranker.name})")
         for index in result.order():
-            print(f"{str(args.images[index]):<{width}}  {result.scores[index]:10.2f}  {result.cosines[index]:+.4f}")
+            path = str(args.images[index])
+            print(f"{path:<{width}}  {result.scores[index]:17.2f}  {result.cosines[index]:+.4f}")
         if result.truncated:
             print("note: the prompt is longer than CLIP's 77 tokens and was truncated for scoring")
         return 0

@@ -26,7 +26,7 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
     """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting."""
     import gradio as gr
 
-    from sd_app.ui_handlers import UiHandlers, UserSession
+    from sd_app.ui_handlers import RERANK_CHOICES, UiHandlers, UserSession
     from sd_app.ui_inspect import TOKEN_HEADERS
     from sd_app.ui_jobs import JobTracker
 
@@ -69,10 +69,12 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                             reuse = gr.Button("♻ Last seed", size="sm", elem_id="reuse-seed")
                         with gr.Row():
                             n = gr.Slider(*LIMITS["n"], value=4, step=1, label="Candidates", elem_id="candidates")
-                            rerank = gr.Checkbox(
-                                value=engine.reranker is not None,
-                                label="Rerank by CLIP score",
+                            rerank = gr.Dropdown(
+                                [(label, value) for label, value in RERANK_CHOICES.items()],
+                                value="clip" if engine.reranker is not None else "off",
+                                label="Rerank by",
                                 interactive=engine.reranker is not None,
+                                elem_id="rerank-by",
                             )
                     with gr.Column(scale=2):
                         status = gr.Markdown("", elem_id="status")

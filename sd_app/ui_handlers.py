@@ -48,6 +48,15 @@ class UserSession:
         return UserSession()  # gr.State copies its initial value once per session: start empty
 
 
+# The "Rerank by" dropdown: label -> value handed to the engine ("off" keeps generation order).
+RERANK_CHOICES = {
+    "CLIP score": "clip",
+    "Contrastive: prompt vs counterfactual captions": "contrastive",
+    "Mixed: half CLIP, half contrastive": "mixed",
+    "Off: generation order": "off",
+}
+
+
 def user_error(message: str) -> gr.Error:
     """A short message for the user; the server log does not get a traceback for it."""
     return gr.Error(message, print_exception=False)
@@ -81,9 +90,10 @@ def canonical_sampler(name: str) -> str:
     return resolve_sampler(name).label
 
 
-def caption(seed: int, score: float | None) -> str:
+def caption(seed: int, score: float | None, label: str = "CLIP score") -> str:
     """Gallery caption: ``CLIP 31.2 · seed 123`` (or ``seed 123`` without a reranker)."""
-    return f"CLIP {score:.1f} · seed {seed}" if score is not None else f"seed {seed}"
+    short = label.removesuffix(" score")
+    return f"{short} {score:.1f} · seed {seed}" if score is not None else f"seed {seed}"
 
 
 def free_memory() -> None:
@@ -170,13 +180,19 @@ class UiHandlers:
         height: Any,
         seed: Any,
         n: Any,
-        rerank: bool,
+        rerank: str,
         session: UserSession,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
-        """Run one request in a worker thread; yield (status, previews, gallery, parameters, files)."""
+        """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
+
+        ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order).
+        """
+        rerank_by = rerank or "off"
         try:
             request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+            if rerank_by not in RERANK_CHOICES.values():
+                raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
         except ValueError as error:
             raise user_error(str(error)) from None
         cancel = threading.Event()
@@ -184,7 +200,7 @@ class UiHandlers:
         session.step_thumbnails = []
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         worker = threading.Thread(
-            target=self._work, args=(request, bool(rerank), cancel, session, events), daemon=True, name="generate"
+            target=self._work, args=(request, rerank_by, cancel, session, events), daemon=True, name="generate"
         )
         started = time.monotonic()
         worker.start()
@@ -213,7 +229,7 @@ class UiHandlers:
     def _work(
         self,
         request: GenerationRequest,
-        rerank: bool,
+        rerank_by: str,
         cancel: threading.Event,
         session: UserSession,
         events: queue.Queue,
@@ -234,7 +250,13 @@ class UiHandlers:
                     session.step_thumbnails.append((thumb, f"step {info.step}/{info.total}"))
                     events.put(("step", (info.step, info.total, previews)))
 
-                result = self.engine.generate(request, rerank=rerank, on_step=on_step, cancel=cancel)
+                result = self.engine.generate(
+                    request,
+                    rerank=rerank_by != "off",
+                    rerank_by=rerank_by if rerank_by != "off" else "clip",
+                    on_step=on_step,
+                    cancel=cancel,
+                )
             events.put(("done", result))
         except BaseException as error:  # noqa: BLE001 - handed to the UI thread, which reports it
             expected = (ValueError, Busy, GenerationCancelled, MemoryError, torch.OutOfMemoryError)
@@ -257,12 +279,15 @@ class UiHandlers:
     def _finished(result: GenerationResult, session: UserSession, seconds: float) -> tuple[Any, ...]:
         session.last_result = result
         session.last_seed = result.request.seed
-        items = [(str(c.path) if c.path else c.image, caption(c.seed, c.score)) for c in result.candidates]
+        items = [
+            (str(c.path) if c.path else c.image, caption(c.seed, c.score, result.score_label))
+            for c in result.candidates
+        ]
         files = [str(c.path) for c in result.candidates if c.path]
         best = result.candidates[0]
         status = f"Done: {len(result.candidates)} image(s) in {seconds:.1f} s"
         if best.score is not None:
-            status += f" · best CLIP score {best.score:.1f} (seed {best.seed})"
+            status += f" · best {result.score_label} {best.score:.1f} (seed {best.seed})"
         tokens = result.prompt_tokens
         if tokens is not None and tokens.chunks > 1:
             status += f" · prompt: {tokens.tokens} tokens in {tokens.chunks} chunks of 75"
@@ -310,6 +335,12 @@ class UiHandlers:
                 integer("height", height),
                 integer("candidates", n),
             )
+            from pipelines.rerank.counterfactuals import counterfactual_captions
+
+            captions = counterfactual_captions(prompt or "")
+            if captions:
+                shapes += "\n\n**Counterfactual captions** (what contrastive reranking weighs the prompt against):\n"
+                shapes += "\n".join(f"- {c.text} ({c.kind})" for c in captions)
             table, pca = None, None
             result = session.last_result
             if result is not None:

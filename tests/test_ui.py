@@ -28,8 +28,8 @@ pytest_plugins = ["tests.serve_fixtures"]
 CAPTION = re.compile(r"^CLIP \d+\.\d · seed (\d+)$")
 
 
-def generate_args(prompt="a red circle", seed=11, n=2, steps=2, width=64, sampler="Euler a", rerank=True):
-    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank
+def generate_args(prompt="a red circle", seed=11, n=2, steps=2, width=64, sampler="Euler a", rerank="clip"):
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by
     return (prompt, "", sampler, steps, 7, width, 64, seed, n, rerank)
 
 
@@ -195,3 +195,13 @@ def test_eight_clients_at_once_each_get_their_seed_image(live_server):
         images = {seed: future.result(timeout=300) for seed, future in futures.items()}
     for seed in seeds:
         np.testing.assert_array_equal(images[seed], reference[seed], err_msg=f"seed {seed}")
+
+
+def test_contrastive_reranking_from_the_ui_and_its_captions_in_inspect(client):
+    status, _, gallery, parameters, _ = client.predict(
+        *generate_args("a red circle on a blue background", rerank="contrastive"), api_name="/generate"
+    )
+    assert "best Contrastive score" in status and gallery[0]["caption"].startswith("Contrastive ")
+    assert "Contrastive score: " in parameters and "Prompt probability: " in parameters
+    _, shapes, *_ = client.predict("a red circle on a blue background", "", 7, 64, 64, 2, "", api_name="/inspect")
+    assert "Counterfactual captions" in shapes and "a blue circle on a red background (colour swap)" in shapes

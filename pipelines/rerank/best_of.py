@@ -7,7 +7,7 @@ batches changes nothing in the pictures; only memory use and preview granularity
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pipelines.generation.prompts import parse_emphasis
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
+    from pipelines.rerank.contrastive import ContrastiveScorer
 
 DEFAULT_BATCH_SIZE = 4
 
@@ -30,6 +31,7 @@ class RankedImage:
     seed: int
     score: float | None
     generation_index: int
+    details: dict[str, float] = field(default_factory=dict)  # other numbers behind the score
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class BestOfOutput:
     model_hash: str | None
     reranker: str | None
     prompt_truncated: bool  # the prompt was cut to CLIP's 77 positions for scoring
+    score_label: str = "CLIP score"  # what the candidates' scores are
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -59,7 +62,7 @@ def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) ->
 def best_of_n(
     pipe: TextToImagePipeline,
     request: GenerationRequest,
-    scorer: ClipScorer | None = None,
+    scorer: ClipScorer | ContrastiveScorer | None = None,
     *,
     keep: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -85,15 +88,17 @@ def best_of_n(
         seeds.extend(output.seeds)
         model_hash = output.model_hash
     scores: list[float | None] = [None] * len(images)
+    details: list[dict[str, float]] = [{} for _ in images]
     order = list(range(len(images)))
-    truncated = False
+    truncated, label = False, "CLIP score"
     if scorer is not None:
         plain_prompt = "".join(span.text for span in parse_emphasis(request.prompt))  # CLIP reads plain text
         result = scorer.score(images, plain_prompt)  # prompt encoded once for all candidates
         scores = list(result.scores)
+        details = [dict(d) for d in result.details] or details
         order = result.order()
-        truncated = result.truncated
-    candidates = [RankedImage(images[i], seeds[i], scores[i], i) for i in order]
+        truncated, label = result.truncated, result.label
+    candidates = [RankedImage(images[i], seeds[i], scores[i], i, details[i]) for i in order]
     return BestOfOutput(
         candidates=candidates[:keep] if keep is not None else candidates,
         request=request,
@@ -101,4 +106,5 @@ def best_of_n(
         model_hash=model_hash,
         reranker=scorer.name if scorer is not None else None,
         prompt_truncated=truncated,
+        score_label=label,
     )

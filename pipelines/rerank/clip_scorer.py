@@ -50,10 +50,12 @@ class ScoreResult:
     cosines: tuple[float, ...]  # raw cosine similarity per image, in [-1, 1]
     truncated: bool  # the prompt was longer than the text encoder's positions and was cut
     reranker: str  # ClipScorer.name, for metadata ("Reranker: <name>")
+    label: str = "CLIP score"  # what ``scores`` are, for metadata ("CLIP score: 31.2")
+    details: tuple[dict[str, float], ...] = ()  # per image: the other numbers behind its score
 
     def order(self) -> list[int]:
-        """Indices best first: by cosine (so ties at score 0 still order), then by input index."""
-        return sorted(range(len(self.cosines)), key=lambda i: (-self.cosines[i], i))
+        """Indices best first: by score, ties (e.g. CLIP scores clamped at 0) by cosine, then input index."""
+        return sorted(range(len(self.cosines)), key=lambda i: (-self.scores[i], -self.cosines[i], i))
 
 
 @dataclass(frozen=True)
