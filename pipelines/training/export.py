@@ -147,6 +147,23 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
     return provenance
 
 
+def export_clip_only(clip_run: Path, out: Path) -> dict:
+    """Replace only the reranker (``out/clip``) by a CLIP run whose text tower is the shipped text encoder
+    (e.g. the hard-negative fine-tune, which freezes it); the U-Net, VAE and text encoder stay as they are."""
+    check_shared_text_tower(out, clip_run)
+    tmp = out / "clip.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_clip(clip_run, tmp)
+    shutil.rmtree(out / "clip")
+    tmp.rename(out / "clip")
+    provenance = json.loads((out / "provenance.json").read_text())
+    provenance["reranker_clip_before_fine_tune"] = provenance.get("reranker_clip_before_fine_tune",
+                                                                  provenance["reranker_clip"])
+    provenance["reranker_clip"] = common.read_state(clip_run)
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    return provenance
+
+
 def file_table(folder: Path) -> tuple[list[tuple[str, int, str]], int]:
     """(relative path, bytes, sha256) of every file, and the total size."""
     rows = []
@@ -173,7 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", type=Path, default=Path("runs/clip"), help="CLIP run for the reranker")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--clip-only", action="store_true",
+                        help="replace only clip/ (a CLIP run sharing the shipped text encoder)")
     args = parser.parse_args(argv)
+    if args.clip_only:
+        export_clip_only(args.clip, args.out)
+        for name, size, digest in file_table(args.out / "clip")[0]:
+            print(f"| `{args.out.name}/clip/{name}` | {size} | {digest} |")
+        return
     provenance = export(args.unet, args.clip, args.out)
     rows, total = file_table(args.out)
     print("| file | bytes | sha256 |\n|---|---:|---|")

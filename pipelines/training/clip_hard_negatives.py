@@ -1,0 +1,163 @@
+"""Fine-tune the reranker's CLIP with hard negatives, so that it counts and binds colours to shapes.
+
+Every batch holds base drawings next to their hard negatives (:mod:`pipelines.training.hard_negatives`:
+two shapes, a second colour inside, swapped colours), each with its own caption, under the CLIP loss of
+:mod:`pipelines.training.clip` (Radford et al. 2021; composition-aware hard negatives as in Yuksekgonul
+et al. 2023). The text tower stays frozen: it is also the U-Net's text encoder (the shipped model stores
+it once), so only the vision tower, both projections and the temperature learn.
+
+    python -m pipelines.training.clip_hard_negatives --steps 800 --out runs/clip-hn [--resume]
+    python -m pipelines.training.export --clip-only --clip runs/clip-hn      # -> the embedded clip/
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from pipelines.training import common, data, hard_negatives, shapes
+from pipelines.training.clip import contrastive_loss, image_features, tokenize
+
+HARD_NEGATIVE_SEED = 77  # base drawings of the training batches: rng(HARD_NEGATIVE_SEED + seed, step)
+
+
+def _pixels(images: list[Image.Image]) -> torch.Tensor:
+    """PIL drawings -> (B, 3, 64, 64) in [-1, 1], resized as CLIP's processor would (bicubic)."""
+    small = [np.asarray(im.resize((64, 64), Image.Resampling.BICUBIC)) for im in images]
+    return data.to_unit(np.stack(small))
+
+
+def batch(rng: np.random.Generator, bases: int) -> tuple[list[Image.Image], list[str], list[str]]:
+    """``bases`` drawings of the world, each followed by its three hard negatives: images, captions, kinds."""
+    images, captions, kinds = [], [], []
+    for attrs in (shapes.sample_attributes(rng) for _ in range(bases)):
+        for image, caption, kind in hard_negatives.variants(attrs, rng):
+            images.append(image)
+            captions.append(caption)
+            kinds.append(kind)
+    return images, captions, kinds
+
+
+class TextBank:
+    """Pooled outputs of the frozen text tower, computed once per caption (the projection still learns)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.pooled: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _encode(self, captions: list[str]) -> None:
+        todo = [c for c in dict.fromkeys(captions) if c not in self.pooled]
+        if todo:
+            ids = tokenize(todo).to(self.device)  # (T, 77)
+            pooled = self.model.text_model(input_ids=ids).pooler_output.float()  # (T, W)
+            self.pooled.update(zip(todo, pooled))
+
+    def features(self, captions: list[str]) -> torch.Tensor:
+        """(U, D) unit text embeddings of the captions, through the (trainable) text projection."""
+        self._encode(captions)
+        pooled = torch.stack([self.pooled[c] for c in captions])  # (U, W)
+        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, device: torch.device, n: int = 400) -> dict[str, float]:
+    """Held-out two-way choices: the single caption against "two ..." (count, on single and two-shape
+    drawings) and against the swapped-colour caption (binding), and against the mixed caption (on mixed
+    drawings); plus zero-shot over all 120 captions on the single drawings."""
+    model.eval()
+    rng = np.random.default_rng(data.HELDOUT_SEED)
+    bank = TextBank(model, device)
+    hits: dict[str, list[bool]] = {"count": [], "binding": [], "mixed": [], "zero_shot": []}
+    world = shapes.all_captions()
+    world_text = bank.features(world)  # (120, D)
+    for attrs in (shapes.sample_attributes(rng) for _ in range(n)):
+        (single, caption, _), (two, two_text, _), (mixed, mixed_text, _), _ = hard_negatives.variants(attrs, rng)
+        img = F.normalize(image_features(model, data.clip_normalize(_pixels([single, two, mixed])).to(device)), dim=-1)
+        swapped_text = shapes.caption(hard_negatives.swapped(attrs))
+        text = bank.features([caption, two_text, swapped_text, mixed_text])  # (4, D)
+        sims = img @ text.T  # (3 images, 4 captions)
+        hits["count"] += [bool(sims[0, 0] > sims[0, 1]), bool(sims[1, 1] > sims[1, 0])]
+        hits["binding"].append(bool(sims[0, 0] > sims[0, 2]))
+        hits["mixed"] += [bool(sims[0, 0] > sims[0, 3]), bool(sims[2, 3] > sims[2, 0])]
+        hits["zero_shot"].append(world[int((img[0] @ world_text.T).argmax())] == caption)
+    model.train()
+    return {key: float(np.mean(value)) for key, value in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.base_parser(__doc__.splitlines()[0], "runs/clip-hn", steps=800, batch=128, lr=1e-4)
+    parser.add_argument("--from-clip", type=Path, default=None,
+                        help="CLIP folder to start from (default: the embedded model's clip/)")
+    parser.add_argument("--n-eval", type=int, default=400)
+    args = parser.parse_args(argv)
+    runtime = common.setup(args)
+    train(args, runtime)
+
+
+def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
+    from transformers import CLIPModel
+
+    from pipelines.rerank.clip_scorer import EMBEDDED_CLIP, load_clip_model
+
+    start = 0
+    if args.resume and (args.out / "ckpt").exists():
+        model = CLIPModel.from_pretrained(str(args.out / "ckpt" / "clip"))
+        start = common.read_state(args.out)["step"]
+    else:
+        model = load_clip_model(args.from_clip or EMBEDDED_CLIP).float()
+    model.to(runtime.device).train()
+    model.text_model.requires_grad_(False)  # the U-Net's text encoder: frozen
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    if start:
+        common.load_optimizer(optimizer, args.out / "ckpt" / "optimizer.safetensors")
+    bank = TextBank(model, runtime.device)
+    log = common.Log(args.out / "log.jsonl")
+    if start == 0:
+        before = evaluate(model, runtime.device, args.n_eval)
+        log.write(step=0, **{f"eval_{k}": v for k, v in before.items()})
+        tqdm.write(f"before: {before}")
+    bases = max(args.batch // len(hard_negatives.KINDS), 1)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="clip-hn", mininterval=10)
+    for step in bar:
+        rng = np.random.default_rng([HARD_NEGATIVE_SEED + args.seed, step])
+        images, captions, _ = batch(rng, bases)
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + step)
+        pixels = _pixels(images)  # (B, 3, 64, 64); no flips: "two" drawings are symmetric, others too
+        pixels = data.clip_normalize(data.degrade(pixels, generator)).to(runtime.device)
+        unique, inverse = np.unique(np.array(captions), return_inverse=True)
+        for group in optimizer.param_groups:
+            group["lr"] = common.warmup_lr(step, args.lr, 50)
+        with runtime.autocast():
+            img = F.normalize(image_features(model, pixels), dim=-1)  # (B, D)
+            txt = bank.features(list(unique))  # (U, D)
+        targets = torch.from_numpy(inverse).to(runtime.device)  # (B,)
+        loss = contrastive_loss(img, txt, targets, model.logit_scale, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100.0))
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        done = step + 1
+        if done % 25 == 0:
+            log.write(step=done, loss=round(loss.item(), 4))
+        if done % args.ckpt_every == 0 or done == args.steps:
+            metrics = evaluate(model, runtime.device, args.n_eval)
+            log.write(step=done, **{f"eval_{k}": v for k, v in metrics.items()})
+            tqdm.write(f"step {done}: loss {loss.item():.3f} held-out {metrics}")
+            state = {"step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics}
+            common.save_checkpoint(args.out, {"clip": model}, optimizer, state)
+
+
+if __name__ == "__main__":
+    main()
