@@ -143,3 +143,42 @@ def prepare_image(settings: ImageConditioning, width: int, height: int) -> Prepa
     mask = resize_image(mask, width, height, settings.resize_mode)
     overlay = mask.point(lambda value: min(2 * value, 255))  # A1111: the blurred edge's inner half is all new
     return PreparedImage(image, mask, image, overlay, None)
+
+
+def generation_size(image: Image.Image) -> tuple[int, int]:
+    """A generation size for an init image: its own, floored to multiples of 8 (at least 8, at most 2048)."""
+    return tuple(min(max(side // 8 * 8, 8), 2048) for side in image.size)  # type: ignore[return-value]
+
+
+def image_conditioning(
+    init_image: Image.Image,
+    mask: Image.Image | None = None,
+    *,
+    outpaint: dict[str, int] | None = None,
+    **settings: object,
+) -> tuple[ImageConditioning, list[str]]:
+    """Settings for an init image and optional mask as a user gives them, with notes on what was adjusted.
+
+    A mask of another size is resized to the image (and a note says so); ``outpaint`` ({"left": px, ...})
+    pads the image and makes the mask of the new border (combined with ``mask`` if one is given), with
+    "fill" as the default masked content. Every front end (CLI, API, UI) builds its settings here.
+    """
+    notes: list[str] = []
+    if mask is not None:
+        mask, note = fit_mask(mask, init_image)
+        if note:
+            notes.append(note)
+    if outpaint:
+        canvas, border = outpaint_canvas(init_image, **outpaint)
+        if mask is not None:
+            from PIL import Image as PILImage
+            from PIL import ImageChops
+
+            padded = PILImage.new("L", border.size, 0)
+            padded.paste(mask, (outpaint.get("left", 0), outpaint.get("top", 0)))
+            border = ImageChops.lighter(border, padded)
+        init_image, mask = canvas, border
+        settings = {"masked_content": "fill", **settings}
+        notes.append(f"outpainting: canvas {canvas.width}x{canvas.height}")
+    return ImageConditioning(init_image, mask=mask, **settings), notes  # type: ignore[arg-type]
+

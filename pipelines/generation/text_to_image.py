@@ -291,7 +291,9 @@ class TextToImagePipeline:
                 noise = noise_uncond + request.cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
             latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if after_step is not None:
-                latents = after_step(index, latents)
+                # Contiguous: a blend with a broadcast mask can come out channels_last, and other strides
+                # would cost the fused CPU attention a new trace (and the convolutions a layout change).
+                latents = after_step(index, latents).contiguous()
             # A step is complete when the scheduler is back in its first stage (always, for first-order
             # ones), after the warm-up evaluations (PLMS evaluates its first step twice).
             if index >= warmup and (getattr(scheduler, "state_in_first_order", True) or index == len(timesteps) - 1):
