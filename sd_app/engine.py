@@ -41,6 +41,7 @@ class GenerationResult:
     model_name: str
     reranker_name: str | None = None
     prompt_truncated_for_scoring: bool = False
+    inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -99,8 +100,9 @@ class Engine:
         """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs."""
         from pipelines.rerank.best_of import best_of_n
 
+        pipe = self.pipeline()
         output = best_of_n(
-            self.pipeline(),
+            pipe,
             request,
             self.scorer() if rerank else None,
             keep=keep,
@@ -128,4 +130,5 @@ class Engine:
             model_name=output.model_name,
             reranker_name=output.reranker,
             prompt_truncated_for_scoring=output.prompt_truncated,
+            inpainting_conditioning=pipe.inpainting_unet,
         )

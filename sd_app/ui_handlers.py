@@ -224,7 +224,7 @@ class UiHandlers:
 
         try:
             pipe = self.engine.pipeline()
-            with self.tracker.job(request.steps, cancel, "ui") as job:
+            with self.tracker.job(request.total_steps, cancel, "ui") as job:
 
                 def on_step(info: Any) -> None:
                     self.tracker.step(job, info)
