@@ -188,14 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     cases = shapes.dataset(CASE_SEED, args.cases)
     parts = set(args.only.split(","))
     rows: list[Row] = []
+
+    def done(*new: Row) -> None:  # each row as soon as it is measured: a long run shows what it has so far
+        rows.extend(new)
+        for row in new:
+            print(format_table([row], args.cases, args.steps, torch.get_num_threads()).splitlines()[2], flush=True)
+
     if "recolour" in parts:
         for strength in args.strengths.split(","):
-            rows.append(recolour(pipe, cases, sampler, args.steps, float(strength)))
+            done(recolour(pipe, cases, sampler, args.steps, float(strength)))
     if "inpaint" in parts:
-        rows.append(inpaint(pipe, cases, sampler, args.steps))
+        done(inpaint(pipe, cases, sampler, args.steps))
     if "hires" in parts:
         for size in args.hires_sizes.split(","):
-            rows.extend(hires(pipe, cases, sampler, args.steps, int(size)))
+            done(*hires(pipe, cases, sampler, args.steps, int(size)))
     print(format_table(rows, args.cases, args.steps, torch.get_num_threads()))
     print(f"evaluation took {time.perf_counter() - started:.0f} s")
 
