@@ -66,11 +66,14 @@ def counting_steps(on_step: StepCallback | None, offset: int, total: int) -> Ste
 
 
 class TextToImagePipeline:
-    """Generate images from text with a CLIP text encoder, a U-Net and a VAE.
+    """Generate images from text with a CLIP text encoder, a U-Net and a VAE (and, given an init image
+    or a hires fix in the request, from an image: ``pipelines.generation.image_to_image`` and ``hires``).
 
     >>> pipe = load_pipeline("embedded")
     >>> out = pipe(GenerationRequest(prompt="a red circle on a blue background", seed=1))
     >>> out.images[0].save("circle.png")
+    >>> green = pipe(GenerationRequest(prompt="a green circle on a blue background", seed=1,
+    ...                                image=ImageConditioning(out.images[0], strength=0.6)))
     """
 
     def __init__(self, components: SDComponents) -> None:
@@ -190,7 +193,7 @@ class TextToImagePipeline:
         """
         from pipelines.generation.image_to_image import inpainting_channels
 
-        n, _, h, w = latents.shape
+        h, w = latents.shape[-2:]
         f = self.vae_scale_factor
         grey = latents.new_zeros(1, 3, h * f, w * f)  # [1, 3, H, W]: 0 is mid-grey in [-1, 1]
         return inpainting_channels(self, grey, latents.new_ones(1, 1, h * f, w * f), generators)
