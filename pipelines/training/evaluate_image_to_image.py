@@ -126,14 +126,17 @@ def inpaint(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, ste
     return Row(name, {key: _rate(v) for key, v in checks.items()}, float(np.median(seconds)))
 
 
-def hires(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, steps: int, size: int) -> list[Row]:
-    """Rows for ``size``: drawn directly and hires-fixed from 512; ``size`` 512 is the control (training size)."""
+def hires(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, steps: int, size: int,
+          ways: tuple[str, ...] = ("direct", "hires")) -> list[Row]:
+    """Rows for ``size``: drawn directly and hires-fixed from 512 (``ways``); 512 is the control (training size)."""
     from pipelines.generation.conditioning import HiresFix
     from pipelines.generation.request import GenerationRequest
 
     rows = []
-    runs: list[tuple[str, dict]] = [(f"txt2img at {size}x{size} directly", {"width": size, "height": size})]
-    if size != 512:
+    runs: list[tuple[str, dict]] = []
+    if "direct" in ways:
+        runs.append((f"txt2img at {size}x{size} directly", {"width": size, "height": size}))
+    if size != 512 and "hires" in ways:
         fix = HiresFix(scale=size / 512, upscaler=HIRES_UPSCALER, denoising_strength=HIRES_DENOISE)
         runs.append((f"txt2img at 512 + hires fix to {size} ({HIRES_UPSCALER}, denoising {HIRES_DENOISE:g})",
                      {"width": 512, "height": 512, "hires": fix}))
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="recolour,inpaint,hires", help="comma-separated: recolour,inpaint,hires")
     parser.add_argument("--strengths", default=RECOLOUR_STRENGTHS, help="recolour denoising strengths")
     parser.add_argument("--hires-sizes", default="512,768,1024", help="hires fix targets (512: the control)")
+    parser.add_argument("--hires-ways", default="direct,hires", help="direct (txt2img at the size), hires (fix)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         done(inpaint(pipe, cases, sampler, args.steps))
     if "hires" in parts:
         for size in args.hires_sizes.split(","):
-            done(*hires(pipe, cases, sampler, args.steps, int(size)))
+            done(*hires(pipe, cases, sampler, args.steps, int(size), tuple(args.hires_ways.split(","))))
     print(format_table(rows, args.cases, args.steps, torch.get_num_threads()))
     print(f"evaluation took {time.perf_counter() - started:.0f} s")
 
