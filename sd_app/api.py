@@ -1,14 +1,17 @@
 """HTTP routes compatible with AUTOMATIC1111's ``/sdapi/v1`` subset, on a FastAPI router.
 
-``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/samplers | schedulers | sd-models | progress | options``
+``POST /sdapi/v1/txt2img`` (hires fix included), ``POST /sdapi/v1/img2img`` (img2img, inpainting),
+``GET /sdapi/v1/samplers | schedulers | sd-models | upscalers | latent-upscale-modes | progress | options``
 and ``POST /sdapi/v1/interrupt``. Requests become the same ``GenerationRequest`` the UI and CLI
 build and run through the same ``Engine``. Differences from A1111, on purpose:
 
 - images come back best first by CLIP score when a reranker is loaded (``"rerank": false`` keeps
   generation order); ``info.all_seeds``, ``info.infotexts`` and ``info.clip_scores`` follow the
   order of ``images``; no grid image is prepended for batches;
-- options that would change the picture but are not implemented (``enable_hr``, ``restore_faces``,
-  ``tiling``, ``subseed_strength``, ``styles``, scripts) are refused with 422 instead of ignored;
+- options that would change the picture but are not implemented (``restore_faces``, ``tiling``,
+  ``subseed_strength``, ``styles``, scripts, a second-pass prompt/sampler/model, more than one init
+  image) are refused with 422 instead of ignored;
+- img2img takes one init image; a mask of another size is resized to it and ``info.notes`` says so;
 - defaults for absent fields are ``GenerationRequest``'s (20 steps, DPM++ 2M with its Karras schedule).
 """
 
@@ -25,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.generation.conditioning import LATENT_UPSCALERS, MASKED_CONTENT, PIXEL_UPSCALERS, RESIZE_MODES
 from pipelines.generation.request import GenerationRequest
 from pipelines.generation.schedulers import SAMPLERS, resolve_sampler, schedule_names
-from sd_app.metadata import VERSION
+from sd_app.metadata import VERSION, image_pairs
 from sd_app.ui_jobs import Busy, JobTracker
 
 if TYPE_CHECKING:
@@ -57,8 +61,8 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
 SCHEDULERS = tuple(schedule_names())
 
 
-class Txt2ImgRequest(BaseModel):
-    """The A1111 ``StableDiffusionTxt2ImgProcessingAPI`` fields we honour; the others are checked by
+class GenerationFields(BaseModel):
+    """The fields A1111's txt2img and img2img requests share; the others are checked by
     ``sd_app.a1111_fields`` (ignored when harmless, refused when they would change the picture)."""
 
     model_config = ConfigDict(extra="allow")
@@ -81,6 +85,45 @@ class Txt2ImgRequest(BaseModel):
     rerank_by: Literal["clip", "contrastive", "mixed"] = "clip"  # sd-app: or against counterfactual captions
 
 
+class Txt2ImgRequest(GenerationFields):
+    """A1111's ``StableDiffusionTxt2ImgProcessingAPI`` fields we honour, the hires fix included."""
+
+    enable_hr: bool = False
+    denoising_strength: float | None = None  # the hires fix's; A1111 clients send 0.7
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    # A second pass with other settings than the first; refused unless unset or the same.
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+
+
+class Img2ImgRequest(GenerationFields):
+    """A1111's ``StableDiffusionImg2ImgProcessingAPI`` fields we honour (its defaults, as clients expect)."""
+
+    init_images: list[str] = Field(default_factory=list)
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
+    denoising_strength: float = 0.75
+    mask: str | None = None  # base64; white = repaint
+    mask_blur: int = 4
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # only masked
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+
+
 def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
     """Our sampler name for A1111's ``sampler_name`` (or an alias) and ``scheduler``; ValueError if unknown."""
     name = (sampler_name or _DEFAULTS.sampler).strip()
@@ -90,26 +133,106 @@ def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
     return resolve_sampler(name, scheduler).label
 
 
-def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
-    """Validate and convert; ValueError names the A1111 field at fault."""
+def _refuse_unsupported(body: GenerationFields) -> None:
+    """A second hires pass with other settings, and img2img's latent mask: declared fields we refuse unless
+    unset (the undeclared A1111 fields are checked by ``sd_app.a1111_fields``)."""
+    refused: dict[str, Any] = {}
+    if isinstance(body, Txt2ImgRequest):
+        refused.update(
+            hr_checkpoint_name=body.hr_checkpoint_name,
+            hr_prompt=body.hr_prompt if body.hr_prompt != body.prompt else "",
+            hr_negative_prompt=body.hr_negative_prompt if body.hr_negative_prompt != body.negative_prompt else "",
+            firstphase_width=body.firstphase_width,
+            firstphase_height=body.firstphase_height,
+        )
+        if body.hr_sampler_name and body.hr_sampler_name.casefold() != (body.sampler_name or "").casefold():
+            refused["hr_sampler_name"] = body.hr_sampler_name
+        if body.hr_scheduler and body.hr_scheduler.casefold() not in ((body.scheduler or "").casefold(), "automatic"):
+            refused["hr_scheduler"] = body.hr_scheduler
+    if isinstance(body, Img2ImgRequest):
+        refused["latent_mask"] = body.latent_mask
+        if body.initial_noise_multiplier not in (None, 1, 1.0):
+            refused["initial_noise_multiplier"] = body.initial_noise_multiplier
+    for field, value in refused.items():
+        if value:
+            raise ValueError(f"{field} is not supported by sd-app (got {value!r}); leave it unset")
+
+
+def _common_settings(body: GenerationFields) -> dict[str, Any]:
     from sd_app.a1111_fields import check_fields
 
     sampler = sampler_from_fields(body.sampler_name or body.sampler_index, body.scheduler)
-    check_fields(body.model_extra or {}, resolve_sampler(sampler).name, set(Txt2ImgRequest.model_fields))
+    check_fields(body.model_extra or {}, resolve_sampler(sampler).name, set(type(body).model_fields))
     n = body.batch_size * body.n_iter
     if not 1 <= n <= 16:
         raise ValueError(f"batch_size * n_iter must be between 1 and 16, got {body.batch_size} * {body.n_iter} = {n}")
-    return GenerationRequest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.steps,
-        cfg_scale=body.cfg_scale,
-        seed=body.seed,
-        width=body.width,
-        height=body.height,
-        n=n,
-        sampler=sampler,
+    return {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "steps": body.steps,
+        "cfg_scale": body.cfg_scale,
+        "seed": body.seed,
+        "width": body.width,
+        "height": body.height,
+        "n": n,
+        "sampler": sampler,
+    }
+
+
+def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
+    """Validate and convert; ValueError names the A1111 field at fault."""
+    from pipelines.generation.conditioning import HiresFix
+
+    _refuse_unsupported(body)
+    hires = None
+    if body.enable_hr:
+        hires = HiresFix(
+            scale=body.hr_scale,
+            upscaler=body.hr_upscaler or "Latent",
+            steps=body.hr_second_pass_steps,
+            denoising_strength=0.7 if body.denoising_strength is None else body.denoising_strength,
+            resize_x=body.hr_resize_x,
+            resize_y=body.hr_resize_y,
+        )
+    return GenerationRequest(**_common_settings(body), hires=hires)
+
+
+def _a1111_choice(field: str, value: int, choices: tuple[str, ...]) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
+        options = ", ".join(f"{i} {name}" for i, name in enumerate(choices))
+        raise ValueError(f"{field} must be one of {options}; got {value!r}")
+    return choices[value]
+
+
+def to_image_request(body: Img2ImgRequest) -> tuple[GenerationRequest, list[str]]:
+    """The img2img / inpaint request and notes (a mask resized to the image); ValueError names the field."""
+    from pipelines.generation.masks import image_conditioning
+    from sd_app.images import decode_image
+
+    _refuse_unsupported(body)
+    if len(body.init_images) != 1:
+        raise ValueError(f"init_images must hold exactly one base64 image, got {len(body.init_images)}")
+    blur = body.mask_blur
+    for name in ("mask_blur_x", "mask_blur_y"):
+        value = getattr(body, name)
+        if value is not None and value != blur:
+            raise ValueError(f"{name} different from mask_blur is not supported (got {value} and {blur})")
+    init = decode_image(body.init_images[0], "init_images[0]")
+    mask = decode_image(body.mask, "mask", mask=True) if body.mask else None
+    if body.inpainting_mask_invert not in (0, 1):
+        raise ValueError(f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert!r}")
+    image, notes = image_conditioning(
+        init,
+        mask,
+        strength=body.denoising_strength,
+        mask_blur=blur,
+        masked_content=_a1111_choice("inpainting_fill", body.inpainting_fill, MASKED_CONTENT),
+        inpaint_full_res=body.inpaint_full_res,
+        padding=body.inpaint_full_res_padding,
+        invert_mask=bool(body.inpainting_mask_invert),
+        resize_mode=_a1111_choice("resize_mode", body.resize_mode, tuple(RESIZE_MODES)),
     )
+    return GenerationRequest(**_common_settings(body), image=image), notes
 
 
 def png_base64(image: Image.Image, parameters: str | None) -> str:
@@ -124,7 +247,9 @@ def png_base64(image: Image.Image, parameters: str | None) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def build_info(body: Txt2ImgRequest, result: GenerationResult, model_hash: str | None) -> dict[str, Any]:
+def build_info(
+    body: GenerationFields, result: GenerationResult, model_hash: str | None, notes: list[str] | None = None
+) -> dict[str, Any]:
     """A1111's ``info`` object (as a dict; the route JSON-encodes it) plus our CLIP scores."""
     request = result.request
     spec = resolve_sampler(request.sampler)
@@ -155,14 +280,14 @@ def build_info(body: Txt2ImgRequest, result: GenerationResult, model_hash: str |
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
-        "extra_generation_params": {"Schedule type": spec.schedule},
+        "denoising_strength": _denoising_strength(request),
+        "extra_generation_params": {"Schedule type": spec.schedule, **image_pairs(request)},
         "index_of_first_image": 0,
         "infotexts": [c.parameters for c in result.candidates],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": result.inpainting_conditioning,
         "version": VERSION,
         "clip_scores": [c.details.get("CLIP score", c.score) for c in result.candidates],
         "reranker": result.reranker_name,
@@ -173,7 +298,14 @@ def build_info(body: Txt2ImgRequest, result: GenerationResult, model_hash: str |
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,
+        "notes": notes or [],
     }
+
+
+def _denoising_strength(request: GenerationRequest) -> float | None:
+    if request.image is not None:
+        return request.image.strength
+    return request.hires.denoising_strength if request.hires is not None else None
 
 
 def samplers_list() -> list[dict[str, Any]]:
@@ -250,17 +382,14 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     """The ``/sdapi/v1`` routes for one engine; no state outside ``engine`` and ``tracker``."""
     router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
-    @router.post("/txt2img")
-    async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
-        try:
-            request = to_generation_request(body)
-        except ValueError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from None
+    async def run(
+        body: GenerationFields, request: GenerationRequest, notes: list[str], http: Request
+    ) -> dict[str, Any]:
         cancel = threading.Event()
         client = http.client.host if http.client else ""
 
         def work() -> GenerationResult:
-            with tracker.job(request.steps, cancel, "api", client=client) as job:
+            with tracker.job(request.total_steps, cancel, "api", client=client) as job:
                 return engine.generate(
                     request,
                     rerank=body.rerank,
@@ -273,11 +402,40 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
         result = await run_cancelling_on_disconnect(work, http, cancel)
         images = [png_base64(c.image, c.parameters) for c in result.candidates] if body.send_images else []
         model_hash = engine.pipeline().components.model_hash
+        parameters = body.model_dump()
+        if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+            parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not echoed back
         return {
             "images": images,
-            "parameters": body.model_dump(),
-            "info": json.dumps(build_info(body, result, model_hash)),
+            "parameters": parameters,
+            "info": json.dumps(build_info(body, result, model_hash, notes)),
         }
+
+    @router.post("/txt2img")
+    async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
+        try:
+            request = to_generation_request(body)
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
+        return await run(body, request, [], http)
+
+    @router.post("/img2img")
+    async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
+        try:
+            request, notes = to_image_request(body)
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
+        return await run(body, request, notes, http)
+
+    @router.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        names = ["None", *PIXEL_UPSCALERS]
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in names]
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": name} for name in LATENT_UPSCALERS]
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:

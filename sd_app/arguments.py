@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from pipelines.generation.conditioning import LATENT_UPSCALERS, MASKED_CONTENT, PIXEL_UPSCALERS, RESIZE_MODES
 from pipelines.generation.request import GenerationRequest
 from pipelines.generation.schedulers import DEFAULT_SAMPLER
+
+SIDES = ("left", "right", "top", "bottom")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +20,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (1-150)")
     parser.add_argument("--cfg", type=float, default=defaults.cfg_scale, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; -1 = random")
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--height", type=int, default=defaults.height)
+    parser.add_argument("--width", type=int, default=None, help="default 512, or the init image's width")
+    parser.add_argument("--height", type=int, default=None, help="default 512, or the init image's height")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 sampler name (see `sd-app info`)")
     parser.add_argument("--n", type=int, default=1, help="number of images / candidates (1-16)")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
@@ -32,18 +36,124 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_image_arguments(parser)
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """img2img / inpainting / outpainting and hires fix options (A1111's, spelled as flags)."""
+    group = parser.add_argument_group("image to image (img2img, inpaint, outpaint)")
+    group.add_argument("--init-image", type=Path, default=None, help="start from this image (img2img)")
+    group.add_argument("--mask", type=Path, default=None, help="inpaint: white = repaint (resized to the image)")
+    group.add_argument(
+        "--strength", type=float, default=None,
+        help="denoising strength 0-1 (default 0.75 for img2img, 0.7 for the hires fix)",
+    )
+    group.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the mask, px (default 4)")
+    group.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
+                       help="what the masked area starts from (default original; fill when outpainting)")
+    group.add_argument("--only-masked", action="store_true",
+                       help="inpaint area 'only masked': generate the mask's box at full size, paste it back")
+    group.add_argument("--padding", type=int, default=32, help="pixels around the mask with --only-masked")
+    group.add_argument("--invert-mask", action="store_true", help="repaint what is black in the mask")
+    group.add_argument("--resize-mode", choices=tuple(RESIZE_MODES), default="just resize",
+                       help="fit the init image to --width x --height")
+    group.add_argument("--outpaint", type=int, default=0, metavar="PIXELS",
+                       help="pad the init image by PIXELS on --outpaint-sides and inpaint the new border")
+    group.add_argument("--outpaint-sides", default=",".join(SIDES), help="comma-separated: left,right,top,bottom")
+    hires = parser.add_argument_group("hires fix (text to image)")
+    hires.add_argument("--hires-scale", type=float, default=None, help="upscale the first pass by this (e.g. 2)")
+    hires.add_argument("--hires-size", default=None, metavar="WxH", help="or upscale to this size (0 = keep aspect)")
+    hires.add_argument("--hires-upscaler", choices=(*LATENT_UPSCALERS, *PIXEL_UPSCALERS), default="Latent")
+    hires.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0 = same as --steps)")
 
 
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerationRequest:
-    """The request the generation options of ``add_generation_arguments`` describe."""
-    return GenerationRequest(
+    """The request the generation options of ``add_generation_arguments`` describe; notes go to stderr."""
+    request, notes = request_and_notes(args, prompt)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return request
+
+
+def request_and_notes(args: argparse.Namespace, prompt: str) -> tuple[GenerationRequest, list[str]]:
+    """The request, and notes on what was adjusted (a mask resized to the image, an outpainting canvas)."""
+    image, notes = image_from_args(args)
+    hires = hires_from_args(args)
+    if image is not None and hires is not None:
+        raise ValueError("--hires-scale/--hires-size are for text to image; with --init-image set --width/--height")
+    width, height = args.width, args.height
+    if image is not None:
+        from pipelines.generation.masks import generation_size
+
+        own_width, own_height = generation_size(image.init_image)
+        width = own_width if width is None else width
+        height = own_height if height is None else height
+    defaults = GenerationRequest()
+    request = GenerationRequest(
         prompt=prompt,
         negative_prompt=args.negative,
         steps=args.steps,
         cfg_scale=args.cfg,
         seed=args.seed,
-        width=args.width,
-        height=args.height,
+        width=defaults.width if width is None else width,
+        height=defaults.height if height is None else height,
         n=args.n,
         sampler=args.sampler,
+        image=image,
+        hires=hires,
+    )
+    return request, notes
+
+
+def image_from_args(args: argparse.Namespace):  # noqa: ANN201 - (ImageConditioning | None, notes)
+    """The init image settings of ``--init-image`` and friends, or (None, []) without an init image."""
+    if args.init_image is None:
+        for flag, value in (("--mask", args.mask), ("--outpaint", args.outpaint)):
+            if value:
+                raise ValueError(f"{flag} needs --init-image")
+        return None, []
+    from pipelines.generation.masks import image_conditioning
+    from sd_app.images import open_image_file
+
+    init = open_image_file(args.init_image, "--init-image")
+    mask = open_image_file(args.mask, "--mask", mask=True) if args.mask is not None else None
+    outpaint = None
+    if args.outpaint:
+        sides = [side.strip() for side in args.outpaint_sides.split(",") if side.strip()]
+        unknown = [side for side in sides if side not in SIDES]
+        if unknown or not sides:
+            raise ValueError(f"--outpaint-sides must name some of {', '.join(SIDES)}, got {args.outpaint_sides!r}")
+        outpaint = {side: args.outpaint for side in sides}
+    settings: dict[str, object] = {
+        "strength": 0.75 if args.strength is None else args.strength,
+        "mask_blur": args.mask_blur,
+        "inpaint_full_res": args.only_masked,
+        "padding": args.padding,
+        "invert_mask": args.invert_mask,
+        "resize_mode": args.resize_mode,
+    }
+    if args.masked_content is not None:
+        settings["masked_content"] = args.masked_content
+    return image_conditioning(init, mask, outpaint=outpaint, **settings)
+
+
+def hires_from_args(args: argparse.Namespace):  # noqa: ANN201 - HiresFix | None
+    """The hires fix of ``--hires-scale`` / ``--hires-size``, or None."""
+    if args.hires_scale is None and args.hires_size is None:
+        return None
+    from pipelines.generation.conditioning import HiresFix
+
+    resize_x = resize_y = 0
+    if args.hires_size is not None:
+        x, sep, y = args.hires_size.lower().partition("x")
+        if not sep or not x.strip().isdigit() or not y.strip().isdigit():
+            raise ValueError(f"--hires-size must look like 1024x768 (0 keeps the aspect), got {args.hires_size!r}")
+        resize_x, resize_y = int(x), int(y)
+    return HiresFix(
+        scale=2.0 if args.hires_scale is None else args.hires_scale,
+        upscaler=args.hires_upscaler,
+        steps=args.hires_steps,
+        denoising_strength=0.7 if args.strength is None else args.strength,
+        resize_x=resize_x,
+        resize_y=resize_y,
     )

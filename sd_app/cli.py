@@ -66,9 +66,11 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"{candidate.path}  seed {candidate.seed}{score}")
     order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
     made = result.request
+    width, height = result.candidates[0].image.size
+    mode = made.mode + (" + hires fix" if made.hires is not None else "")
     print(
         f"{len(result.candidates)} of {made.n} image(s) written to {args.out}/ {order}; {result.model_name}, "
-        f"{made.sampler}, {made.steps} steps, {made.width}x{made.height}, {seconds:.1f} s",
+        f"{mode}, {made.sampler}, {made.total_steps} steps, {width}x{height}, {seconds:.1f} s",
         file=sys.stderr,
     )
     tokens = result.prompt_tokens

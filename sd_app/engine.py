@@ -46,6 +46,7 @@ class GenerationResult:
     prompt_truncated_for_scoring: bool = False
     prompt_tokens: TokenCount | None = None  # CLIP tokens and 75-token chunks the prompt was encoded in
     score_label: str = "CLIP score"  # what the candidates' scores are ("Contrastive score", ...)
+    inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -151,4 +152,5 @@ class Engine:
             prompt_truncated_for_scoring=output.prompt_truncated,
             prompt_tokens=pipe.count_tokens(output.request.prompt),
             score_label=output.score_label,
+            inpainting_conditioning=pipe.inpainting_unet,
         )

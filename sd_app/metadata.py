@@ -10,6 +10,7 @@ import json
 import re
 from typing import Any
 
+from pipelines.generation.conditioning import HiresFix
 from pipelines.generation.request import GenerationRequest
 from pipelines.generation.schedulers import resolve_sampler
 
@@ -44,6 +45,7 @@ def format_parameters(
         pairs["DeepCache interval"] = request.cache_interval
     if request.guidance_cutoff > 0:
         pairs["CFG cutoff"] = f"{request.guidance_cutoff:g}"
+    pairs.update(image_pairs(request))
     if model_hash:
         pairs["Model hash"] = model_hash
     pairs["Model"] = model_name
@@ -54,6 +56,74 @@ def format_parameters(
         lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items()))
     return "\n".join(lines)
+
+
+def image_pairs(request: GenerationRequest) -> dict[str, Any]:
+    """A1111's img2img / inpaint / hires fix keys for ``request`` (none for plain text-to-image)."""
+    pairs: dict[str, Any] = {}
+    if request.image is not None:
+        image = request.image
+        pairs["Denoising strength"] = f"{image.strength:g}"
+        if image.resize_mode != "just resize":
+            pairs["Resize mode"] = image.resize_mode.capitalize()
+        if image.mask is not None:
+            pairs["Mask blur"] = image.mask_blur
+            pairs["Masked content"] = image.masked_content
+            if image.invert_mask:
+                pairs["Mask mode"] = "Inpaint not masked"
+            if image.inpaint_full_res:
+                pairs["Inpaint area"] = "Only masked"
+                pairs["Masked area padding"] = image.padding
+    if request.hires is not None:
+        hires = request.hires
+        pairs["Denoising strength"] = f"{hires.denoising_strength:g}"
+        if hires.resize_x or hires.resize_y:
+            pairs["Hires resize"] = f"{hires.resize_x}x{hires.resize_y}"
+        else:
+            pairs["Hires upscale"] = f"{hires.scale:g}"
+        if hires.steps:
+            pairs["Hires steps"] = hires.steps
+        pairs["Hires upscaler"] = hires.upscaler
+    return pairs
+
+
+def hires_from_parameters(params: dict[str, Any]) -> HiresFix | None:
+    """The hires fix a parsed ``parameters`` dict describes (A1111's keys), or None."""
+    if not any(key in params for key in ("Hires upscale", "Hires resize", "Hires upscaler")):
+        return None
+    resize_x, _, resize_y = str(params.get("Hires resize", "0x0")).partition("x")
+    return HiresFix(
+        scale=float(params.get("Hires upscale", 2.0)),
+        upscaler=str(params.get("Hires upscaler", "Latent")),
+        steps=int(params.get("Hires steps", 0)),
+        denoising_strength=float(params.get("Denoising strength", 0.7)),
+        resize_x=int(resize_x or 0),
+        resize_y=int(resize_y or 0),
+    )
+
+
+def image_settings_from_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The img2img / inpaint settings (``ImageConditioning`` fields but the images) a parsed dict names.
+
+    Empty for text-to-image parameters (and for a hires fix, whose strength is its own).
+    """
+    if "Denoising strength" not in params or hires_from_parameters(params) is not None:
+        return {}
+    try:
+        settings: dict[str, Any] = {"strength": float(params["Denoising strength"])}
+        if "Mask blur" in params:
+            settings["mask_blur"] = int(params["Mask blur"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"parameters cannot be reused: {error}") from error
+    if "Masked content" in params:
+        settings["masked_content"] = str(params["Masked content"])
+    if "Resize mode" in params:
+        settings["resize_mode"] = str(params["Resize mode"]).lower()
+    settings["invert_mask"] = params.get("Mask mode") == "Inpaint not masked"
+    settings["inpaint_full_res"] = params.get("Inpaint area") == "Only masked"
+    if "Masked area padding" in params:
+        settings["padding"] = int(params["Masked area padding"])
+    return settings
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
@@ -85,7 +155,11 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
 
 def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
-    """A request reproducing a parsed ``parameters`` dict (A1111's or ours)."""
+    """A request reproducing a parsed ``parameters`` dict (A1111's or ours), hires fix included.
+
+    img2img and inpainting need their images, which the text does not hold: the request is the
+    text-to-image part, and ``image_settings_from_parameters`` gives the rest.
+    """
     width, _, height = str(params.get("Size", "512x512")).partition("x")
     try:
         sampler = resolve_sampler(str(params.get("Sampler", "Euler a")), str(params.get("Schedule type", ""))).label
@@ -100,6 +174,7 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
             sampler=sampler,
             cache_interval=int(params.get("DeepCache interval", 1)),
             guidance_cutoff=float(params.get("CFG cutoff", 0.0)),
+            hires=hires_from_parameters(params),
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"parameters cannot be reused: {error}") from error

@@ -1,4 +1,4 @@
-"""The browser UI: Gradio Blocks with Generate, Inspect, Score and PNG info views.
+"""The browser UI: Gradio Blocks with Generate, Image to image, Inspect, Score and PNG info views.
 
 ``build_demo(engine)`` only builds the layout; models load on first use. Serve it with
 ``sd_app.server`` (which adds the HTTP API and auth) or ``build_demo(engine).launch()``.
@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipelines.generation.conditioning import (
+    LATENT_UPSCALERS,
+    MASKED_CONTENT,
+    PIXEL_UPSCALERS,
+    RESIZE_MODES,
+    HiresFix,
+    ImageConditioning,
+)
 from pipelines.generation.request import LIMITS, GenerationRequest
 from pipelines.generation.schedulers import sampler_names
 
@@ -25,8 +33,10 @@ CSS = "#status {min-height: 2em} .token-counter {text-align: right; opacity: 0.7
 def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int = MAX_QUEUE) -> gr.Blocks:
     """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting."""
     import gradio as gr
+    from PIL import Image
 
     from sd_app.ui_handlers import RERANK_CHOICES, UiHandlers, UserSession
+    from sd_app.ui_image import INPAINT_AREAS, MASK_MODES, SIDES
     from sd_app.ui_inspect import TOKEN_HEADERS
     from sd_app.ui_jobs import JobTracker
 
@@ -76,6 +86,23 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                                 interactive=engine.reranker is not None,
                                 elem_id="rerank-by",
                             )
+                        hires_defaults = HiresFix()
+                        with gr.Accordion("Hires fix", open=False):
+                            hires_on = gr.Checkbox(value=False, label="Upscale and denoise again", elem_id="hires")
+                            with gr.Row():
+                                hires_scale = gr.Slider(1, 4, value=hires_defaults.scale, step=0.05, label="Upscale by")
+                                hires_upscaler = gr.Dropdown(
+                                    [*LATENT_UPSCALERS, *PIXEL_UPSCALERS], value=hires_defaults.upscaler,
+                                    label="Upscaler",
+                                )
+                            with gr.Row():
+                                hires_steps = gr.Slider(
+                                    0, LIMITS["steps"][1], value=0, step=1, label="Hires steps (0 = same)"
+                                )
+                                hires_denoise = gr.Slider(
+                                    0, 1, value=hires_defaults.denoising_strength, step=0.01,
+                                    label="Denoising strength",
+                                )
                     with gr.Column(scale=2):
                         status = gr.Markdown("", elem_id="status")
                         previews = gr.Gallery(
@@ -89,6 +116,72 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                             buttons=["copy"],
                         )
                         files = gr.File(label="PNGs with metadata", file_count="multiple", elem_id="files")
+                        send_result = gr.Button("Send to Image to image", size="sm", elem_id="send-to-img2img")
+            with gr.Tab("Image to image", id="img2img"):
+                image_defaults = ImageConditioning(Image.new("RGB", (8, 8)))
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        editor = gr.ImageEditor(
+                            label="Init image: paint over what to repaint (no strokes = img2img)",
+                            type="pil",
+                            format="png",
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                            elem_id="init-image",
+                        )
+                        with gr.Accordion("Or upload a mask (white = repaint)", open=False):
+                            mask_upload = gr.Image(label="Mask", type="pil", image_mode="L", format="png")
+                    with gr.Column(scale=2):
+                        i_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="img2img-prompt")
+                        i_negative = gr.Textbox(label="Negative prompt", lines=1)
+                        with gr.Row():
+                            i_generate = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
+                            i_cancel = gr.Button("Cancel", variant="stop")
+                        strength = gr.Slider(
+                            0, 1, value=image_defaults.strength, step=0.01, label="Denoising strength",
+                            elem_id="strength",
+                        )
+                        with gr.Row():
+                            i_sampler = gr.Dropdown(sampler_names(), value=defaults.sampler, label="Sampler")
+                            i_steps = gr.Slider(*LIMITS["steps"], value=defaults.steps, step=1, label="Steps")
+                        i_cfg = gr.Slider(0, 30, value=defaults.cfg_scale, step=0.5, label="CFG scale")
+                        with gr.Row():
+                            i_width = gr.Slider(0, LIMITS["width"][1], value=0, step=8, label="Width (0 = image's)")
+                            i_height = gr.Slider(0, LIMITS["height"][1], value=0, step=8, label="Height (0 = image's)")
+                        with gr.Row():
+                            i_seed = gr.Number(value=-1, label="Seed (-1 = random)")
+                            i_n = gr.Slider(*LIMITS["n"], value=1, step=1, label="Candidates")
+                            i_rerank = gr.Checkbox(
+                                value=engine.reranker is not None, label="Rerank by CLIP score",
+                                interactive=engine.reranker is not None,
+                            )
+                        resize_mode = gr.Radio(
+                            list(RESIZE_MODES), value=image_defaults.resize_mode, label="Resize mode"
+                        )
+                        with gr.Accordion("Inpainting", open=True):
+                            with gr.Row():
+                                mask_blur = gr.Slider(0, 64, value=image_defaults.mask_blur, step=1, label="Mask blur")
+                                masked_content = gr.Radio(
+                                    list(MASKED_CONTENT), value=image_defaults.masked_content, label="Masked content"
+                                )
+                            with gr.Row():
+                                mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode")
+                                inpaint_area = gr.Radio(
+                                    list(INPAINT_AREAS), value=INPAINT_AREAS[0], label="Inpaint area"
+                                )
+                                padding = gr.Slider(
+                                    0, 256, value=image_defaults.padding, step=4, label="Only masked padding, px"
+                                )
+                        with gr.Accordion("Outpainting", open=False):
+                            with gr.Row():
+                                outpaint = gr.Slider(0, 512, value=0, step=8, label="Pad the canvas by, px")
+                                sides = gr.CheckboxGroup(list(SIDES), value=list(SIDES), label="Sides")
+                i_status = gr.Markdown("", elem_id="img2img-status")
+                i_previews = gr.Gallery(label="Live latent previews", columns=4, height=160, format="png")
+                i_gallery = gr.Gallery(
+                    label="Candidates, best first", columns=4, format="png", elem_id="img2img-gallery"
+                )
+                i_parameters = gr.Textbox(label="Parameters", lines=3, buttons=["copy"])
+                i_files = gr.File(label="PNGs with metadata", file_count="multiple")
             with gr.Tab("Inspect", id="inspect"):
                 gr.Markdown(
                     "How the last request went through the pipeline: tokens, tensor shapes, the "
@@ -119,7 +212,9 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                 png_file = gr.File(label="PNG made by sd-app or AUTOMATIC1111", file_types=[".png"])
                 png_text = gr.Textbox(label="parameters", lines=5, buttons=["copy"])
                 png_fields = gr.JSON(label="Parsed")
-                send_button = gr.Button("Send to Generate", variant="primary")
+                with gr.Row():
+                    send_button = gr.Button("Send to Generate", variant="primary")
+                    send_png_image = gr.Button("Send to Image to image")
 
         prompt.change(
             handlers.count_tokens,
@@ -130,7 +225,10 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
             trigger_mode="always_last",
             api_name="count_tokens",
         )
-        generate_inputs = [prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, session]
+        hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
+        generate_inputs = [
+            prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, session
+        ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
         generate_event = gr.on(
@@ -150,6 +248,35 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
             concurrency_id=MODEL_GROUP,
             show_progress="hidden",
         )
+        image_inputs = [
+            editor, mask_upload, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_width, i_height, i_seed, i_n,
+            i_rerank, strength, mask_blur, masked_content, inpaint_area, padding, mask_mode, resize_mode, outpaint,
+            sides, session,
+        ]
+        gr.on(
+            [i_generate.click, i_prompt.submit],
+            handlers.image_to_image,
+            image_inputs,
+            [i_status, i_previews, i_gallery, i_parameters, i_files],
+            api_name="img2img",
+            concurrency_id=MODEL_GROUP,
+            concurrency_limit=1,
+        )
+        i_cancel.click(handlers.cancel, session, i_status, concurrency_limit=None, api_name=False)
+        i_gallery.select(handlers.select_candidate, session, i_parameters, queue=False, api_name=False)
+        send_result.click(
+            handlers.send_result_to_image,
+            session,
+            [editor, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_seed, tabs],
+            api_name=False,
+        )
+        send_png_image.click(
+            handlers.send_png_to_image,
+            [png_file, png_text],
+            [editor, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_seed, strength, mask_blur, masked_content,
+             inpaint_area, padding, mask_mode, tabs],
+            api_name=False,
+        )
         cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel")
         reuse.click(handlers.reuse_seed, session, seed, queue=False, api_name=False)
         gallery.select(handlers.select_candidate, session, parameters, queue=False, api_name=False)
@@ -163,7 +290,7 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
         send_button.click(
             handlers.send_to_generate,
             png_text,
-            [prompt, negative, sampler, steps, cfg, width, height, seed, tabs],
+            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, tabs],
             api_name=False,
         )
     demo.queue(default_concurrency_limit=1, max_size=max_queue)

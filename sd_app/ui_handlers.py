@@ -43,6 +43,7 @@ class UserSession:
         self.last_result: GenerationResult | None = None
         self.cancel: threading.Event | None = None
         self.step_thumbnails: list[tuple[Image.Image, str]] = []
+        self.selected: int = 0  # the gallery image last clicked (what "Send to" sends)
 
     def __deepcopy__(self, memo: dict) -> UserSession:
         return UserSession()  # gr.State copies its initial value once per session: start empty
@@ -153,21 +154,52 @@ class UiHandlers:
         return f"{count.tokens}/{limit} tokens{chunks}"
 
     @staticmethod
-    def build_request(
+    def request_settings(
         prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any, seed: Any, n: Any
+    ) -> dict[str, Any]:
+        """The Generate view's fields as ``GenerationRequest`` settings; ValueError names the bad one."""
+        return {
+            "prompt": prompt or "",
+            "negative_prompt": negative or "",
+            "steps": integer("steps", steps),
+            "cfg_scale": number("cfg_scale", cfg),
+            "seed": integer("seed", seed),
+            "width": integer("width", width),
+            "height": integer("height", height),
+            "n": integer("candidates", n),
+            "sampler": sampler,
+        }
+
+    @classmethod
+    def build_request(
+        cls,
+        prompt: str,
+        negative: str,
+        sampler: str,
+        steps: Any,
+        cfg: Any,
+        width: Any,
+        height: Any,
+        seed: Any,
+        n: Any,
+        hires: tuple[Any, ...] | None = None,
     ) -> GenerationRequest:
-        """The validated request for the Generate view's fields; ValueError names the bad one."""
-        return GenerationRequest(
-            prompt=prompt or "",
-            negative_prompt=negative or "",
-            steps=integer("steps", steps),
-            cfg_scale=number("cfg_scale", cfg),
-            seed=integer("seed", seed),
-            width=integer("width", width),
-            height=integer("height", height),
-            n=integer("candidates", n),
-            sampler=sampler,
-        )
+        """The validated request for the Generate view's fields; ValueError names the bad one.
+
+        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix.
+        """
+        settings = cls.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+        if hires is not None and hires[0]:
+            from pipelines.generation.conditioning import HiresFix
+
+            _, scale, upscaler, hires_steps, denoise = hires
+            settings["hires"] = HiresFix(
+                scale=number("hr_scale", scale),
+                upscaler=upscaler,
+                steps=integer("hr_second_pass_steps", hires_steps),
+                denoising_strength=number("denoising_strength", denoise),
+            )
+        return GenerationRequest(**settings)
 
     def generate(
         self,
@@ -181,6 +213,11 @@ class UiHandlers:
         seed: Any,
         n: Any,
         rerank: str,
+        hires_on: bool,
+        hires_scale: Any,
+        hires_upscaler: str,
+        hires_steps: Any,
+        hires_denoise: Any,
         session: UserSession,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
@@ -189,12 +226,61 @@ class UiHandlers:
         ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order).
         """
         rerank_by = rerank or "off"
+        hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         try:
-            request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+            request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n, hires)
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
         except ValueError as error:
             raise user_error(str(error)) from None
+        yield from self._stream(request, rerank_by, session, progress, [])
+
+    def image_to_image(
+        self,
+        editor: Any,
+        mask: Any,
+        prompt: str,
+        negative: str,
+        sampler: str,
+        steps: Any,
+        cfg: Any,
+        width: Any,
+        height: Any,
+        seed: Any,
+        n: Any,
+        rerank: bool,
+        strength: Any,
+        mask_blur: Any,
+        masked_content: str,
+        inpaint_area: str,
+        padding: Any,
+        mask_mode: str,
+        resize_mode: str,
+        outpaint: Any,
+        sides: list[str] | None,
+        session: UserSession,
+        progress: gr.Progress = gr.Progress(),
+    ) -> Iterator[tuple[Any, ...]]:
+        """img2img / inpaint / outpaint from the Image to image view; yields as ``generate`` does."""
+        from sd_app.ui_image import image_request
+
+        try:
+            base = self.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+            request, notes = image_request(
+                base, editor, mask, number("denoising strength", strength), integer("mask blur", mask_blur),
+                masked_content, inpaint_area, integer("padding", padding), mask_mode, resize_mode,
+                integer("outpaint", outpaint), sides,
+            )
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        yield from self._stream(request, "clip" if rerank else "off", session, progress, notes)
+
+    def _stream(
+        self, request: GenerationRequest, rerank_by: str, session: UserSession, progress: gr.Progress, notes: list[str]
+    ) -> Iterator[tuple[Any, ...]]:
+        """Run ``request`` in a worker thread; yield (status, previews, gallery, parameters, files) updates.
+
+        ``rerank_by``: "clip", "contrastive", "mixed" or "off" (generation order)."""
         cancel = threading.Event()
         session.cancel = cancel
         session.step_thumbnails = []
@@ -220,7 +306,7 @@ class UiHandlers:
                     yield from self._failed(payload)
                     return
                 else:
-                    yield self._finished(payload, session, time.monotonic() - started)
+                    yield self._finished(payload, session, time.monotonic() - started, notes)
                     return
         finally:
             if worker.is_alive():  # the client went away or the event was cancelled: stop the work too
@@ -240,7 +326,7 @@ class UiHandlers:
 
         try:
             pipe = self.engine.pipeline()
-            with self.tracker.job(request.steps, cancel, "ui") as job:
+            with self.tracker.job(request.total_steps, cancel, "ui") as job:
 
                 def on_step(info: Any) -> None:
                     self.tracker.step(job, info)
@@ -276,9 +362,12 @@ class UiHandlers:
         raise user_error(error_message(error))
 
     @staticmethod
-    def _finished(result: GenerationResult, session: UserSession, seconds: float) -> tuple[Any, ...]:
+    def _finished(
+        result: GenerationResult, session: UserSession, seconds: float, notes: list[str] | None = None
+    ) -> tuple[Any, ...]:
         session.last_result = result
         session.last_seed = result.request.seed
+        session.selected = 0
         items = [
             (str(c.path) if c.path else c.image, caption(c.seed, c.score, result.score_label))
             for c in result.candidates
@@ -293,6 +382,8 @@ class UiHandlers:
             status += f" · prompt: {tokens.tokens} tokens in {tokens.chunks} chunks of 75"
         if result.prompt_truncated_for_scoring:
             status += " · the reranker read only the first 77 tokens"
+        for note in notes or []:
+            status += f" · {note}"
         return status, gr.update(), items, best.parameters, files
 
     @staticmethod
@@ -313,7 +404,27 @@ class UiHandlers:
         result = session.last_result
         if result is None or evt.index is None or not 0 <= int(evt.index) < len(result.candidates):
             return gr.update()
+        session.selected = int(evt.index)
         return result.candidates[int(evt.index)].parameters
+
+    @staticmethod
+    def send_result_to_image(session: UserSession) -> tuple[Any, ...]:
+        """The selected (else best) result and its settings into the Image to image view, and switch to it."""
+        result = session.last_result
+        if result is None or not result.candidates:
+            raise user_error("Generate an image first, then send it.")
+        candidate = result.candidates[min(session.selected, len(result.candidates) - 1)]
+        request = result.request
+        return (
+            {"background": candidate.image, "layers": [], "composite": candidate.image},
+            request.prompt,
+            request.negative_prompt,
+            canonical_sampler(request.sampler),
+            request.steps,
+            request.cfg_scale,
+            candidate.seed,
+            gr.Tabs(selected="img2img"),
+        )
 
     # ---- Inspect ----------------------------------------------------------------------------
 
@@ -404,13 +515,15 @@ class UiHandlers:
 
     @staticmethod
     def send_to_generate(text: str) -> tuple[Any, ...]:
-        """Fill the Generate view from a parameters text and switch to it."""
+        """Fill the Generate view (hires fix included) from a parameters text and switch to it."""
+        from pipelines.generation.conditioning import HiresFix
         from sd_app.metadata import parse_parameters, request_from_parameters
 
         try:
             request = request_from_parameters(parse_parameters(text or ""))
         except ValueError as error:
             raise user_error(str(error)) from None
+        hires = request.hires or HiresFix()
         return (
             request.prompt,
             request.negative_prompt,
@@ -420,5 +533,50 @@ class UiHandlers:
             request.width,
             request.height,
             request.seed,
+            request.hires is not None,
+            hires.scale,
+            hires.upscaler,
+            hires.steps,
+            hires.denoising_strength,
             gr.Tabs(selected="generate"),
+        )
+
+    @staticmethod
+    def send_png_to_image(file: str | None, text: str) -> tuple[Any, ...]:
+        """The dropped PNG and its parameters (img2img settings included) into the Image to image view."""
+        from PIL import Image, UnidentifiedImageError
+
+        from sd_app.metadata import image_settings_from_parameters, parse_parameters, request_from_parameters
+        from sd_app.ui_image import INPAINT_AREAS, MASK_MODES
+
+        if not file:
+            raise user_error("Drop a PNG first.")
+        try:
+            with Image.open(file) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError):
+            raise user_error(f"{Path(file).name} is not a readable image") from None
+        skip = gr.update()
+        try:
+            params = parse_parameters(text or "")
+            request = request_from_parameters(params)
+            settings = image_settings_from_parameters(params)
+        except ValueError:  # no usable parameters: send the picture alone
+            return ({"background": image, "layers": [], "composite": image}, *([skip] * 12),
+                    gr.Tabs(selected="img2img"))
+        return (
+            {"background": image, "layers": [], "composite": image},
+            request.prompt,
+            request.negative_prompt,
+            canonical_sampler(request.sampler),
+            request.steps,
+            request.cfg_scale,
+            request.seed,
+            settings.get("strength", skip),
+            settings.get("mask_blur", skip),
+            settings.get("masked_content", skip),
+            INPAINT_AREAS[1] if settings.get("inpaint_full_res") else INPAINT_AREAS[0],
+            settings.get("padding", skip),
+            MASK_MODES[1] if settings.get("invert_mask") else MASK_MODES[0],
+            gr.Tabs(selected="img2img"),
         )

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 
-from tests.sd_fixtures import tiny_model_dir  # noqa: E402
+from tests.sd_fixtures import tiny_inpainting_model_dir, tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,18 @@ def tiny_pipe(tiny_model):
     from pipelines.models.loading import load_pipeline
 
     return load_pipeline(tiny_model, device="cpu", dtype=torch.float32)  # the reference precision
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_model(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model with a 9-channel (SD inpainting) U-Net."""
+    return tiny_inpainting_model_dir(tmp_path_factory.mktemp("inpainting-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_pipe(tiny_inpainting_model):
+    import torch
+
+    from pipelines.models.loading import load_pipeline
+
+    return load_pipeline(tiny_inpainting_model, device="cpu", dtype=torch.float32)

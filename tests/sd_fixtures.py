@@ -52,3 +52,9 @@ def tiny_config_dir(root: Path) -> Path:
 
 def tiny_model_dir(root: Path, seed: int = 0) -> Path:
     return write_random_model(tiny_config_dir(root), root / "tiny-sd", seed=seed)
+
+
+def tiny_inpainting_model_dir(root: Path, seed: int = 1) -> Path:
+    """The tiny model with an SD inpainting U-Net: 9 input channels (latents, mask, masked-image latents)."""
+    config = write_config_dir(root / "tiny-inpainting-config", {**TINY_UNET, "in_channels": 9}, TINY_VAE, TINY_TEXT)
+    return write_random_model(config, root / "tiny-sd-inpainting", seed=seed)

@@ -88,7 +88,11 @@ def test_sampler_aliases_and_scheduler_field(live_server):
         ({"scheduler": "Bogus"}, "scheduler 'Bogus' is unknown; choose one of: Automatic, Uniform, Karras"),
         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "sampler 'DDIM' has no schedule choice"),
         ({"batch_size": 8, "n_iter": 3}, "batch_size * n_iter must be between 1 and 16"),
-        ({"enable_hr": True}, "not supported by sd-app: enable_hr=True"),
+        ({"enable_hr": True, "hr_scale": 0.5}, "hr_scale must be between 1 and 8, got 0.5"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler must be one of Latent"),
+        ({"enable_hr": True, "hr_prompt": "a dog"}, "hr_prompt is not supported by sd-app (got 'a dog')"),
+        ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name is not supported"),
+        ({"restore_faces": True}, "not supported by sd-app: restore_faces=True"),
     ],
 )
 def test_bad_input_is_422_with_a_clear_detail(live_server, fields, message):
@@ -189,3 +193,124 @@ def test_serve_refuses_public_host_without_auth(capsys):
     assert main(["serve", "--host", "0.0.0.0", "--port", "7861"]) == 2
     err = capsys.readouterr().err
     assert "refusing to serve on 0.0.0.0 without auth" in err and "--insecure" in err and "Traceback" not in err
+
+
+# ---- img2img, inpaint, hires fix ------------------------------------------------------------------
+
+
+def b64png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def drawing() -> Image.Image:
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (64, 64), (40, 80, 220))
+    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
+    return image
+
+
+def box_mask(size: int = 64) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return mask
+
+
+def img2img(url: str, **fields) -> dict:
+    body = {**BASE, "init_images": [b64png(drawing())], "seed": 3, **fields}
+    response = httpx.post(f"{url}/sdapi/v1/img2img", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_img2img_returns_images_with_a1111_infotext(live_server):
+    body = img2img(live_server.url, denoising_strength=0.6, batch_size=2, steps=5)
+    info = json.loads(body["info"])
+    assert len(body["images"]) == 2 and info["denoising_strength"] == 0.6
+    params = parse_parameters(decode(body["images"][0]).info["parameters"])
+    assert params["Denoising strength"] == "0.6" and "Mask blur" not in params
+    assert body["parameters"]["init_images"] is None  # not echoed back, as A1111
+    assert info["is_using_inpainting_conditioning"] is False
+
+
+def test_img2img_seed_alone_or_in_a_batch(live_server):
+    batch = img2img(live_server.url, seed=60, batch_size=2, rerank=False)
+    alone = img2img(live_server.url, seed=61)
+    np.testing.assert_array_equal(np.asarray(decode(batch["images"][1])), np.asarray(decode(alone["images"][0])))
+
+
+def test_inpaint_keeps_pixels_outside_the_mask_and_notes_a_resized_mask(live_server):
+    body = img2img(
+        live_server.url, mask=b64png(box_mask(32)), mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
+        denoising_strength=1.0, steps=3,
+    )
+    info = json.loads(body["info"])
+    assert info["notes"] == ["mask 32x32 resized to the init image's 64x64"]
+    from pipelines.generation.masks import fit_mask
+
+    out = np.asarray(decode(body["images"][0]).convert("RGB")).astype(int)
+    outside = np.asarray(fit_mask(box_mask(32), drawing())[0]) == 0  # the mask as resized (Lanczos, as A1111)
+    assert outside.sum() > 2500
+    assert np.abs(out - np.asarray(drawing()).astype(int))[outside].max() == 0
+    params = parse_parameters(info["infotexts"][0])
+    assert params["Mask blur"] == "0" and params["Masked content"] == "original" and "Inpaint area" not in params
+
+
+def test_txt2img_hires_fix(live_server):
+    body = txt2img(live_server.url, seed=9, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (nearest)",
+                   hr_second_pass_steps=2, denoising_strength=0.5)
+    image = decode(body["images"][0])
+    assert image.size == (96, 96)
+    params = parse_parameters(image.info["parameters"])
+    hires = (params["Hires upscale"], params["Hires steps"], params["Hires upscaler"])
+    assert hires == ("1.5", "2", "Latent (nearest)")
+    assert params["Denoising strength"] == "0.5" and params["Size"] == "64x64"
+    resized = txt2img(live_server.url, seed=9, enable_hr=True, hr_resize_x=128, hr_resize_y=96, hr_upscaler="Lanczos")
+    assert decode(resized["images"][0]).size == (128, 96)
+    upscalers = httpx.get(f"{live_server.url}/sdapi/v1/upscalers").json()
+    modes = httpx.get(f"{live_server.url}/sdapi/v1/latent-upscale-modes").json()
+    assert "Lanczos" in [u["name"] for u in upscalers] and modes[0] == {"name": "Latent"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"init_images": ["!!notbase64!!"]}, "init_images[0] is not valid base64"),
+        ({"init_images": [base64.b64encode(b"hello").decode()]}, "init_images[0] is not a readable image"),
+        ({"init_images": []}, "init_images must hold exactly one base64 image, got 0"),
+        ({"denoising_strength": 1.5}, "strength must be between 0 and 1, got 1.5"),
+        ({"mask": "BLACK"}, "mask is all black: nothing to repaint"),
+        ({"inpainting_fill": 7}, "inpainting_fill must be one of 0 fill, 1 original, 2 latent noise"),
+        ({"resize_mode": 3}, "resize_mode must be one of 0 just resize, 1 crop and resize, 2 resize and fill"),
+        ({"mask_blur_x": 9}, "mask_blur_x different from mask_blur is not supported"),
+        ({"initial_noise_multiplier": 0.5}, "initial_noise_multiplier is not supported"),
+    ],
+)
+def test_img2img_bad_input_is_422_naming_the_field(live_server, fields, message):
+    if fields.get("mask") == "BLACK":
+        fields = {"mask": b64png(Image.new("L", (64, 64), 0))}
+    body = {**BASE, "init_images": [b64png(drawing())], **fields}
+    response = httpx.post(f"{live_server.url}/sdapi/v1/img2img", json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"]
+
+
+def test_webuiapi_client_img2img_and_hires_txt2img(live_server):
+    """The webuiapi package from PyPI (what many scripts use) against our server."""
+    webuiapi = pytest.importorskip("webuiapi")
+
+    api = webuiapi.WebUIApi(baseurl=f"{live_server.url}/sdapi/v1", sampler="Euler a", steps=3)
+    result = api.img2img(images=[drawing()], mask_image=box_mask(), prompt="a green circle", seed=5, width=64,
+                         height=64, denoising_strength=0.8, inpaint_full_res=False, cfg_scale=7)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    assert result.info["all_seeds"] == [5] and "Denoising strength: 0.8" in result.info["infotexts"][0]
+    out = np.asarray(result.images[0].convert("RGB")).astype(int)
+    from pipelines.generation.masks import processed_mask
+
+    blurred_outside = np.asarray(processed_mask(box_mask(), invert=False, blur=4)) == 0  # webuiapi's mask_blur 4
+    assert np.abs(out - np.asarray(drawing()).astype(int))[blurred_outside].max() == 0
+    hires = api.txt2img(prompt="a red circle", seed=6, width=64, height=64, enable_hr=True, hr_scale=2,
+                        hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.6)
+    assert hires.images[0].size == (128, 128) and "Hires upscaler: Latent" in hires.info["infotexts"][0]

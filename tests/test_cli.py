@@ -126,3 +126,66 @@ def test_a_long_prompt_says_its_tokens_and_chunks(tiny_model, tmp_path):
     assert "the prompt has 300 tokens; it was encoded in 4 chunks of 75" in result.stderr
     assert "Token indices sequence length" not in result.stderr and "Loading weights" not in result.stderr
     assert "1 of 1 image(s) written to" in result.stderr
+@pytest.fixture
+def init_files(tmp_path):
+    from PIL import ImageDraw
+
+    init = Image.new("RGB", (72, 64), (40, 80, 220))
+    ImageDraw.Draw(init).ellipse((16, 12, 56, 52), fill=(220, 40, 40))
+    init.save(tmp_path / "init.png")
+    mask = Image.new("L", (36, 32), 0)
+    ImageDraw.Draw(mask).rectangle((8, 6, 28, 26), fill=255)
+    mask.save(tmp_path / "mask.png")
+    Image.new("L", (72, 64), 0).save(tmp_path / "black.png")
+    (tmp_path / "text.png").write_text("not an image")
+    return tmp_path
+
+
+def _generate(tiny_model, out, *args):
+    return main(["generate", "a green circle", "--steps", "4", "--seed", "5", "--model", str(tiny_model),
+                 "--out", str(out), "--no-rerank", *args])
+
+
+def test_img2img_inpaint_outpaint_and_hires_from_the_command_line(tiny_model, init_files, capsys):
+    out = init_files / "out"
+    assert _generate(tiny_model, out, "--init-image", str(init_files / "init.png"), "--strength", "0.5") == 0
+    assert _generate(tiny_model, out, "--init-image", str(init_files / "init.png"), "--mask",
+                     str(init_files / "mask.png"), "--only-masked", "--mask-blur", "2") == 0
+    assert "note: mask 36x32 resized to the init image's 72x64" in capsys.readouterr().err
+    assert _generate(tiny_model, out, "--init-image", str(init_files / "init.png"), "--outpaint", "8",
+                     "--outpaint-sides", "left,right") == 0
+    assert _generate(tiny_model, out, "--width", "64", "--height", "64", "--hires-scale", "1.5",
+                     "--hires-upscaler", "Lanczos", "--hires-steps", "2") == 0
+    files = sorted(out.glob("*.png"))
+    params = [parse_parameters(Image.open(f).info["parameters"]) for f in files]
+    sizes = [Image.open(f).size for f in files]
+    assert sizes == [(72, 64), (72, 64), (88, 64), (96, 96)]  # init size (floored to 8), outpaint canvas, hires
+    assert params[0]["Denoising strength"] == "0.5" and params[0]["Size"] == "72x64"
+    assert params[1]["Inpaint area"] == "Only masked" and params[1]["Mask blur"] == "2"
+    assert params[2]["Masked content"] == "fill"
+    hires = (params[3]["Hires upscale"], params[3]["Hires steps"], params[3]["Hires upscaler"])
+    assert hires == ("1.5", "2", "Lanczos")
+    assert params[3]["Denoising strength"] == "0.7" and params[3]["Size"] == "64x64"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init-image", "{dir}/text.png"], "--init-image {dir}/text.png is not a readable image"),
+        (["--init-image", "{dir}/missing.png"], "--init-image {dir}/missing.png: no such file"),
+        (["--init-image", "{dir}/init.png", "--mask", "{dir}/black.png"], "mask is all black: nothing to repaint"),
+        (["--init-image", "{dir}/init.png", "--strength", "1.5"], "strength must be between 0 and 1, got 1.5"),
+        (["--mask", "{dir}/mask.png"], "--mask needs --init-image"),
+        (["--hires-scale", "0.5"], "hr_scale must be between 1 and 8, got 0.5"),
+        (["--hires-size", "big"], "--hires-size must look like 1024x768"),
+        (["--init-image", "{dir}/init.png", "--hires-scale", "2"], "are for text to image"),
+        (["--init-image", "{dir}/init.png", "--outpaint", "8", "--outpaint-sides", "up"], "--outpaint-sides must"),
+    ],
+)
+def test_bad_image_input_is_one_clear_line_and_writes_nothing(tiny_model, init_files, args, message, capsys):
+    out = init_files / "out"
+    code = _generate(tiny_model, out, *[a.format(dir=init_files) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(dir=init_files) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not list(out.iterdir())

@@ -135,3 +135,11 @@ def test_scheduler_class_comes_from_model_index_when_its_config_lacks_it(tmp_pat
     assert sampler_for_config(config) == "DPM++ 2M Uniform"  # no use_karras_sigmas: the model's own spacing
     (tmp_path / "model_index.json").write_text("{}")  # no class anywhere: the app's default sampler
     assert "_class_name" not in read_scheduler_config(tmp_path)
+
+
+def test_single_file_inpainting_checkpoint_is_detected(tiny_inpainting_pipe, tmp_path, tiny_config):
+    """An SD inpainting checkpoint (9-channel conv_in) loads with the SD 1.x configs' 4-channel U-Net config."""
+    path = save_single_file(tiny_inpainting_pipe.components, tmp_path / "tiny-inpainting.safetensors")
+    loaded = load_pipeline(path, device="cpu", config=tiny_config, dtype=torch.float32)
+    assert loaded.components.unet.config.in_channels == 9 and loaded.inpainting_unet
+    assert _same_weights(tiny_inpainting_pipe.components.unet, loaded.components.unet)

@@ -41,3 +41,21 @@ def test_random_seed_is_resolved_and_seeds_follow():
 def test_unknown_sampler_lists_choices():
     with pytest.raises(ValueError, match="Euler a.*UniPC|UniPC.*Euler a"):
         resolve_sampler("k_lms_v2")
+
+
+def test_image_and_hires_settings_are_validated_and_counted():
+    from PIL import Image
+
+    from pipelines.generation.conditioning import HiresFix, ImageConditioning
+
+    image = ImageConditioning(Image.new("RGB", (64, 64)), strength=0.55)
+    with pytest.raises(ValueError, match="image must be an ImageConditioning, got str"):
+        GenerationRequest(image="init.png")
+    with pytest.raises(ValueError, match="hires must be a HiresFix, got float"):
+        GenerationRequest(hires=2.0)
+    with pytest.raises(ValueError, match="hires fix is for text-to-image"):
+        GenerationRequest(image=image, hires=HiresFix())
+    assert GenerationRequest(steps=20, image=image).total_steps == 11  # int(20 * 0.55)
+    assert GenerationRequest(steps=20, hires=HiresFix(steps=5)).total_steps == 25
+    assert GenerationRequest(steps=20, hires=HiresFix(denoising_strength=0)).total_steps == 20
+    assert GenerationRequest(steps=20).total_steps == 20

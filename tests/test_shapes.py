@@ -152,3 +152,32 @@ def test_specks_are_not_shapes_but_small_second_shapes_are():
     smallest = shapes.ShapeAttributes("triangle", "yellow", "green", size=shapes.SIZE_RANGE[0], cx=0.78, cy=0.78)
     verdict = shapes.judge(_overlay(shapes.draw(attrs), shapes.draw(smallest)), attrs)
     assert verdict.seen_count == 2 and not verdict.all_ok
+def test_count_shapes_one_drawn_shape_and_duplicates():
+    from PIL import ImageDraw
+
+    for attrs in shapes.dataset(21, 60):
+        assert shapes.count_shapes(shapes.draw(attrs, 256), attrs.shape_colour) == 1, attrs
+    twin = shapes.draw(shapes.ShapeAttributes("circle", "red", "blue", 0.15, 0.25, 0.25), 256)
+    ImageDraw.Draw(twin).ellipse((150, 150, 230, 230), fill=shapes.PALETTE["red"])  # a second red circle
+    assert shapes.count_shapes(twin, "red") == 2
+    ImageDraw.Draw(twin).rectangle((10, 200, 13, 203), fill=shapes.PALETTE["red"])  # a speck is not a shape
+    assert shapes.count_shapes(twin, "red") == 2
+    assert shapes.count_shapes(twin, "green") == 0
+
+
+def test_shape_centre_and_region_inside_a_mask():
+    from PIL import ImageDraw
+
+    for attrs in shapes.dataset(22, 40):
+        cx, cy = shapes.shape_centre(shapes.draw(attrs, 256), attrs.shape_colour)
+        if attrs.shape == "circle" or attrs.shape == "square":  # centroid = centre for symmetric shapes
+            assert abs(cx - attrs.cx) < 0.02 and abs(cy - attrs.cy) < 0.02, attrs
+        else:
+            assert abs(cx - attrs.cx) < 0.02 and abs(cy - attrs.cy) < attrs.size * 0.5, attrs
+    attrs = shapes.ShapeAttributes("square", "yellow", "purple", 0.2, 0.3, 0.3)
+    image = shapes.draw(attrs, 256)
+    mask = Image.new("L", (256, 256), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 127, 255), fill=255)  # the left half holds the square
+    assert shapes.region_inside(image, "yellow", mask) == 1.0
+    assert shapes.region_inside(image, "yellow", Image.eval(mask, lambda v: 255 - v)) == 0.0
+    assert shapes.shape_centre(image, "green") is None

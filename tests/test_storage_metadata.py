@@ -97,3 +97,50 @@ def test_accelerator_settings_are_recorded_and_reused():
     text = format_parameters(request, 3, "m")
     assert "DeepCache interval: 3, CFG cutoff: 0.25" in text
     assert request_from_parameters(parse_parameters(text)) == request
+
+
+def test_hires_keys_are_written_as_a1111_and_read_back():
+    from pipelines.generation.conditioning import HiresFix
+
+    request = GenerationRequest(
+        prompt="a red circle", steps=20, seed=7, hires=HiresFix(scale=1.5, upscaler="Lanczos", steps=10,
+                                                                denoising_strength=0.55),
+    )
+    text = format_parameters(request, 7, "shapes-tiny", "abcdef1234")
+    assert ("Size: 512x512, Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 10, "
+            "Hires upscaler: Lanczos, Model hash") in text
+    assert request_from_parameters(parse_parameters(text)) == request
+    resized = replace(request, hires=HiresFix(resize_x=1024, resize_y=768))
+    parsed = parse_parameters(format_parameters(resized, 7, "m"))
+    assert parsed["Hires resize"] == "1024x768" and "Hires upscale" not in parsed and "Hires steps" not in parsed
+    assert request_from_parameters(parsed) == resized
+    # A1111's own infotext, as it writes it.
+    a1111 = ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512, "
+             "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent (bicubic antialiased)")
+    assert request_from_parameters(parse_parameters(a1111)).hires == HiresFix(
+        scale=2, upscaler="Latent (bicubic antialiased)", denoising_strength=0.7
+    )
+
+
+def test_img2img_and_inpaint_keys_are_written_and_read_back():
+    from pipelines.generation.conditioning import ImageConditioning
+    from sd_app.metadata import image_settings_from_parameters
+
+    image = Image.new("RGB", (64, 64), "blue")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    settings = dict(strength=0.6, mask_blur=6, masked_content="latent noise", inpaint_full_res=True, padding=16,
+                    invert_mask=True, resize_mode="crop and resize")
+    request = GenerationRequest(prompt="a star", seed=3, width=64, height=64,
+                                image=ImageConditioning(image, mask=mask, **settings))
+    text = format_parameters(request, 3, "m")
+    assert ("Denoising strength: 0.6, Resize mode: Crop and resize, Mask blur: 6, Masked content: latent noise, "
+            "Mask mode: Inpaint not masked, Inpaint area: Only masked, Masked area padding: 16") in text
+    params = parse_parameters(text)
+    assert image_settings_from_parameters(params) == settings
+    assert request_from_parameters(params).hires is None
+    plain = format_parameters(GenerationRequest(prompt="x", seed=1, image=ImageConditioning(image)), 1, "m")
+    assert image_settings_from_parameters(parse_parameters(plain)) == {
+        "strength": 0.75, "invert_mask": False, "inpaint_full_res": False,
+    }
+    assert image_settings_from_parameters(parse_parameters(format_parameters(GenerationRequest(seed=1), 1, "m"))) == {}

@@ -28,9 +28,11 @@ pytest_plugins = ["tests.serve_fixtures"]
 CAPTION = re.compile(r"^CLIP \d+\.\d · seed (\d+)$")
 
 
-def generate_args(prompt="a red circle", seed=11, n=2, steps=2, width=64, sampler="Euler a", rerank="clip"):
-    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by
-    return (prompt, "", sampler, steps, 7, width, 64, seed, n, rerank)
+def generate_args(prompt="a red circle", seed=11, n=2, steps=2, width=64, sampler="Euler a", rerank="clip",
+                  hires=(False, 2, "Latent", 0, 0.7)):
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by,
+    # hires fix (on, scale, upscaler, steps, denoising strength)
+    return (prompt, "", sampler, steps, 7, width, 64, seed, n, rerank, *hires)
 
 
 @pytest.fixture
@@ -205,3 +207,108 @@ def test_contrastive_reranking_from_the_ui_and_its_captions_in_inspect(client):
     assert "Contrastive score: " in parameters and "Prompt probability: " in parameters
     _, shapes, *_ = client.predict("a red circle on a blue background", "", 7, 64, 64, 2, "", api_name="/inspect")
     assert "Counterfactual captions" in shapes and "a blue circle on a red background (colour swap)" in shapes
+# ---- hires fix, Image to image, send-to ------------------------------------------------------------
+
+
+def _drawing(size=64):
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (size, size), (40, 80, 220))
+    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
+    return image
+
+
+def image_args(editor, mask=None, prompt="a green circle", seed=21, n=1, strength=0.8, blur=4, content="original",
+               area="Whole picture", padding=32, mode="Inpaint masked", resize="just resize", outpaint=0,
+               sides=("left", "right", "top", "bottom"), width=0, height=0):
+    # editor, mask, prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, strength, mask blur,
+    # masked content, inpaint area, padding, mask mode, resize mode, outpaint, sides
+    return (editor, mask, prompt, "", "Euler a", 4, 7, width, height, seed, n, True, strength, blur, content, area,
+            padding, mode, resize, outpaint, list(sides))
+
+
+def test_generate_with_the_hires_fix(client):
+    status, _, gallery, parameters, _ = client.predict(
+        *generate_args(n=1, hires=(True, 1.5, "Latent (bicubic)", 2, 0.5)), api_name="/generate"
+    )
+    assert status.startswith("Done: 1 image(s)") and Image.open(gallery[0]["image"]).size == (96, 96)
+    params = parse_parameters(parameters)
+    assert params["Hires upscaler"] == "Latent (bicubic)" and params["Hires steps"] == "2"
+
+
+def test_inpaint_with_a_painted_mask_keeps_the_rest(client, tmp_path):
+    from pipelines.generation.masks import processed_mask
+
+    _drawing().save(tmp_path / "init.png")
+    stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 255), (20, 20, 44, 44))  # what the brush painted
+    stroke.save(tmp_path / "layer.png")
+    editor = {"background": handle_file(str(tmp_path / "init.png")),
+              "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": None}
+    status, _, gallery, parameters, files = client.predict(*image_args(editor, n=2), api_name="/img2img")
+    assert status.startswith("Done: 2 image(s)") and len(files) == 2
+    painted = Image.new("L", (64, 64), 0)
+    painted.paste(255, (20, 20, 44, 44))
+    outside = np.asarray(processed_mask(painted, invert=False, blur=4)) == 0
+    for item in gallery:
+        out = np.asarray(Image.open(item["image"]).convert("RGB")).astype(int)
+        assert np.abs(out - np.asarray(_drawing()).astype(int))[outside].max() == 0
+    params = parse_parameters(parameters)
+    assert params["Denoising strength"] == "0.8" and params["Mask blur"] == "4" and params["Size"] == "64x64"
+
+
+def test_img2img_outpaint_and_errors(client, tmp_path):
+    _drawing().save(tmp_path / "init.png")
+    editor = {"background": handle_file(str(tmp_path / "init.png")), "layers": [], "composite": None}
+    status, _, gallery, _, _ = client.predict(*image_args(editor, outpaint=16, sides=("left",)), api_name="/img2img")
+    assert "outpainting: canvas 80x64" in status and Image.open(gallery[0]["image"]).size == (80, 64)
+    with pytest.raises(AppError, match="init image: upload or send an image"):
+        client.predict(*image_args(None), api_name="/img2img")
+    with pytest.raises(AppError, match="outpaint: choose at least one side"):
+        client.predict(*image_args(editor, outpaint=8, sides=()), api_name="/img2img")
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    with pytest.raises(AppError, match="mask is all black: nothing to repaint"):
+        client.predict(*image_args(editor, mask=handle_file(str(tmp_path / "black.png"))), api_name="/img2img")
+
+
+def test_editor_value_to_init_image_and_mask():
+    from sd_app.ui_image import editor_inputs
+
+    background = Image.new("RGBA", (32, 16), (10, 20, 30, 255))
+    layer = Image.new("RGBA", (64, 32), (0, 0, 0, 0))  # layers may come at another size
+    layer.paste((255, 255, 255, 128), (0, 0, 16, 16))
+    init, mask = editor_inputs({"background": background, "layers": [layer], "composite": None})
+    assert init.mode == "RGB" and init.size == (32, 16) and mask.size == (32, 16)
+    assert mask.getpixel((3, 3)) == 255 and mask.getpixel((20, 3)) == 0
+    assert editor_inputs({"background": background, "layers": [Image.new("RGBA", (32, 16))]})[1] is None
+    assert editor_inputs(None) == (None, None)
+
+
+def test_send_a_result_and_a_png_to_image_to_image(live_server, tmp_path):
+    from pipelines.generation.conditioning import ImageConditioning
+
+    session = UserSession()
+    with pytest.raises(Exception, match="Generate an image first"):
+        UiHandlers.send_result_to_image(session)
+    result = live_server.engine.generate(
+        GenerationRequest(prompt="a star", steps=2, width=64, height=64, seed=31, n=2, sampler="Euler"),
+        output_dir=tmp_path,
+    )
+    session.last_result = result
+    session.selected = 1
+    editor, prompt, _, sampler, steps, _, seed, _ = UiHandlers.send_result_to_image(session)
+    assert editor["background"] is result.candidates[1].image and seed == result.candidates[1].seed
+    assert (prompt, sampler, steps) == ("a star", "Euler", 2)
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 30, 30))
+    inpainted = live_server.engine.generate(
+        GenerationRequest(prompt="a square", steps=2, width=64, height=64, seed=5, sampler="Euler",
+                          image=ImageConditioning(_drawing(), strength=0.55, mask=mask, mask_blur=7,
+                                                  inpaint_full_res=True, padding=12, invert_mask=True)),
+        output_dir=tmp_path,
+    )
+    path = str(inpainted.candidates[0].path)
+    filled = UiHandlers.send_png_to_image(path, UiHandlers.png_info(path)[0])
+    assert filled[0]["background"].size == (64, 64) and filled[1] == "a square" and filled[6] == 5
+    assert filled[7:13] == (0.55, 7, "original", "Only masked", 12, "Inpaint not masked")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from pipelines.generation.conditioning import HiresFix, ImageConditioning
 from pipelines.generation.schedulers import DEFAULT_SAMPLER, resolve_sampler
 
 MAX_SEED = 2**32 - 1
@@ -46,6 +47,8 @@ class GenerationRequest:
     guidance for the last fraction f of the steps.
     Image ``i`` of the request uses seed ``seed + i`` (A1111's convention), each from its own
     CPU ``torch.Generator``, so a seed gives the same picture at any batch size.
+    ``image`` makes it img2img or inpainting (``ImageConditioning``); ``hires`` adds A1111's hires fix
+    to text-to-image (``HiresFix``); width and height are the size generated at (the first pass's).
     """
 
     prompt: str = ""
@@ -59,6 +62,8 @@ class GenerationRequest:
     sampler: str = DEFAULT_SAMPLER
     cache_interval: int = 1
     guidance_cutoff: float = 0.0
+    image: ImageConditioning | None = None
+    hires: HiresFix | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,6 +92,31 @@ class GenerationRequest:
         if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff < 1:
             raise ValueError(f"guidance_cutoff must be a fraction in [0, 1), got {cutoff!r}")
         resolve_sampler(self.sampler)
+        if self.image is not None and not isinstance(self.image, ImageConditioning):
+            raise ValueError(f"image must be an ImageConditioning, got {type(self.image).__name__}")
+        if self.hires is not None:
+            if not isinstance(self.hires, HiresFix):
+                raise ValueError(f"hires must be a HiresFix, got {type(self.hires).__name__}")
+            if self.image is not None:
+                raise ValueError("hires fix is for text-to-image; run img2img at the size you want instead")
+            self.hires.target_size(self.width, self.height)
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps actually run: img2img runs ``int(steps * strength)`` (diffusers' and A1111's
+        default), the hires fix adds its second pass."""
+        if self.image is not None:
+            return min(int(self.steps * self.image.strength), self.steps)
+        if self.hires is not None and self.hires.denoising_strength > 0:
+            return self.steps + (self.hires.steps or self.steps)
+        return self.steps
+
+    @property
+    def mode(self) -> str:
+        """``txt2img``, ``img2img`` or ``inpaint``."""
+        if self.image is None:
+            return "txt2img"
+        return "inpaint" if self.image.inpainting else "img2img"
 
     def resolved(self) -> GenerationRequest:
         """The same request with a random seed drawn if ``seed`` is -1 (room left for ``n`` images)."""
@@ -101,4 +131,11 @@ class GenerationRequest:
         return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.n)]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-friendly settings; ``image`` and ``hires`` only when set (images by size and pixel digest)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("image", "hires"):
+            if settings[name] is None:
+                del settings[name]  # text-to-image settings read as they always did (batch job ids)
+            else:
+                settings[name] = settings[name].to_dict()
+        return settings

@@ -1,4 +1,4 @@
-"""The text-to-image pipeline: Stable Diffusion 1.x sampling on diffusers components.
+"""The Stable Diffusion 1.x pipeline on diffusers components: text-to-image, and the entry to image-to-image.
 
 Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
 Models") with classifier-free guidance (Ho & Salimans 2022). The structure follows diffusers'
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair
@@ -51,14 +51,29 @@ class TextToImageOutput:
 
 
 StepCallback = Callable[[StepInfo], None]
+INPAINTING_CHANNELS = 9  # SD inpainting U-Nets: 4 latent + 1 mask + 4 masked-image latent channels
+
+
+def counting_steps(on_step: StepCallback | None, offset: int, total: int) -> StepCallback | None:
+    """``on_step`` seeing steps ``offset + 1 ..`` out of ``total`` (the hires fix's two passes count as one)."""
+    if on_step is None:
+        return None
+
+    def counted(info: StepInfo) -> None:
+        on_step(replace(info, step=info.step + offset, total=total))
+
+    return counted
 
 
 class TextToImagePipeline:
-    """Generate images from text with a CLIP text encoder, a U-Net and a VAE.
+    """Generate images from text with a CLIP text encoder, a U-Net and a VAE (and, given an init image
+    or a hires fix in the request, from an image: ``pipelines.generation.image_to_image`` and ``hires``).
 
     >>> pipe = load_pipeline("embedded")
     >>> out = pipe(GenerationRequest(prompt="a red circle on a blue background", seed=1))
     >>> out.images[0].save("circle.png")
+    >>> green = pipe(GenerationRequest(prompt="a green circle on a blue background", seed=1,
+    ...                                image=ImageConditioning(out.images[0], strength=0.6)))
     """
 
     def __init__(self, components: SDComponents) -> None:
@@ -103,7 +118,12 @@ class TextToImagePipeline:
         cancel: threading.Event | None = None,
         progress: bool = False,
     ) -> TextToImageOutput:
-        """Run one request. ``on_step`` sees every step; setting ``cancel`` stops within one step."""
+        """Run one request. ``on_step`` sees every step; setting ``cancel`` stops within one step.
+
+        A request with ``image`` runs img2img or inpainting, one with ``hires`` adds the hires fix
+        (``pipelines.generation.image_to_image`` and ``hires``); ``on_step`` then counts the steps of
+        both passes.
+        """
         import torch
 
         # 1. Check inputs (the request validates itself) and resolve a random seed.
@@ -111,20 +131,37 @@ class TextToImagePipeline:
             raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
         request = request.resolved()
         seeds = request.seeds()
+        first_pass = counting_steps(on_step, 0, request.total_steps)
         with self._lock, torch.inference_mode():
             # 2. Encode prompt and negative prompt (classifier-free guidance needs both).
             guided = request.cfg_scale > 1.0
             text_states = self.encode_prompt(request.prompt, request.negative_prompt, request.n, guided)
-            # 3. Timesteps of a fresh scheduler (schedulers keep per-run state).
-            scheduler = build_scheduler(request.sampler, self.components.scheduler_config, noise_seeds=seeds)
-            scheduler.set_timesteps(request.steps, device=self.device)
-            # 4. Latents: one CPU generator per image, so a seed's picture is independent of batch size.
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-            latents = self.prepare_latents(request, generators) * scheduler.init_noise_sigma
-            # 5. Denoise.
-            latents = self.denoise(scheduler, latents, text_states, request, generators, on_step, cancel, progress)
-            # 6. Decode.
-            images = self.decode(latents)
+            if request.image is not None:
+                # 3-6. Image-conditioned: the init image's latents, noised to the strength, denoised.
+                from pipelines.generation.image_to_image import image_to_image
+
+                images = image_to_image(self, request, seeds, text_states, first_pass, cancel, progress)
+            else:
+                # 3. Timesteps of a fresh scheduler (schedulers keep per-run state).
+                scheduler = build_scheduler(request.sampler, self.components.scheduler_config, noise_seeds=seeds)
+                scheduler.set_timesteps(request.steps, device=self.device)
+                # 4. Latents: one CPU generator per image, so a seed's picture is independent of batch size.
+                generators = self.generators(seeds)
+                latents = self.prepare_latents(request, generators) * scheduler.init_noise_sigma
+                extra = self.blank_inpainting_channels(latents, generators) if self.inpainting_unet else None
+                # 5. Denoise.
+                latents = self.denoise(
+                    scheduler, latents, text_states, request, generators, first_pass, cancel, progress,
+                    extra_channels=extra,
+                )
+                if request.hires is not None:
+                    # 5b. Hires fix: upscale, noise again from the same seeds, denoise the last steps.
+                    from pipelines.generation.hires import hires_fix
+
+                    second_pass = counting_steps(on_step, request.steps, request.total_steps)
+                    latents = hires_fix(self, request, seeds, latents, text_states, second_pass, cancel, progress)
+                # 6. Decode.
+                images = self.decode(latents)
         return TextToImageOutput(
             images=images,
             seeds=seeds,
@@ -132,6 +169,34 @@ class TextToImagePipeline:
             model_name=self.components.name,
             model_hash=self.components.model_hash,
         )
+
+    @staticmethod
+    def generators(seeds: list[int]) -> list[torch.Generator]:
+        """One seeded CPU generator per image: the same noise on every device and at any batch size."""
+        import torch
+
+        return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """An SD inpainting U-Net (``in_channels`` 9: latents, mask, masked-image latents)."""
+        return self.components.unet.config.in_channels == INPAINTING_CHANNELS
+
+    @property
+    def latent_channels(self) -> int:
+        return self.components.vae.config.latent_channels
+
+    def blank_inpainting_channels(self, latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """An inpainting U-Net's extra input when nothing is known: mask all ones, an all-grey masked image.
+
+        (A1111's ``txt2img_image_conditioning``.) Returns [n, 5, h, w].
+        """
+        from pipelines.generation.image_to_image import inpainting_channels
+
+        h, w = latents.shape[-2:]
+        f = self.vae_scale_factor
+        grey = latents.new_zeros(1, 3, h * f, w * f)  # [1, 3, H, W]: 0 is mid-grey in [-1, 1]
+        return inpainting_channels(self, grey, latents.new_ones(1, 1, h * f, w * f), generators)
 
     def encode_prompt(self, prompt: str, negative_prompt: str, n: int, guided: bool) -> torch.Tensor:
         """Text states for the U-Net: [2n, 77k, D] as (negative, positive) when guided, else [n, 77k, D]."""
@@ -150,7 +215,7 @@ class TextToImagePipeline:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        channels = self.components.unet.config.in_channels
+        channels = self.latent_channels
         h, w = request.height // self.vae_scale_factor, request.width // self.vae_scale_factor
         # One draw per generator (randn_tensor with a list), on the CPU: the same on every device.
         latents = randn_tensor((len(generators), channels, h, w), generator=generators, dtype=torch.float32)
@@ -166,10 +231,19 @@ class TextToImagePipeline:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
+        *,
+        timesteps: torch.Tensor | None = None,
+        total: int | None = None,
+        extra_channels: torch.Tensor | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler.
 
         Latents and scheduler arithmetic stay in fp32; only the U-Net runs in the model's dtype.
+        ``timesteps`` (default: the scheduler's) and ``total`` (default: ``request.steps``) let img2img
+        run the tail of a schedule; ``extra_channels`` [n, 5, h, w] are concatenated to the scaled input
+        of an inpainting U-Net; ``after_step(index, latents)`` may replace the latents after each
+        evaluation (the 4-channel inpainting blend).
         ``request.steps`` counts steps as A1111 does: a second-order sampler (Heun, DPM2, DPM++ SDE)
         evaluates the U-Net twice per step, and the progress, the CFG cutoff and the DeepCache interval
         all count steps, not evaluations.
@@ -189,8 +263,11 @@ class TextToImagePipeline:
             step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
         if "eta" in step_parameters:
             step_kwargs["eta"] = 0.0
-        timesteps = scheduler.timesteps  # [evaluations]: 2 * steps - 1 for second-order samplers
-        total = request.steps
+        if timesteps is None:
+            timesteps = scheduler.timesteps  # [evaluations]: 2 * steps - 1 for second-order samplers
+        total = request.steps if total is None else total
+        if extra_channels is not None:
+            extra_channels = extra_channels.to(self.device, unet.dtype)  # [n, 5, h, w]
         guided_steps = total - round(total * request.guidance_cutoff)
         runner = DeepCacheRunner(unet, request.cache_interval)
         order = getattr(scheduler, "order", 1)
@@ -204,6 +281,9 @@ class TextToImagePipeline:
             states = text_states if guided else text_states[-n:]  # positive half when unguided
             model_input = torch.cat([latents] * 2) if guided else latents  # [2n or n, C, h, w]
             model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
+            if extra_channels is not None:
+                extra = torch.cat([extra_channels] * 2) if guided else extra_channels
+                model_input = torch.cat([model_input, extra], dim=1)  # [2n or n, 9, h, w]
             if request.cache_interval > 1:
                 noise = runner(model_input, t, states, step)
             else:
@@ -213,6 +293,10 @@ class TextToImagePipeline:
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + request.cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
             latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+            if after_step is not None:
+                # Contiguous: a blend with a broadcast mask can come out channels_last, and other strides
+                # would cost the fused CPU attention a new trace (and the convolutions a layout change).
+                latents = after_step(index, latents).contiguous()
             # A step is complete when the scheduler is back in its first stage (always, for first-order
             # ones), after the warm-up evaluations (PLMS evaluates its first step twice).
             if index >= warmup and (getattr(scheduler, "state_in_first_order", True) or index == len(timesteps) - 1):

@@ -72,6 +72,12 @@ def _convert(path: Path, name: str, build: Any) -> Any:
     return module
 
 
+def unet_in_channels(state: dict[str, torch.Tensor]) -> int:
+    """Input channels of a CompVis-layout U-Net: 4, or 9 for an inpainting model (``sd-v1-5-inpainting``)."""
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")  # [C, in_channels, 3, 3]
+    return int(conv_in.shape[1]) if conv_in is not None and conv_in.ndim == 4 else 4
+
+
 def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype]) -> SDComponents:
     """Components of a single-file SD 1.x checkpoint, shaped by the diffusers configs in ``config_dir``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -84,8 +90,9 @@ def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype
         _check_prefix(path, state, prefix, what)
     options = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtypes["model"]}
     text_options = {**options, "torch_dtype": dtypes["text"]}
+    unet_options = {**options, "in_channels": unet_in_channels(state)}  # 9 for SD inpainting checkpoints
     unet = _convert(
-        path, "U-Net", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **options)
+        path, "U-Net", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **unet_options)
     )
     vae = _convert(path, "VAE", lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **options))
     text_encoder = _convert(

@@ -327,6 +327,37 @@ def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
     )
 
 
+def _colour_regions(image: Image.Image, colour: str) -> np.ndarray:
+    """Pixels (judge side) nearest to ``colour`` in the palette, within reach of it, opened as ``judge`` does."""
+    small = image.convert("RGB").resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)
+    labels, dist = _nearest_colour(np.asarray(small, dtype=np.float32))  # (S, S), (S, S)
+    return _open((labels == COLOURS.index(colour)) & (dist < 90.0))
+
+
+def count_shapes(image: Image.Image, colour: str) -> int:
+    """How many shape-sized regions of ``colour`` the image has, by the rule :func:`judge` counts with
+    (8-connected, at least MIN_SHAPE_PIXELS: specks are not shapes)."""
+    return len(_regions(_colour_regions(image, colour))[1])
+
+
+def shape_centre(image: Image.Image, colour: str) -> tuple[float, float] | None:
+    """Centre (fractions of the side) of the largest region of ``colour``, the shape ``judge`` classifies."""
+    region = largest_component(_colour_regions(image, colour))
+    if not region.any():
+        return None
+    ys, xs = np.nonzero(region)
+    return (float(xs.mean()) + 0.5) / _JUDGE_SIDE, (float(ys.mean()) + 0.5) / _JUDGE_SIDE
+
+
+def region_inside(image: Image.Image, colour: str, mask: Image.Image) -> float:
+    """Fraction of the largest region of ``colour`` that lies where ``mask`` is white (0 when there is none)."""
+    region = largest_component(_colour_regions(image, colour))
+    if not region.any():
+        return 0.0
+    inside = np.asarray(mask.convert("L").resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)) >= 128
+    return float((region & inside).sum() / region.sum())
+
+
 def fidelity(verdicts: list[Verdict]) -> dict[str, float]:
     """Fraction of verdicts all right (``"all"``) and right per check."""
     return {"all": float(np.mean([v.all_ok for v in verdicts])),
