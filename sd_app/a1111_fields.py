@@ -1,4 +1,4 @@
-"""Which AUTOMATIC1111 request fields we honour, which we may ignore, and which we must refuse.
+"""Which AUTOMATIC1111 request fields (txt2img and img2img) we honour, which we may ignore, and which we must refuse.
 
 A client of A1111's API (``StableDiffusionTxt2ImgProcessingAPI``) sends many fields, most at their
 defaults. A field we do not implement is refused (422, naming it) only when its value would change the
@@ -22,6 +22,7 @@ IGNORED = frozenset(
         "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
         "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
         "refiner_switch_at", "firstpass_image",
+        "image_cfg_scale",  # only InstructPix2Pix models read it; sd-app runs none
     }
 )
 # Would change the picture; accepted only at a value meaning "off" (A1111's defaults).
