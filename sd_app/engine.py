@@ -129,9 +129,9 @@ class Engine:
         )
         candidates = []
         for ranked in output.candidates:
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
             if ranked.score is not None:
-                extra = {output.score_label: f"{ranked.score:.2f}"}
+                extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
                 extra["Reranker"] = output.reranker
             parameters = format_parameters(

@@ -51,8 +51,17 @@ class Target:
 
 
 def kohya_name(component: str, path: str) -> str:
-    """``lora_unet_down_blocks_1_attentions_0_proj_in`` for the U-Net module ``down_blocks.1.attentions.0.proj_in``."""
-    return f"{KOHYA_PREFIXES[component]}_{path.replace('.', '_')}"
+    """``lora_unet_down_blocks_1_attentions_0_proj_in`` for the U-Net module ``down_blocks.1.attentions.0.proj_in``;
+    ``lora_te_text_model_encoder_layers_0_mlp_fc1`` for the text encoder's ``encoder.layers.0.mlp.fc1``."""
+    return f"{KOHYA_PREFIXES[component]}_{canonical_path(component, path).replace('.', '_')}"
+
+
+def canonical_path(component: str, path: str) -> str:
+    """The module path as LoRA files spell it: transformers 5 dropped CLIPTextModel's ``text_model.`` level,
+    which kohya and PEFT files (made with transformers 4) keep."""
+    if component == "text_encoder" and not path.startswith("text_model."):
+        return "text_model." + path
+    return path
 
 
 def patchable_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -72,6 +81,7 @@ def module_table(components: SDComponents) -> dict[str, Target]:
             target = Target(component, path, module)
             table[kohya_name(component, path)] = target
             table[f"{PEFT_PREFIXES[component]}.{path}"] = target
+            table[f"{PEFT_PREFIXES[component]}.{canonical_path(component, path)}"] = target
     for original, path in original_unet_paths(components.unet).items():
         target = table.get(kohya_name("unet", path))
         if target is not None:

@@ -96,7 +96,15 @@ def lora_state(layers: dict[str, LoraLayer], dtype: torch.dtype = torch.float32)
     return state
 
 
+def canonical_key(key: str) -> str:
+    """Checkpoints of the first run named text-encoder modules without ``text_model_`` (transformers 5's paths)."""
+    if key.startswith("lora_te_") and not key.startswith("lora_te_text_model_"):
+        return "lora_te_text_model_" + key.removeprefix("lora_te_")
+    return key
+
+
 def load_lora_state(layers: dict[str, LoraLayer], state: dict[str, torch.Tensor]) -> None:
+    state = {canonical_key(key): value for key, value in state.items()}
     with torch.no_grad():
         for name, layer in layers.items():
             layer.down.weight.copy_(state[f"{name}.lora_down.weight"])
@@ -143,7 +151,8 @@ def encoded_latents(vae: torch.nn.Module, attrs: list[shapes.ShapeAttributes], r
         for start in tqdm(range(0, len(attrs), 16), desc=f"encoding {len(attrs)} x {res}px", mininterval=10):
             chunk = np.stack([data.render(a, res) for a in attrs[start : start + 16]])
             with runtime.autocast():
-                out[start : start + 16] = vae.encode(data.to_unit(chunk).to(runtime.device)).latent_dist.mean.float().cpu()
+                posterior = vae.encode(data.to_unit(chunk).to(runtime.device)).latent_dist
+                out[start : start + 16] = posterior.mean.float().cpu()
         np.save(path.with_suffix(".tmp.npy"), out)
         path.with_suffix(".tmp.npy").rename(path)
     return np.load(path)
@@ -279,7 +288,7 @@ def export(run: Path, out: Path, fp16: bool = True) -> Path:
     from pipelines.models.hashing import file_hash
 
     state = common.read_state(run)
-    tensors = load_file(str(run / "ckpt" / "lora.safetensors"))
+    tensors = {canonical_key(k): v for k, v in load_file(str(run / "ckpt" / "lora.safetensors")).items()}
     if fp16:
         tensors = {k: v.half().contiguous() for k, v in tensors.items()}
     args = argparse.Namespace(**{k: state[k] for k in ("rank", "alpha", "conv_rank", "concept", "res", "batch",
