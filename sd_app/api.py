@@ -1,7 +1,8 @@
 """HTTP routes compatible with AUTOMATIC1111's ``/sdapi/v1`` subset, on a FastAPI router.
 
-``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/samplers | schedulers | sd-models | progress | options``
-and ``POST /sdapi/v1/interrupt``. Requests become the same ``GenerationRequest`` the UI and CLI
+``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/samplers | schedulers | progress`` and
+``POST /sdapi/v1/interrupt`` (the model routes, options included, are in ``sd_app.api_models``).
+Requests become the same ``GenerationRequest`` the UI and CLI
 build and run through the same ``Engine``. Differences from A1111, on purpose:
 
 - images come back best first by CLIP score when a reranker is loaded (``"rerank": false`` keeps
@@ -79,6 +80,8 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     rerank: bool = True  # sd-app: order images best first by CLIP score
     rerank_by: Literal["clip", "contrastive", "mixed"] = "clip"  # sd-app: or against counterfactual captions
+    override_settings: dict[str, Any] | None = None  # sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers
+    override_settings_restore_afterwards: bool = True
 
 
 def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
@@ -90,10 +93,12 @@ def sampler_from_fields(sampler_name: str | None, scheduler: str | None) -> str:
     return resolve_sampler(name, scheduler).label
 
 
-def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
-    """Validate and convert; ValueError names the A1111 field at fault."""
-    from sd_app.a1111_fields import check_fields
+def to_generation_request(body: Txt2ImgRequest, clip_skip: int = 1) -> GenerationRequest:
+    """Validate and convert; ValueError names the A1111 field at fault. ``clip_skip``: the server's default,
+    unless ``override_settings`` says ``CLIP_stop_at_last_layers``."""
+    from sd_app.a1111_fields import check_fields, check_options
 
+    overrides = check_options(body.override_settings or {}, "override_settings")
     sampler = sampler_from_fields(body.sampler_name or body.sampler_index, body.scheduler)
     check_fields(body.model_extra or {}, resolve_sampler(sampler).name, set(Txt2ImgRequest.model_fields))
     n = body.batch_size * body.n_iter
@@ -108,6 +113,7 @@ def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
         width=body.width,
         height=body.height,
         n=n,
+        clip_skip=overrides.get("CLIP_stop_at_last_layers", clip_skip),
         sampler=sampler,
     )
 
@@ -161,7 +167,7 @@ def build_info(body: Txt2ImgRequest, result: GenerationResult, model_hash: str |
         "infotexts": [c.parameters for c in result.candidates],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1,
+        "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": False,
         "version": VERSION,
         "clip_scores": [c.details.get("CLIP score", c.score) for c in result.candidates],
@@ -227,7 +233,7 @@ def http_error(error: Exception) -> HTTPException:
     import torch
 
     from pipelines.generation.text_to_image import GenerationCancelled
-    from pipelines.models.errors import ModelLoadError
+    from pipelines.models.errors import IncompatibleModel, ModelLoadError, ModelNotFound
 
     if isinstance(error, HTTPException):
         return error
@@ -235,6 +241,8 @@ def http_error(error: Exception) -> HTTPException:
         return HTTPException(status_code=503, detail=str(error))
     if isinstance(error, GenerationCancelled):
         return HTTPException(status_code=409, detail=f"interrupted: {error}")
+    if isinstance(error, (ModelNotFound, IncompatibleModel)):  # a name or a LoRA the request chose
+        return HTTPException(status_code=422, detail=str(error))
     if isinstance(error, (ModelLoadError, OSError)):  # the server's model files, not the request
         return HTTPException(status_code=500, detail=f"model could not be loaded: {error}")
     if isinstance(error, ValueError):
@@ -252,17 +260,24 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
 
     @router.post("/txt2img")
     async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
+        from sd_app.a1111_fields import check_options
+
         try:
-            request = to_generation_request(body)
+            request = to_generation_request(body, engine.clip_skip)
+            overrides = check_options(body.override_settings or {}, "override_settings")
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
+        switch = {"checkpoint": overrides.get("sd_model_checkpoint"), "vae": overrides.get("sd_vae")}
         cancel = threading.Event()
         client = http.client.host if http.client else ""
 
         def work() -> GenerationResult:
             with tracker.job(request.steps, cancel, "api", client=client) as job:
+                if not body.override_settings_restore_afterwards and any(switch.values()):
+                    engine.switch(**switch)  # A1111: the override stays
                 return engine.generate(
                     request,
+                    **switch,
                     rerank=body.rerank,
                     rerank_by=body.rerank_by,
                     save=body.save_images,
@@ -272,7 +287,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
 
         result = await run_cancelling_on_disconnect(work, http, cancel)
         images = [png_base64(c.image, c.parameters) for c in result.candidates] if body.send_images else []
-        model_hash = engine.pipeline().components.model_hash
+        model_hash = result.model_hash
         return {
             "images": images,
             "parameters": body.model_dump(),
@@ -287,18 +302,10 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     def schedulers() -> list[dict[str, Any]]:
         return [{"name": name.lower(), "label": name, "aliases": None} for name in SCHEDULERS]
 
-    @router.get("/sd-models")
-    def sd_models() -> list[dict[str, Any]]:
-        return [model_entry(engine)]
-
-    @router.get("/options")
-    def options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": model_entry(engine)["title"], "samples_format": "png"}
-
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         def previews(latents: Any) -> list[Image.Image]:
-            return engine.pipeline().preview_latents(latents, size=128)
+            return engine.active_pipeline().preview_latents(latents, size=128)
 
         return progress_payload(tracker, previews, skip_current_image)
 
@@ -307,20 +314,6 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
         return {"interrupted": tracker.interrupt()}
 
     return router
-
-
-def model_entry(engine: Engine) -> dict[str, Any]:
-    """``GET /sdapi/v1/sd-models`` entry of the engine's model (loads it on first use)."""
-    components = engine.pipeline().components
-    short_hash = components.model_hash
-    return {
-        "title": f"{components.name} [{short_hash}]" if short_hash else components.name,
-        "model_name": components.name,
-        "hash": short_hash,
-        "sha256": None,
-        "filename": components.source or engine.model,
-        "config": None,
-    }
 
 
 def progress_payload(

@@ -266,7 +266,8 @@ def run_batch(args: argparse.Namespace) -> int:
     rank, world = state.process_index, state.num_processes
     device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
     engine = Engine(
-        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=args.out, device=device
+        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=args.out, device=device,
+        models_dirs=args.models_dir,
     )
     components = engine.pipeline().components  # the model's hash names the jobs, not its path
     identity = {

@@ -51,6 +51,12 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                         cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 with gr.Row():
+                    checkpoint = gr.Dropdown(handlers.checkpoint_choices(), value=handlers.checkpoint_value(),
+                                             label="Checkpoint", elem_id="checkpoint", scale=3)
+                    vae = gr.Dropdown(handlers.vae_choices(), value=engine.vae or "Automatic", label="VAE",
+                                      elem_id="vae", scale=2)
+                    refresh_models = gr.Button("🔄 Refresh", size="sm", elem_id="refresh-models", scale=0)
+                with gr.Row():
                     with gr.Column(scale=1):
                         sampler = gr.Dropdown(sampler_names(), value=defaults.sampler, label="Sampler")
                         steps = gr.Slider(
@@ -76,6 +82,8 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                                 interactive=engine.reranker is not None,
                                 elem_id="rerank-by",
                             )
+                        clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
+                                              label="Clip skip", elem_id="clip-skip")
                     with gr.Column(scale=2):
                         status = gr.Markdown("", elem_id="status")
                         previews = gr.Gallery(
@@ -130,7 +138,7 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
             trigger_mode="always_last",
             api_name="count_tokens",
         )
-        generate_inputs = [prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, session]
+        generate_inputs = [prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, clip_skip, session]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
         generate_event = gr.on(
@@ -160,10 +168,13 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
             handlers.score, [score_files, score_texts], score_table, api_name="score", concurrency_id=MODEL_GROUP
         )
         png_file.change(handlers.png_info, png_file, [png_text, png_fields], api_name="png_info")
+        gr.on([checkpoint.input, vae.input], handlers.switch_model, [checkpoint, vae], [status, checkpoint, vae],
+              api_name="switch_model", concurrency_id=MODEL_GROUP)
+        refresh_models.click(handlers.refresh_models, None, [checkpoint, vae], api_name="refresh_models")
         send_button.click(
             handlers.send_to_generate,
             png_text,
-            [prompt, negative, sampler, steps, cfg, width, height, seed, tabs],
+            [prompt, negative, sampler, steps, cfg, width, height, seed, clip_skip, tabs],
             api_name=False,
         )
     demo.queue(default_concurrency_limit=1, max_size=max_queue)

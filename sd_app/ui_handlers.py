@@ -154,7 +154,8 @@ class UiHandlers:
 
     @staticmethod
     def build_request(
-        prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any, seed: Any, n: Any
+        prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any, seed: Any, n: Any,
+        clip_skip: Any = 1,
     ) -> GenerationRequest:
         """The validated request for the Generate view's fields; ValueError names the bad one."""
         return GenerationRequest(
@@ -166,6 +167,7 @@ class UiHandlers:
             width=integer("width", width),
             height=integer("height", height),
             n=integer("candidates", n),
+            clip_skip=integer("clip_skip", clip_skip),
             sampler=sampler,
         )
 
@@ -181,6 +183,7 @@ class UiHandlers:
         seed: Any,
         n: Any,
         rerank: str,
+        clip_skip: Any,
         session: UserSession,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
@@ -190,7 +193,7 @@ class UiHandlers:
         """
         rerank_by = rerank or "off"
         try:
-            request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+            request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n, clip_skip)
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
         except ValueError as error:
@@ -315,6 +318,55 @@ class UiHandlers:
             return gr.update()
         return result.candidates[int(evt.index)].parameters
 
+    # ---- Checkpoint and VAE -----------------------------------------------------------------
+
+    def checkpoint_choices(self) -> list[str]:
+        """The model folders' checkpoints by A1111 name (the selected model first if it is not one of them)."""
+        names = [e.name for e in self.engine.library().files("checkpoint") if e.refused is None]
+        current = self.checkpoint_value()
+        return names if current in names else [current, *names]
+
+    def checkpoint_value(self) -> str:
+        """The dropdown's spelling of the selected checkpoint."""
+        model = str(self.engine.model)
+        if model == "embedded":
+            from pipelines.models.library import EMBEDDED_NAME
+
+            return EMBEDDED_NAME
+        for entry in self.engine.library().files("checkpoint"):
+            if str(entry.path) == model or model in (entry.name, entry.stem):
+                return entry.name
+        return model
+
+    def vae_choices(self) -> list[str]:
+        from sd_app.checkpoints import AUTOMATIC_VAE, OWN_VAE
+
+        names = [e.name for e in self.engine.library().files("vae") if e.refused is None]
+        current = self.engine.vae
+        return [AUTOMATIC_VAE, OWN_VAE, *names] + ([current] if current and current not in names else [])
+
+    def switch_model(self, checkpoint: str, vae: str) -> tuple[Any, ...]:
+        """Load the chosen checkpoint and VAE after the running job (the old model is freed)."""
+        started = time.monotonic()
+        try:
+            self.engine.switch(checkpoint=checkpoint, vae=vae)
+        except ValueError as error:
+            gr.Warning(str(error))
+            return f"Not switched: {error}", self.checkpoint_value(), self.engine.vae or "Automatic"
+        except Exception as error:  # noqa: BLE001
+            log.exception("switching the model failed")
+            free_memory()
+            message = error_message(error)
+            return f"Not switched: {message}", self.checkpoint_value(), self.engine.vae or "Automatic"
+        return (f"Loaded {self.checkpoint_value()} (VAE {self.engine.vae or 'Automatic'}) in "
+                f"{time.monotonic() - started:.1f} s", gr.update(), gr.update())
+
+    def refresh_models(self) -> tuple[Any, Any]:
+        """Rescan the model folders for the dropdowns (A1111's refresh button)."""
+        self.engine.library().refresh()
+        return (gr.update(choices=self.checkpoint_choices(), value=self.checkpoint_value()),
+                gr.update(choices=self.vae_choices()))
+
     # ---- Inspect ----------------------------------------------------------------------------
 
     def inspect(
@@ -420,5 +472,6 @@ class UiHandlers:
             request.width,
             request.height,
             request.seed,
+            request.clip_skip,
             gr.Tabs(selected="generate"),
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.generation.extra_networks import TextualInversion
-from pipelines.models.errors import ModelLoadError, refuse_pickle
+from pipelines.models.errors import IncompatibleModel, ModelLoadError, refuse_pickle
 
 
 def read_embedding(path: Path, name: str, width: int, short_hash: str = "") -> TextualInversion:
@@ -23,7 +23,7 @@ def read_embedding(path: Path, name: str, width: int, short_hash: str = "") -> T
     refuse_pickle(path)
     state = read_safetensors(path)
     if {"clip_l", "clip_g"} <= set(state):
-        raise ModelLoadError(f"{path}: an SDXL embedding (clip_l and clip_g); this model is SD 1.x")
+        raise IncompatibleModel(f"{path}: an SDXL embedding (clip_l and clip_g); this model is SD 1.x")
     if len(state) != 1:
         keys = ", ".join(sorted(state)[:5])
         raise ModelLoadError(
@@ -36,7 +36,7 @@ def read_embedding(path: Path, name: str, width: int, short_hash: str = "") -> T
         raise ModelLoadError(f"{path}: embedding {key!r} has shape {tuple(tensor.shape)}; expected [n, {width}]")
     if tensor.shape[1] != width:
         guess = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}.get(int(tensor.shape[1]), "another model")
-        raise ModelLoadError(
+        raise IncompatibleModel(
             f"{path}: embedding of width {tensor.shape[1]} (made for {guess}); this text encoder's width is {width}"
         )
     return TextualInversion(name=name, vectors=tensor.float(), short_hash=short_hash)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError
+from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, ModelNotFound
 from pipelines.models.hash_cache import HashCache
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR, PACKAGE_DIR
 
@@ -277,10 +277,10 @@ class ModelLibrary:
             self.refresh(kind)  # a file added since the last listing
         if not matches:
             known = ", ".join(e.name for e in self.files(kind) if e.refused is None) or "none"
-            raise ModelLoadError(f"no {kind} named {text!r} in the model folders (available: {known})")
+            raise ModelNotFound(f"no {kind} named {text!r} in the model folders (available: {known})")
         if len(matches) > 1:
             paths = ", ".join(str(m.path) for m in matches)
-            raise ModelLoadError(f"{kind} name {text!r} is ambiguous: {paths}; use the name with its folder")
+            raise ModelNotFound(f"{kind} name {text!r} is ambiguous: {paths}; use the name with its folder")
         entry = matches[0]
         if entry.refused:
             raise ModelLoadError(f"{entry.path}: refused: {entry.refused}")

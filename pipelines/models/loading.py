@@ -100,7 +100,8 @@ def load_pipeline(
         if vae is not None:
             from pipelines.models.single_file import load_vae_file
 
-            components.vae = load_vae_file(Path(vae), config_dir, dtypes["model"])
+            vae_config = path if path.is_dir() and config is None else config_dir  # a folder's own VAE shape
+            components.vae = load_vae_file(Path(vae), vae_config, dtypes["model"])
     if str(spec).strip() == "embedded":
         components.name = EMBEDDED_MODEL_DIR.name
     for module in (components.unet, components.vae, components.text_encoder):

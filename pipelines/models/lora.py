@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipelines.models.errors import ModelLoadError
+from pipelines.models.errors import IncompatibleModel
 from pipelines.models.lora_formats import LoraFile, module_delta
 from pipelines.models.lora_keys import Target, module_table
 
@@ -84,7 +84,7 @@ class LoraPatcher:
             missing = [key for key in lora.modules if key not in table]
             if missing:
                 shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-                raise ModelLoadError(
+                raise IncompatibleModel(
                     f"{lora.path}: {len(missing)} of its modules are not in this model ({shown}); "
                     "is it a LoRA for another base (SD 2.x, SDXL)?"
                 )
@@ -97,14 +97,14 @@ class LoraPatcher:
                 try:
                     delta, bias_delta = module_delta(module, tuple(weight.shape))
                 except (ValueError, RuntimeError) as error:
-                    raise ModelLoadError(
+                    raise IncompatibleModel(
                         f"{lora.path}: does not fit this model ({error}); is it a LoRA for another base?"
                     ) from error
                 for parameter, change in ((weight, delta), (target.module.bias, bias_delta)):
                     if change is None:
                         continue
                     if parameter is None or change.shape != parameter.shape:
-                        raise ModelLoadError(f"{lora.path}: {key} does not fit this model's {target.path}")
+                        raise IncompatibleModel(f"{lora.path}: {key} does not fit this model's {target.path}")
                     change = change.to(parameter.device) * multiplier
                     if id(parameter) in sums:
                         change = sums[id(parameter)][1] + change

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.models.errors import ModelLoadError, refuse_pickle
+from pipelines.models.errors import IncompatibleModel, ModelLoadError, refuse_pickle
 from pipelines.models.lora_keys import PEFT_PREFIXES, split_key
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
     metadata = header.metadata
     base = base_model(header)
     if base not in ("SD 1.x", "unknown"):
-        raise ModelLoadError(f"{path}: a LoRA for another base ({base}); this model is SD 1.x")
+        raise IncompatibleModel(f"{path}: a LoRA for another base ({base}); this model is SD 1.x")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, tensor in state.items():
