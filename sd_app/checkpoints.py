@@ -33,8 +33,8 @@ def checkpoint_path(library: ModelLibrary, spec: str) -> str:
     try:
         entry = library.find("checkpoint", text)
     except ModelLoadError:
-        if text.count("/") == 1 and not text.endswith(".safetensors"):
-            return text  # a Hugging Face repo id in the local cache (loading says if it is not there)
+        if text.startswith(("/", "~", ".")) or (text.count("/") == 1 and not text.endswith(".safetensors")):
+            return text  # a path, or a Hugging Face repo id in the local cache: loading says what is wrong
         raise
     return "embedded" if entry.folder == "shipped" else str(entry.path)
 

@@ -194,3 +194,26 @@ def test_lru_of_k_checkpoints(models_root, tmp_path):
     with pytest.raises(Exception, match="no checkpoint named 'zzz'"):
         engine.switch(checkpoint="zzz")
     assert engine.model == "tiny-a" and engine.vae == "soft.safetensors"  # the selection stayed
+
+
+def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server):
+    from gradio_client import Client
+
+    url, engine = server
+    known = hashes(url)
+    client = Client(url, verbose=False, analytics_enabled=False)
+    status, checkpoint, vae = client.predict("tiny-b", "Automatic", api_name="/switch_model")
+    assert status.startswith("Loaded tiny-b") and engine.model == "tiny-b"
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="missing is not in the list of choices"):
+        client.predict("missing", "Automatic", api_name="/switch_model")
+    assert engine.model == "tiny-b"
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank, clip skip
+    status, _, _, parameters, _ = client.predict("a red circle", "", "Euler", 2, 7, 64, 64, 3, 1, False, 2,
+                                                 api_name="/generate")
+    params = parse_parameters(parameters)
+    assert params["Model hash"] == known["tiny-b"] and params["Clip skip"] == "2"
+    checkpoints, vaes = client.predict(api_name="/refresh_models")
+    assert checkpoints["value"] == "tiny-b" and ["tiny-a", "tiny-a"] in checkpoints["choices"]
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
