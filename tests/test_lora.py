@@ -273,3 +273,24 @@ def test_kohya_file_loads_in_diffusers_and_fuses_to_our_merge(tiny_model, pipe, 
     key = next(k for k in te if k.endswith("layers.0.self_attn.q_proj.weight") or
                k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
     assert torch.allclose(ours[f"text_encoder.{fx.TE_LINEAR}.weight"], te[key], atol=1e-5)
+
+
+def test_lora_hashes_in_the_png_and_png_info_reads_them_back(pipe, tiny_model, models_dir, tmp_path):
+    from PIL import Image
+
+    from pipelines.models.networks import parse_hashes_text
+    from sd_app.engine import Engine
+    from sd_app.metadata import parse_parameters, request_from_parameters
+    from sd_app.ui_handlers import UiHandlers
+
+    engine = Engine(model=str(tiny_model), reranker=None, output_dir=tmp_path, device="cpu", models_dirs=[models_dir])
+    prompt = "a red circle <lora:kohya:0.5> <lora:second:1:-1>"
+    result = engine.generate(GenerationRequest(prompt=prompt, **REQUEST), rerank=False)
+    library = engine.library()
+    expected = {name: library.short_hash(library.find("lora", name)) for name in ("kohya", "second")}
+    text, fields = UiHandlers.png_info(str(result.candidates[0].path))
+    assert fields["Lora hashes"] == f"kohya: {expected['kohya']}, second: {expected['second']}"
+    assert parse_hashes_text(fields["Lora hashes"]) == expected
+    assert request_from_parameters(parse_parameters(text)).prompt == prompt  # reused with its tags
+    with Image.open(result.candidates[0].path) as image:
+        assert 'Lora hashes: "kohya: ' in image.info["parameters"]
