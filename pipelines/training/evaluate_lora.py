@@ -24,7 +24,7 @@ from pipelines.training import shapes
 
 PROMPT_SEED = 2024  # the base world's evaluation prompts (pipelines.training.evaluate)
 CONCEPT_PROMPT_SEED = 2025
-ATTRIBUTES = ("all", "shape", "shape_colour", "background")
+ATTRIBUTES = ("all", "count", "binding", "shape", "shape_colour", "background")
 
 
 def _cells(result: dict[str, float]) -> str:
@@ -74,7 +74,8 @@ def main(lora_file: Path, concept: str, pairs: int, threads: int) -> dict[str, d
                            np.asarray(image(shapes.caption(a), 1000 * k)))
             for k, a in enumerate(new[:4] + old[:4])
         )
-    lines = ["| prompts | all right | shape | shape colour | background |", "|---|---:|---:|---:|---:|"]
+    lines = ["| prompts | all right | one shape | one colour inside | shape | shape colour | background |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {label} ({pairs} prompt x seed) | {_cells(r)} |" for label, r in results.items()]
     old_base, old_lora = results["base-world prompts, base model"], results[f"base-world prompts with {tag.strip()}"]
     kept = old_lora["all"] / old_base["all"] if old_base["all"] else float("nan")
