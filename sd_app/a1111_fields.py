@@ -37,7 +37,6 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "script_name": (None, ""),
     "script_args": (None, []),
     "alwayson_scripts": (None, {}),
-    "override_settings": (None, {}),
     "refiner_checkpoint": (None, "", "None"),
     "s_min_uncond": (None, 0),
     "s_churn": (None, 0),
@@ -70,6 +69,33 @@ def check_fields(extra: Mapping[str, Any], sampler_name: str, known: set[str]) -
             f"eta={_short(eta)} is not supported for {sampler_name}; sd-app runs it with eta "
             f"{ETA_WE_RUN[sampler_name]:g}"
         )
+
+
+# A1111 options sd-app honours (POST /sdapi/v1/options, a request's override_settings); the rest are refused.
+OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+NO_OP_OPTIONS = {"samples_format": ("png",)}
+
+
+def check_options(options: Any, field: str = "options") -> dict[str, Any]:
+    """The options sd-app honours from an A1111 options dict; ValueError naming the others or a bad value."""
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{field} must be a JSON object of A1111 options, got {_short(options)}")
+    refused = sorted(
+        name for name, value in options.items()
+        if name not in OPTIONS and not (name in NO_OP_OPTIONS and value in NO_OP_OPTIONS[name])
+    )
+    if refused:
+        raise ValueError(
+            f"{field}: not supported by sd-app: {', '.join(refused)} (supported: {', '.join(OPTIONS)})"
+        )
+    wanted = {name: options[name] for name in OPTIONS if name in options}
+    for name in ("sd_model_checkpoint", "sd_vae"):
+        if name in wanted and (not isinstance(wanted[name], str) or not wanted[name].strip()):
+            raise ValueError(f"{field}: {name} must be a checkpoint / VAE name, got {_short(wanted[name])}")
+    skip = wanted.get("CLIP_stop_at_last_layers")
+    if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 12):
+        raise ValueError(f"{field}: CLIP_stop_at_last_layers must be an integer from 1 to 12, got {_short(skip)}")
+    return wanted
 
 
 def _short(value: Any) -> str:

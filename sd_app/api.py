@@ -1,8 +1,9 @@
 """HTTP routes compatible with AUTOMATIC1111's ``/sdapi/v1`` subset, on a FastAPI router.
 
 ``POST /sdapi/v1/txt2img`` (hires fix included), ``POST /sdapi/v1/img2img`` (img2img, inpainting),
-``GET /sdapi/v1/samplers | schedulers | sd-models | upscalers | latent-upscale-modes | progress | options``
-and ``POST /sdapi/v1/interrupt``. Requests become the same ``GenerationRequest`` the UI and CLI
+``GET /sdapi/v1/samplers | schedulers | upscalers | latent-upscale-modes | progress`` and
+``POST /sdapi/v1/interrupt`` (the model routes, options included, are in ``sd_app.api_models``).
+Requests become the same ``GenerationRequest`` the UI and CLI
 build and run through the same ``Engine``. Differences from A1111, on purpose:
 
 - images come back best first by CLIP score when a reranker is loaded (``"rerank": false`` keeps
@@ -83,6 +84,8 @@ class GenerationFields(BaseModel):
     save_images: bool = False
     rerank: bool = True  # sd-app: order images best first by CLIP score
     rerank_by: Literal["clip", "contrastive", "mixed"] = "clip"  # sd-app: or against counterfactual captions
+    override_settings: dict[str, Any] | None = None  # sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers
+    override_settings_restore_afterwards: bool = True
 
 
 class Txt2ImgRequest(GenerationFields):
@@ -158,9 +161,12 @@ def _refuse_unsupported(body: GenerationFields) -> None:
             raise ValueError(f"{field} is not supported by sd-app (got {value!r}); leave it unset")
 
 
-def _common_settings(body: GenerationFields) -> dict[str, Any]:
-    from sd_app.a1111_fields import check_fields
+def _common_settings(body: GenerationFields, clip_skip: int = 1) -> dict[str, Any]:
+    """The settings txt2img and img2img share. ``clip_skip``: the server's default, unless
+    ``override_settings`` says ``CLIP_stop_at_last_layers``."""
+    from sd_app.a1111_fields import check_fields, check_options
 
+    overrides = check_options(body.override_settings or {}, "override_settings")
     sampler = sampler_from_fields(body.sampler_name or body.sampler_index, body.scheduler)
     check_fields(body.model_extra or {}, resolve_sampler(sampler).name, set(type(body).model_fields))
     n = body.batch_size * body.n_iter
@@ -175,11 +181,12 @@ def _common_settings(body: GenerationFields) -> dict[str, Any]:
         "width": body.width,
         "height": body.height,
         "n": n,
+        "clip_skip": overrides.get("CLIP_stop_at_last_layers", clip_skip),
         "sampler": sampler,
     }
 
 
-def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
+def to_generation_request(body: Txt2ImgRequest, clip_skip: int = 1) -> GenerationRequest:
     """Validate and convert; ValueError names the A1111 field at fault."""
     from pipelines.generation.conditioning import HiresFix
 
@@ -194,7 +201,7 @@ def to_generation_request(body: Txt2ImgRequest) -> GenerationRequest:
             resize_x=body.hr_resize_x,
             resize_y=body.hr_resize_y,
         )
-    return GenerationRequest(**_common_settings(body), hires=hires)
+    return GenerationRequest(**_common_settings(body, clip_skip), hires=hires)
 
 
 def _a1111_choice(field: str, value: int, choices: tuple[str, ...]) -> str:
@@ -204,7 +211,7 @@ def _a1111_choice(field: str, value: int, choices: tuple[str, ...]) -> str:
     return choices[value]
 
 
-def to_image_request(body: Img2ImgRequest) -> tuple[GenerationRequest, list[str]]:
+def to_image_request(body: Img2ImgRequest, clip_skip: int = 1) -> tuple[GenerationRequest, list[str]]:
     """The img2img / inpaint request and notes (a mask resized to the image); ValueError names the field."""
     from pipelines.generation.masks import image_conditioning
     from sd_app.images import decode_image
@@ -232,7 +239,7 @@ def to_image_request(body: Img2ImgRequest) -> tuple[GenerationRequest, list[str]
         invert_mask=bool(body.inpainting_mask_invert),
         resize_mode=_a1111_choice("resize_mode", body.resize_mode, tuple(RESIZE_MODES)),
     )
-    return GenerationRequest(**_common_settings(body), image=image), notes
+    return GenerationRequest(**_common_settings(body, clip_skip), image=image), notes
 
 
 def png_base64(image: Image.Image, parameters: str | None) -> str:
@@ -286,7 +293,7 @@ def build_info(
         "infotexts": [c.parameters for c in result.candidates],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1,
+        "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": result.inpainting_conditioning,
         "version": VERSION,
         "clip_scores": [c.details.get("CLIP score", c.score) for c in result.candidates],
@@ -359,7 +366,7 @@ def http_error(error: Exception) -> HTTPException:
     import torch
 
     from pipelines.generation.text_to_image import GenerationCancelled
-    from pipelines.models.errors import ModelLoadError
+    from pipelines.models.errors import IncompatibleModel, ModelLoadError, ModelNotFound
 
     if isinstance(error, HTTPException):
         return error
@@ -367,6 +374,8 @@ def http_error(error: Exception) -> HTTPException:
         return HTTPException(status_code=503, detail=str(error))
     if isinstance(error, GenerationCancelled):
         return HTTPException(status_code=409, detail=f"interrupted: {error}")
+    if isinstance(error, (ModelNotFound, IncompatibleModel)):  # a name or a LoRA the request chose
+        return HTTPException(status_code=422, detail=str(error))
     if isinstance(error, (ModelLoadError, OSError)):  # the server's model files, not the request
         return HTTPException(status_code=500, detail=f"model could not be loaded: {error}")
     if isinstance(error, ValueError):
@@ -385,13 +394,20 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     async def run(
         body: GenerationFields, request: GenerationRequest, notes: list[str], http: Request
     ) -> dict[str, Any]:
+        from sd_app.a1111_fields import check_options
+
+        overrides = check_options(body.override_settings or {}, "override_settings")
+        switch = {"checkpoint": overrides.get("sd_model_checkpoint"), "vae": overrides.get("sd_vae")}
         cancel = threading.Event()
         client = http.client.host if http.client else ""
 
         def work() -> GenerationResult:
             with tracker.job(request.total_steps, cancel, "api", client=client) as job:
+                if not body.override_settings_restore_afterwards and any(switch.values()):
+                    engine.switch(**switch)  # A1111: the override stays
                 return engine.generate(
                     request,
+                    **switch,
                     rerank=body.rerank,
                     rerank_by=body.rerank_by,
                     save=body.save_images,
@@ -401,20 +417,19 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
 
         result = await run_cancelling_on_disconnect(work, http, cancel)
         images = [png_base64(c.image, c.parameters) for c in result.candidates] if body.send_images else []
-        model_hash = engine.pipeline().components.model_hash
         parameters = body.model_dump()
         if isinstance(body, Img2ImgRequest) and not body.include_init_images:
             parameters.update(init_images=None, mask=None)  # as A1111: the inputs are not echoed back
         return {
             "images": images,
             "parameters": parameters,
-            "info": json.dumps(build_info(body, result, model_hash, notes)),
+            "info": json.dumps(build_info(body, result, result.model_hash, notes)),
         }
 
     @router.post("/txt2img")
     async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
         try:
-            request = to_generation_request(body)
+            request = to_generation_request(body, engine.clip_skip)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         return await run(body, request, [], http)
@@ -422,7 +437,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     @router.post("/img2img")
     async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
         try:
-            request, notes = to_image_request(body)
+            request, notes = to_image_request(body, engine.clip_skip)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         return await run(body, request, notes, http)
@@ -445,18 +460,10 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     def schedulers() -> list[dict[str, Any]]:
         return [{"name": name.lower(), "label": name, "aliases": None} for name in SCHEDULERS]
 
-    @router.get("/sd-models")
-    def sd_models() -> list[dict[str, Any]]:
-        return [model_entry(engine)]
-
-    @router.get("/options")
-    def options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": model_entry(engine)["title"], "samples_format": "png"}
-
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         def previews(latents: Any) -> list[Image.Image]:
-            return engine.pipeline().preview_latents(latents, size=128)
+            return engine.active_pipeline().preview_latents(latents, size=128)
 
         return progress_payload(tracker, previews, skip_current_image)
 
@@ -465,20 +472,6 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
         return {"interrupted": tracker.interrupt()}
 
     return router
-
-
-def model_entry(engine: Engine) -> dict[str, Any]:
-    """``GET /sdapi/v1/sd-models`` entry of the engine's model (loads it on first use)."""
-    components = engine.pipeline().components
-    short_hash = components.model_hash
-    return {
-        "title": f"{components.name} [{short_hash}]" if short_hash else components.name,
-        "model_name": components.name,
-        "hash": short_hash,
-        "sha256": None,
-        "filename": components.source or engine.model,
-        "config": None,
-    }
 
 
 def progress_payload(

@@ -26,6 +26,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1, help="number of images / candidates (1-16)")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
+    add_library_arguments(parser)
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder used to score candidates")
     parser.add_argument("--no-rerank", action="store_true", help="keep generation order, no CLIP scores")
     parser.add_argument(
@@ -98,6 +99,7 @@ def request_and_notes(args: argparse.Namespace, prompt: str) -> tuple[Generation
         width=defaults.width if width is None else width,
         height=defaults.height if height is None else height,
         n=args.n,
+        clip_skip=args.clip_skip,
         sampler=args.sampler,
         image=image,
         hires=hires,
@@ -157,3 +159,12 @@ def hires_from_args(args: argparse.Namespace):  # noqa: ANN201 - HiresFix | None
         resize_x=resize_x,
         resize_y=resize_y,
     )
+
+
+def add_library_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--models-dir`` (A1111 / ComfyUI model folders: --model and --vae may then be names) and ``--clip-skip``."""
+    parser.add_argument(
+        "--models-dir", type=Path, action="append", default=[], metavar="DIR",
+        help="an A1111 or ComfyUI folder (or its models/): checkpoints, VAEs, LoRAs, embeddings (repeatable)",
+    )
+    parser.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 (default) to 12")

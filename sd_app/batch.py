@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.jsonl"
 LOCK = "manifest.lock"
 CLAIMS = ".claims"  # one lock file per job being generated
-OVERRIDES = ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "n", "sampler")
+OVERRIDES = ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "n", "sampler", "clip_skip")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,10 @@ def job_ids(requests: list[GenerationRequest], identity: dict[str, Any]) -> list
     repeat of the same content gets ``rK`` so that a prompt listed twice is made twice."""
     ids, seen = [], {}
     for request in requests:
-        payload = json.dumps({"request": request.to_dict(), **identity}, sort_keys=True, default=str)
+        settings = request.to_dict()
+        if settings.get("clip_skip") == 1:
+            del settings["clip_skip"]  # a setting added later, at its default: earlier batches keep their ids
+        payload = json.dumps({"request": settings, **identity}, sort_keys=True, default=str)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
         seen[digest] = seen.get(digest, 0) + 1
         ids.append(digest if seen[digest] == 1 else f"{digest}r{seen[digest]}")
@@ -263,7 +266,8 @@ def run_batch(args: argparse.Namespace) -> int:
     rank, world = state.process_index, state.num_processes
     device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
     engine = Engine(
-        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=args.out, device=device
+        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=args.out, device=device,
+        models_dirs=args.models_dir,
     )
     components = engine.pipeline().components  # the model's hash names the jobs, not its path
     identity = {

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
     add_generation_arguments(generate)
     commands.add_parser("info", help="list models and samplers")
+    from sd_app.models_command import add_models_arguments
+
+    add_models_arguments(commands.add_parser("models", help="list model folders: checkpoints, VAEs, LoRAs, embeddings"))
     from sd_app.bench import add_bench_arguments
 
     add_bench_arguments(commands.add_parser("bench", help="time our pipeline against plain diffusers"))
@@ -57,6 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
         reranker=args.reranker if rerank else None,
         output_dir=args.out,
         device=args.device,
+        models_dirs=args.models_dir,
     )
     started = time.perf_counter()
     result = engine.generate(request, rerank=rerank, rerank_by=args.rerank_by, keep=args.keep, progress=True)
@@ -119,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sd_app.batch import run_batch
 
             return run_batch(args)
+        if args.command == "models":
+            from sd_app.models_command import run_models
+
+            return run_models(args)
         if args.command == "bench":
             from sd_app.bench import run_bench
 

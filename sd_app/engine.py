@@ -1,16 +1,22 @@
 """The one engine every front end calls: request -> images (+ CLIP scores) -> PNG files with metadata.
 
-Models load lazily on first use, so building an engine (and importing this module) is cheap.
+Models load lazily on first use, so building an engine (and importing this module) is cheap. The
+checkpoint and VAE can be switched at run time (``switch``; A1111's options) or for one request
+(``generate(..., checkpoint=, vae=)``; A1111's ``override_settings``): a switch waits for the running
+job, and at most ``max_loaded`` checkpoints stay in memory (``sd_app.checkpoints``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.generation.request import GenerationRequest
+from sd_app.checkpoints import PipelineCache, checkpoint_path, vae_path
 from sd_app.metadata import format_parameters
 from sd_app.storage import save_png
 
@@ -19,6 +25,7 @@ if TYPE_CHECKING:
 
     from pipelines.generation.prompts import TokenCount
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.models.library import ModelLibrary
     from pipelines.rerank.clip_scorer import ClipScorer
     from sd_app.limits import RequestLimits
 
@@ -47,6 +54,7 @@ class GenerationResult:
     prompt_tokens: TokenCount | None = None  # CLIP tokens and 75-token chunks the prompt was encoded in
     score_label: str = "CLIP score"  # what the candidates' scores are ("Contrastive score", ...)
     inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
+    model_hash: str | None = None  # of the checkpoint that made the images
 
     @property
     def images(self) -> list[Image.Image]:
@@ -67,18 +75,85 @@ class Engine:
     output_dir: Path = Path("outputs")
     device: str | None = None
     limits: RequestLimits | None = None  # a server's bounds on one request (none for the CLI)
-    _pipeline: TextToImagePipeline | None = field(default=None, init=False, repr=False)
+    models_dirs: Sequence[Path] = ()  # A1111 / ComfyUI folders: checkpoints, VAEs, LoRAs, embeddings
+    max_loaded: int = 1  # checkpoints kept in memory (least recently used freed first)
+    clip_skip: int = 1  # the default for requests that do not say (A1111's CLIP_stop_at_last_layers option)
+    _library: ModelLibrary | None = field(default=None, init=False, repr=False)
+    _pipelines: PipelineCache | None = field(default=None, init=False, repr=False)
     _scorer: ClipScorer | None = field(default=None, init=False, repr=False)
-    _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _load_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+    _use_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+
+    def library(self) -> ModelLibrary:
+        """The model folders (and what ships with the package); hashes cached in the user's cache folder."""
+        with self._load_lock:
+            if self._library is None:
+                from pipelines.models.hash_cache import HashCache, default_cache_file
+                from pipelines.models.library import ModelLibrary
+
+                self._library = ModelLibrary(list(self.models_dirs), HashCache(default_cache_file()))
+            return self._library
+
+    def selection(self) -> tuple[str, str | None]:
+        """(checkpoint spec, VAE file or None) the current ``model`` and ``vae`` values name."""
+        library = self.library()
+        checkpoint = checkpoint_path(library, self.model)
+        return checkpoint, vae_path(library, checkpoint, self.vae)
 
     def pipeline(self) -> TextToImagePipeline:
-        """The text-to-image pipeline, loaded on first call."""
+        """The text-to-image pipeline of the selected checkpoint and VAE, loaded on first call."""
         with self._load_lock:
-            if self._pipeline is None:
+            if self._pipelines is None:
+                self._pipelines = PipelineCache(self.max_loaded)
+            checkpoint, vae = self.selection()
+
+            def load() -> TextToImagePipeline:
                 from pipelines.models.loading import load_pipeline
 
-                self._pipeline = load_pipeline(self.model, device=self.device, vae=self.vae)
-            return self._pipeline
+                return load_pipeline(checkpoint, device=self.device, vae=vae, library=self.library())
+
+            return self._pipelines.get((checkpoint, vae), load)
+
+    def active_pipeline(self) -> TextToImagePipeline:
+        """The pipeline used last (the running job's, for previews and token counts), else the selected one."""
+        with self._load_lock:
+            latest = self._pipelines.latest() if self._pipelines is not None else None
+        return latest if latest is not None else self.pipeline()
+
+    def loaded(self) -> list[tuple[str, str | None]]:
+        """(checkpoint, VAE) of each pipeline in memory, least recently used first."""
+        with self._load_lock:
+            return self._pipelines.keys() if self._pipelines is not None else []
+
+    def switch(self, checkpoint: str | None = None, vae: str | None = None) -> TextToImagePipeline:
+        """Select another checkpoint and/or VAE (A1111's option values) and load it, after the running job.
+
+        On a bad name or a failed load the previous selection stays (ModelLoadError / ValueError).
+        """
+        with self._use_lock:
+            previous = (self.model, self.vae)
+            if checkpoint is not None:
+                self.model = checkpoint
+            if vae is not None:
+                self.vae = vae
+            try:
+                return self.pipeline()
+            except BaseException:
+                self.model, self.vae = previous
+                raise
+
+    @contextlib.contextmanager
+    def _selected(self, checkpoint: str | None, vae: str | None) -> Iterator[None]:
+        """``model``/``vae`` set for the block (None: unchanged), then set back."""
+        previous = (self.model, self.vae)
+        if checkpoint is not None:
+            self.model = checkpoint
+        if vae is not None:
+            self.vae = vae
+        try:
+            yield
+        finally:
+            self.model, self.vae = previous
 
     def scorer(self) -> ClipScorer | None:
         """The CLIP reranker, loaded on first call; None when reranking is switched off."""
@@ -92,6 +167,19 @@ class Engine:
             return self._scorer
 
     def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        checkpoint: str | None = None,
+        vae: str | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Run ``request`` (see ``_generate`` for ``options``) after any running job; ``checkpoint`` and ``vae``
+        switch for this request only and back (A1111's ``override_settings``)."""
+        with self._use_lock, self._selected(checkpoint, vae):
+            return self._generate(request, **options)
+
+    def _generate(
         self,
         request: GenerationRequest,
         *,
@@ -130,9 +218,9 @@ class Engine:
         )
         candidates = []
         for ranked in output.candidates:
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
             if ranked.score is not None:
-                extra = {output.score_label: f"{ranked.score:.2f}"}
+                extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
                 extra["Reranker"] = output.reranker
             parameters = format_parameters(
@@ -153,4 +241,5 @@ class Engine:
             prompt_tokens=pipe.count_tokens(output.request.prompt),
             score_label=output.score_label,
             inpainting_conditioning=pipe.inpainting_unet,
+            model_hash=output.model_hash,
         )

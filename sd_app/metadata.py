@@ -41,6 +41,8 @@ def format_parameters(
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
     }
+    if request.clip_skip > 1:
+        pairs["Clip skip"] = request.clip_skip  # A1111 writes it only when it is not 1
     if request.cache_interval > 1:
         pairs["DeepCache interval"] = request.cache_interval
     if request.guidance_cutoff > 0:
@@ -171,6 +173,7 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
             seed=int(params.get("Seed", -1)),
             width=int(width),
             height=int(height),
+            clip_skip=int(params.get("Clip skip", 1)),
             sampler=sampler,
             cache_interval=int(params.get("DeepCache interval", 1)),
             guidance_cutoff=float(params.get("CFG cutoff", 0.0)),

@@ -132,6 +132,7 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     from sd_app.api import build_api_router
+    from sd_app.api_models import build_models_router
     from sd_app.ui import CSS, build_demo
     from sd_app.ui_jobs import JobTracker
 
@@ -144,6 +145,7 @@ def create_app(
         return JSONResponse({"detail": f"internal error: {first_line[:300]}"}, status_code=500)
 
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
+    app.include_router(build_models_router(engine))
     demo = build_demo(engine, tracker=tracker, max_queue=max_queue)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())
     app = gr.mount_gradio_app(
@@ -167,6 +169,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
+    from sd_app.arguments import add_library_arguments
+
+    add_library_arguments(parser)
+    parser.add_argument("--max-loaded", type=int, default=1,
+                        help="checkpoints kept in memory when switching (least recently used freed; default 1)")
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder for reranking; 'none' to disable")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for generated PNGs")
@@ -233,9 +240,13 @@ def run_serve(args: argparse.Namespace) -> int:
     policy = AccessPolicy.build(args.host, args.allowed_host, args.cors_origin)
     check_output_folder(args.out, "--out")
     reranker = None if str(args.reranker).lower() == "none" else args.reranker
+    if args.max_loaded < 1:
+        raise ValueError(f"--max-loaded must be at least 1, got {args.max_loaded}")
     engine = Engine(
-        model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits
+        model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits,
+        models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip,
     )
+    engine.library()  # a missing --models-dir fails now, with its name
     tracker = JobTracker(max_waiting=args.max_queue, max_waiting_per_client=args.max_waiting_per_client)
     app = create_app(
         engine, credentials=credentials or None, max_queue=args.max_queue, tracker=tracker, policy=policy,

@@ -61,6 +61,12 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                         cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 with gr.Row():
+                    checkpoint = gr.Dropdown(handlers.checkpoint_choices(), value=handlers.checkpoint_value(),
+                                             label="Checkpoint", elem_id="checkpoint", scale=3)
+                    vae = gr.Dropdown(handlers.vae_choices(), value=engine.vae or "Automatic", label="VAE",
+                                      elem_id="vae", scale=2)
+                    refresh_models = gr.Button("🔄 Refresh", size="sm", elem_id="refresh-models", scale=0)
+                with gr.Row():
                     with gr.Column(scale=1):
                         sampler = gr.Dropdown(sampler_names(), value=defaults.sampler, label="Sampler")
                         steps = gr.Slider(
@@ -103,6 +109,8 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                                     0, 1, value=hires_defaults.denoising_strength, step=0.01,
                                     label="Denoising strength",
                                 )
+                        clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
+                                              label="Clip skip", elem_id="clip-skip")
                     with gr.Column(scale=2):
                         status = gr.Markdown("", elem_id="status")
                         previews = gr.Gallery(
@@ -227,7 +235,7 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
         )
         hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
         generate_inputs = [
-            prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, session
+            prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip, session
         ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
@@ -287,10 +295,13 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
             handlers.score, [score_files, score_texts], score_table, api_name="score", concurrency_id=MODEL_GROUP
         )
         png_file.change(handlers.png_info, png_file, [png_text, png_fields], api_name="png_info")
+        gr.on([checkpoint.input, vae.input], handlers.switch_model, [checkpoint, vae], [status, checkpoint, vae],
+              api_name="switch_model", concurrency_id=MODEL_GROUP)
+        refresh_models.click(handlers.refresh_models, None, [checkpoint, vae], api_name="refresh_models")
         send_button.click(
             handlers.send_to_generate,
             png_text,
-            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, tabs],
+            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, clip_skip, tabs],
             api_name=False,
         )
     demo.queue(default_concurrency_limit=1, max_size=max_queue)

@@ -183,12 +183,14 @@ class UiHandlers:
         seed: Any,
         n: Any,
         hires: tuple[Any, ...] | None = None,
+        clip_skip: Any = 1,
     ) -> GenerationRequest:
         """The validated request for the Generate view's fields; ValueError names the bad one.
 
         ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix.
         """
         settings = cls.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+        settings["clip_skip"] = integer("clip_skip", clip_skip)
         if hires is not None and hires[0]:
             from pipelines.generation.conditioning import HiresFix
 
@@ -218,6 +220,7 @@ class UiHandlers:
         hires_upscaler: str,
         hires_steps: Any,
         hires_denoise: Any,
+        clip_skip: Any,
         session: UserSession,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
@@ -228,7 +231,9 @@ class UiHandlers:
         rerank_by = rerank or "off"
         hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         try:
-            request = self.build_request(prompt, negative, sampler, steps, cfg, width, height, seed, n, hires)
+            request = self.build_request(
+                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip
+            )
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
         except ValueError as error:
@@ -426,6 +431,55 @@ class UiHandlers:
             gr.Tabs(selected="img2img"),
         )
 
+    # ---- Checkpoint and VAE -----------------------------------------------------------------
+
+    def checkpoint_choices(self) -> list[str]:
+        """The model folders' checkpoints by A1111 name (the selected model first if it is not one of them)."""
+        names = [e.name for e in self.engine.library().files("checkpoint") if e.refused is None]
+        current = self.checkpoint_value()
+        return names if current in names else [current, *names]
+
+    def checkpoint_value(self) -> str:
+        """The dropdown's spelling of the selected checkpoint."""
+        model = str(self.engine.model)
+        if model == "embedded":
+            from pipelines.models.library import EMBEDDED_NAME
+
+            return EMBEDDED_NAME
+        for entry in self.engine.library().files("checkpoint"):
+            if str(entry.path) == model or model in (entry.name, entry.stem):
+                return entry.name
+        return model
+
+    def vae_choices(self) -> list[str]:
+        from sd_app.checkpoints import AUTOMATIC_VAE, OWN_VAE
+
+        names = [e.name for e in self.engine.library().files("vae") if e.refused is None]
+        current = self.engine.vae
+        return [AUTOMATIC_VAE, OWN_VAE, *names] + ([current] if current and current not in names else [])
+
+    def switch_model(self, checkpoint: str, vae: str) -> tuple[Any, ...]:
+        """Load the chosen checkpoint and VAE after the running job (the old model is freed)."""
+        started = time.monotonic()
+        try:
+            self.engine.switch(checkpoint=checkpoint, vae=vae)
+        except ValueError as error:
+            gr.Warning(str(error))
+            return f"Not switched: {error}", self.checkpoint_value(), self.engine.vae or "Automatic"
+        except Exception as error:  # noqa: BLE001
+            log.exception("switching the model failed")
+            free_memory()
+            message = error_message(error)
+            return f"Not switched: {message}", self.checkpoint_value(), self.engine.vae or "Automatic"
+        return (f"Loaded {self.checkpoint_value()} (VAE {self.engine.vae or 'Automatic'}) in "
+                f"{time.monotonic() - started:.1f} s", gr.update(), gr.update())
+
+    def refresh_models(self) -> tuple[Any, Any]:
+        """Rescan the model folders for the dropdowns (A1111's refresh button)."""
+        self.engine.library().refresh()
+        return (gr.update(choices=self.checkpoint_choices(), value=self.checkpoint_value()),
+                gr.update(choices=self.vae_choices()))
+
     # ---- Inspect ----------------------------------------------------------------------------
 
     def inspect(
@@ -538,6 +592,7 @@ class UiHandlers:
             hires.upscaler,
             hires.steps,
             hires.denoising_strength,
+            request.clip_skip,
             gr.Tabs(selected="generate"),
         )
 

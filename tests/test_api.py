@@ -115,8 +115,9 @@ def test_samplers_models_options_progress(live_server):
     schedulers = httpx.get(f"{live_server.url}/sdapi/v1/schedulers").json()
     assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential"]
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
-    (model,) = httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json()
-    assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    model, *library = httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json()  # the selected one first
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(model)
+    assert [m["model_name"] for m in library] == ["shapes-tiny"]  # the shipped model is always listed
     assert model["model_name"] == "tiny-sd" and model["title"] == f"tiny-sd [{model['hash']}]"
     progress = httpx.get(f"{live_server.url}/sdapi/v1/progress").json()
     assert progress["progress"] == 0.0 and progress["state"]["sampling_steps"] == 0

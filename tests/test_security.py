@@ -123,7 +123,8 @@ def test_body_size_and_request_limits(guarded):
     ("fields", "message"),
     [
         ({"eta": 0.5}, "eta=0.5 is not supported for Euler a"),
-        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "not supported by sd-app: override_settings="),
+        ({"override_settings": {"sd_hypernetwork": "x"}},
+         "override_settings: not supported by sd-app: sd_hypernetwork"),
         ({"tiling": True, "restore_faces": True}, "restore_faces=True, tiling=True"),
         ({"s_churn": 0.3, "tiling": True}, "s_churn=0.3, tiling=True"),
         ({"colour": "x" * 100_000}, "unknown field(s): colour"),

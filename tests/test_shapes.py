@@ -181,3 +181,50 @@ def test_shape_centre_and_region_inside_a_mask():
     assert shapes.region_inside(image, "yellow", mask) == 1.0
     assert shapes.region_inside(image, "yellow", Image.eval(mask, lambda v: 255 - v)) == 0.0
     assert shapes.shape_centre(image, "green") is None
+
+
+# ---- the hexagon: drawn and judged, never in the base world ------------------------------------
+
+
+def test_hexagon_is_outside_the_base_world():
+    assert "hexagon" not in shapes.SHAPES and "hexagon" in shapes.ALL_SHAPES
+    assert not any("hexagon" in caption for caption in shapes.all_captions())
+    assert all(a.shape in shapes.SHAPES for a in shapes.dataset(0, 300))  # datasets unchanged
+    assert {a.shape for a in shapes.dataset(0, 50, kinds=("hexagon",))} == {"hexagon"}
+    assert shapes.parse_caption("an orange hexagon on a blue background") is None  # no orange
+    assert shapes.parse_caption("a red hexagon on a blue background") == shapes.ShapeAttributes(
+        "hexagon", "red", "blue"
+    )
+
+
+def test_oracle_tells_hexagons_from_circles_blurred_and_noisy():
+    rng = np.random.default_rng(1)
+    for attrs in shapes.dataset(13, 40, kinds=("hexagon", "circle")):
+        image = shapes.draw(attrs, 512).filter(ImageFilter.GaussianBlur(3))
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 15, (512, 512, 3))
+        image = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+        verdict = shapes.judge(image, attrs, known=shapes.ALL_SHAPES)
+        assert verdict.all_ok, (attrs, verdict)
+        other = "circle" if attrs.shape == "hexagon" else "hexagon"
+        wrong = shapes.ShapeAttributes(other, attrs.shape_colour, attrs.background)
+        assert not shapes.judge(image, wrong, known=shapes.ALL_SHAPES).shape_ok
+
+
+def test_oracle_knows_hexagons_only_when_asked():
+    hexagon = shapes.ShapeAttributes("hexagon", "red", "blue", 0.3, 0.5, 0.5)
+    image = shapes.draw(hexagon)
+    assert shapes.judge(image, hexagon).all_ok  # a hexagon prompt: the oracle knows hexagons
+    circle = shapes.ShapeAttributes("circle", "red", "blue")
+    assert shapes.judge(image, circle).all_ok  # the base world's oracle: round enough to be its circle
+    assert not shapes.judge(image, circle, known=shapes.ALL_SHAPES).shape_ok
+    for kind in ("square", "triangle", "star"):  # corners of other counts are never a hexagon
+        attrs = shapes.ShapeAttributes(kind, "red", "blue")
+        assert shapes.judge(shapes.draw(attrs), attrs, known=shapes.ALL_SHAPES).all_ok
+
+
+def test_outline_harmonics_count_corners():
+    for kind, k in (("square", 4), ("hexagon", 6), ("triangle", 3)):
+        image = shapes.draw(shapes.ShapeAttributes(kind, "white", "blue", 0.3, 0.5, 0.5), 128)
+        mask = np.asarray(image)[..., 0] > 128
+        harmonics = shapes.outline_harmonics(mask)
+        assert int(np.argmax(harmonics[2:8])) + 2 == k, (kind, harmonics[:8])

@@ -145,7 +145,7 @@ def test_nothing_heavy_at_import_and_build_demo_loads_no_model():
     assert result.stdout.strip() == "[]", result.stderr
     engine = Engine(model="/no/such/model", reranker=None)
     build_demo(engine)
-    assert engine._pipeline is None and engine._scorer is None
+    assert engine.loaded() == [] and engine._scorer is None
 
 
 def test_session_helpers():

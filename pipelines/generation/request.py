@@ -22,6 +22,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "n": (1, 16),
     "seed": (RANDOM_SEED, MAX_SEED),
     "cache_interval": (1, 10),
+    "clip_skip": (1, 12),
 }
 
 
@@ -59,6 +60,7 @@ class GenerationRequest:
     width: int = 512
     height: int = 512
     n: int = 1
+    clip_skip: int = 1  # A1111's "Clip skip": encode with the text encoder's N-th layer from the end
     sampler: str = DEFAULT_SAMPLER
     cache_interval: int = 1
     guidance_cutoff: float = 0.0
@@ -78,7 +80,7 @@ class GenerationRequest:
             if value <= 0 or value % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
             _check_range(name, value)
-        for name in ("steps", "n", "cache_interval"):
+        for name in ("steps", "n", "cache_interval", "clip_skip"):
             _check_range(name, _require_int(name, getattr(self, name)))
         seed = _require_int("seed", self.seed)
         if seed < 0 and seed != RANDOM_SEED:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair
+from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
+from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest
 from pipelines.generation.schedulers import build_scheduler
 
@@ -81,6 +82,7 @@ class TextToImagePipeline:
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self._lock = threading.Lock()  # one generation at a time per loaded model
         self._latent_projection: Any = None  # latent -> RGB map for previews, fitted on first use
+        self.extra_networks: ExtraNetworks | None = None  # LoRAs and embeddings (pipelines.models.networks)
 
     @property
     def device(self) -> torch.device:
@@ -133,9 +135,12 @@ class TextToImagePipeline:
         seeds = request.seeds()
         first_pass = counting_steps(on_step, 0, request.total_steps)
         with self._lock, torch.inference_mode():
-            # 2. Encode prompt and negative prompt (classifier-free guidance needs both).
+            # 2. Encode prompt and negative prompt (classifier-free guidance needs both), the prompt's LoRAs merged.
+            networks_used = self.activate_networks(request.prompt, request.negative_prompt)
             guided = request.cfg_scale > 1.0
-            text_states = self.encode_prompt(request.prompt, request.negative_prompt, request.n, guided)
+            text_states = self.encode_prompt(
+                request.prompt, request.negative_prompt, request.n, guided, request.clip_skip
+            )
             if request.image is not None:
                 # 3-6. Image-conditioned: the init image's latents, noised to the strength, denoised.
                 from pipelines.generation.image_to_image import image_to_image
@@ -168,6 +173,7 @@ class TextToImagePipeline:
             request=request,
             model_name=self.components.name,
             model_hash=self.components.model_hash,
+            extra=networks_used,
         )
 
     @staticmethod
@@ -198,12 +204,42 @@ class TextToImagePipeline:
         grey = latents.new_zeros(1, 3, h * f, w * f)  # [1, 3, H, W]: 0 is mid-grey in [-1, 1]
         return inpainting_channels(self, grey, latents.new_ones(1, 1, h * f, w * f), generators)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, n: int, guided: bool) -> torch.Tensor:
+    def activate_networks(self, prompt: str, negative_prompt: str) -> dict[str, str]:
+        """Merge the prompt's ``<lora:...>`` LoRAs (none: the base model) and name the embeddings it uses.
+
+        Returns the infotext pairs ``Lora hashes`` and ``TI hashes`` (A1111's). ValueError when the
+        prompt has LoRA tags and this pipeline has no ``extra_networks``, or the negative prompt has any.
+        """
+        _, tags = parse_network_tags(prompt)
+        if parse_network_tags(negative_prompt)[1]:
+            raise ValueError("negative_prompt: <lora:...> tags belong in the prompt (a negative weight subtracts one)")
+        if self.extra_networks is None:
+            if tags:
+                raise ValueError(f"the prompt names LoRA {tags[0].name!r} but this pipeline has no model library")
+            return {}
+        used = self.extra_networks.activate(tags)
+        embeddings = self.embeddings_for(prompt, negative_prompt)
+        names = [n for text in (prompt, negative_prompt)
+                 for n in tokenize_prompt(self.components.tokenizer, text, embeddings).embeddings_used]
+        if names:
+            used["TI hashes"] = ", ".join(f"{n}: {embeddings[n].short_hash}" for n in dict.fromkeys(names))
+        return used
+
+    def embeddings_for(self, *texts: str) -> dict[str, TextualInversion]:
+        """The textual-inversion embeddings the texts may use (none without ``extra_networks``)."""
+        return self.extra_networks.embeddings(texts) if self.extra_networks is not None else {}
+
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str, n: int, guided: bool, clip_skip: int = 1
+    ) -> torch.Tensor:
         """Text states for the U-Net: [2n, 77k, D] as (negative, positive) when guided, else [n, 77k, D]."""
         import torch
 
         c = self.components
-        positive, negative = encode_prompt_pair(c.tokenizer, c.text_encoder, prompt, negative_prompt)
+        embeddings = self.embeddings_for(prompt, negative_prompt)
+        positive, negative = encode_prompt_pair(
+            c.tokenizer, c.text_encoder, prompt, negative_prompt, embeddings=embeddings, clip_skip=clip_skip
+        )
         positive = positive.to(self.dtype).repeat(n, 1, 1)  # [n, 77k, D] in the U-Net's dtype
         if not guided:
             return positive

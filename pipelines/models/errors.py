@@ -11,6 +11,14 @@ class ModelLoadError(ValueError):
     """A model could not be loaded; the message names the file or folder and what to do."""
 
 
+class ModelNotFound(ModelLoadError):
+    """No model file of that name (or the name is ambiguous) in the model folders."""
+
+
+class IncompatibleModel(ModelLoadError):
+    """A LoRA or embedding made for another base model (SD 2.x, SDXL) or width."""
+
+
 def refuse_pickle(path: Path) -> None:
     """Raise for pickle-based weight files, which can run arbitrary code when loaded."""
     if path.suffix.lower() in PICKLE_SUFFIXES:

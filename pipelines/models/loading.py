@@ -23,6 +23,8 @@ from pipelines.speed.options import SpeedOptions, apply_speed_options, default_d
 if TYPE_CHECKING:
     import torch
 
+    from pipelines.models.library import ModelLibrary
+
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder")
 
 
@@ -70,6 +72,7 @@ def load_pipeline(
     vae: str | Path | None = None,
     config: str | Path | None = None,
     speed: SpeedOptions | None = None,
+    library: ModelLibrary | None = None,
 ) -> TextToImagePipeline:
     """Load a text-to-image pipeline from a local model spec (see module docstring).
 
@@ -77,6 +80,8 @@ def load_pipeline(
     fp32; see ``pipelines.speed.options``). ``vae``: a separate VAE ``.safetensors`` (original or diffusers
     key layout) replacing the model's. ``config``: a diffusers folder whose configs describe a
     single-file checkpoint (default: SD 1.x). ``speed``: memory format / fusion / compile options.
+    ``library``: where ``<lora:name:1>`` and embeddings in prompts are found (default: what ships
+    with the package, e.g. the example LoRA ``<lora:hexagon:1>``).
     """
     device = device or default_device()
     dtypes = {"model": dtype or default_dtype(device), "text": text_encoder_dtype(device)}
@@ -95,7 +100,8 @@ def load_pipeline(
         if vae is not None:
             from pipelines.models.single_file import load_vae_file
 
-            components.vae = load_vae_file(Path(vae), config_dir, dtypes["model"])
+            vae_config = path if path.is_dir() and config is None else config_dir  # a folder's own VAE shape
+            components.vae = load_vae_file(Path(vae), vae_config, dtypes["model"])
     if str(spec).strip() == "embedded":
         components.name = EMBEDDED_MODEL_DIR.name
     for module in (components.unet, components.vae, components.text_encoder):
@@ -103,7 +109,12 @@ def load_pipeline(
             module.to(device)
         module.eval().requires_grad_(False)
     apply_speed_options(components, speed or SpeedOptions(channels_last=device == "cpu"))
-    return TextToImagePipeline(components)
+    from pipelines.models.library import ModelLibrary
+    from pipelines.models.networks import LibraryNetworks
+
+    pipe = TextToImagePipeline(components)
+    pipe.extra_networks = LibraryNetworks(library if library is not None else ModelLibrary(), components)
+    return pipe
 
 
 def _weights_file(folder: Path) -> tuple[Path, str | None]:

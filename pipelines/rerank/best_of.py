@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from pipelines.generation.extra_networks import strip_network_tags
 from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import GenerationRequest
 
@@ -45,6 +46,7 @@ class BestOfOutput:
     reranker: str | None
     prompt_truncated: bool  # the prompt was cut to CLIP's 77 positions for scoring
     score_label: str = "CLIP score"  # what the candidates' scores are
+    extra: dict[str, str] = field(default_factory=dict)  # the pipeline's infotext pairs (Lora hashes, TI hashes)
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -79,6 +81,7 @@ def best_of_n(
     images: list[Image.Image] = []
     seeds: list[int] = []
     model_hash = None
+    extra: dict[str, str] = {}
     parts = range(0, request.n, batch_size)
     for part_index, start in enumerate(parts):
         part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
@@ -87,12 +90,14 @@ def best_of_n(
         images.extend(output.images)
         seeds.extend(output.seeds)
         model_hash = output.model_hash
+        extra = output.extra
     scores: list[float | None] = [None] * len(images)
     details: list[dict[str, float]] = [{} for _ in images]
     order = list(range(len(images)))
     truncated, label = False, "CLIP score"
     if scorer is not None:
-        plain_prompt = "".join(span.text for span in parse_emphasis(request.prompt))  # CLIP reads plain text
+        plain = parse_emphasis(strip_network_tags(request.prompt))
+        plain_prompt = "".join(span.text for span in plain)  # CLIP reads plain text
         result = scorer.score(images, plain_prompt)  # prompt encoded once for all candidates
         scores = list(result.scores)
         details = [dict(d) for d in result.details] or details
@@ -107,4 +112,5 @@ def best_of_n(
         reranker=scorer.name if scorer is not None else None,
         prompt_truncated=truncated,
         score_label=label,
+        extra=extra,
     )

@@ -13,6 +13,12 @@ It checks what the caption says, written from the caption before it was run on a
   halos do not count) is that one colour, at least 90% of it, not mixed with another;
 - kind: the geometry of the largest region of the shape colour (fill ratio of its bounding box and
   solidity, i.e. area over convex-hull area).
+
+``EXTRA_SHAPES`` (the hexagon) are drawn and judged but never sampled by :func:`dataset` nor captioned
+by :func:`all_captions`: the embedded model never saw them, and LoRAs teach them
+(``pipelines.training.lora``). The oracle tells a hexagon from a circle (by its outline's six-fold
+harmonic) only when asked to know hexagons (``judge(..., known=...)``), so its verdicts on the base
+world are unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+EXTRA_SHAPES: tuple[str, ...] = ("hexagon",)  # drawable, judged, never in the base world's data
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -51,8 +59,8 @@ class ShapeAttributes:
     cy: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"shape={self.shape!r} is not one of {SHAPES}")
+        if self.shape not in ALL_SHAPES:
+            raise ValueError(f"shape={self.shape!r} is not one of {ALL_SHAPES}")
         for name in ("shape_colour", "background"):
             if getattr(self, name) not in PALETTE:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {COLOURS}")
@@ -83,9 +91,9 @@ class Verdict:
 SIZE_RANGE = (0.2, 0.34)  # radius of the circumscribed circle, fraction of the image side
 
 
-def sample_attributes(rng: np.random.Generator) -> ShapeAttributes:
-    """Uniform shape and colour pair (never equal), jittered size and position inside the frame."""
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+def sample_attributes(rng: np.random.Generator, kinds: tuple[str, ...] = SHAPES) -> ShapeAttributes:
+    """Uniform shape (of ``kinds``) and colour pair (never equal), jittered size and position inside the frame."""
+    shape = kinds[int(rng.integers(len(kinds)))]
     fg, bg = rng.choice(len(COLOURS), size=2, replace=False)
     size = float(rng.uniform(*SIZE_RANGE))
     margin = size + 0.04
@@ -93,10 +101,10 @@ def sample_attributes(rng: np.random.Generator) -> ShapeAttributes:
     return ShapeAttributes(shape, COLOURS[int(fg)], COLOURS[int(bg)], size, cx, cy)
 
 
-def dataset(seed: int, n: int) -> list[ShapeAttributes]:
-    """``n`` attribute sets, the same for the same seed."""
+def dataset(seed: int, n: int, kinds: tuple[str, ...] = SHAPES) -> list[ShapeAttributes]:
+    """``n`` attribute sets of ``kinds`` (the base world's by default), the same for the same seed."""
     rng = np.random.default_rng(seed)
-    return [sample_attributes(rng) for _ in range(n)]
+    return [sample_attributes(rng, kinds) for _ in range(n)]
 
 
 def _polygon(attrs: ShapeAttributes, side: int) -> list[tuple[float, float]]:
@@ -107,6 +115,8 @@ def _polygon(attrs: ShapeAttributes, side: int) -> list[tuple[float, float]]:
     if attrs.shape == "triangle":  # upright equilateral
         angles = (math.pi / 2, 7 * math.pi / 6, -math.pi / 6)
         return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in angles]
+    if attrs.shape == "hexagon":  # regular, flat top: vertices at 0, 60, ..., 300 degrees
+        return [(cx + r * math.cos(k * math.pi / 3), cy - r * math.sin(k * math.pi / 3)) for k in range(6)]
     points = []  # star: 5 outer and 5 inner vertices, one point up
     for k in range(10):
         radius = r if k % 2 == 0 else r * STAR_INNER_RATIO
@@ -139,7 +149,7 @@ def parse_caption(text: str) -> ShapeAttributes | None:
     if match is None:
         return None
     colour, shape, background = (g.lower() for g in match.groups())
-    if shape not in SHAPES or colour not in PALETTE or background not in PALETTE or colour == background:
+    if shape not in ALL_SHAPES or colour not in PALETTE or background not in PALETTE or colour == background:
         return None
     return ShapeAttributes(shape, colour, background)
 
@@ -220,11 +230,35 @@ def _erode1(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_erosion(mask, ndimage.generate_binary_structure(2, 1), border_value=0)
 
 
-def classify_shape(mask: np.ndarray) -> str | None:
+HEXAGON_HARMONIC = 0.025  # six-fold outline harmonic: drawn circles <= 0.005, drawn hexagons >= 0.05
+
+
+def outline_harmonics(mask: np.ndarray, bins: int = 48) -> np.ndarray:
+    """Amplitudes of the outline's radial profile r(angle) / mean r at k = 0 .. bins / 2.
+
+    The boundary pixels' mean distance from the centroid in ``bins`` angular sectors; a regular
+    polygon with k corners has its harmonics at multiples of k (a hexagon's 6th is ~0.055, a circle's
+    ~0), whatever its position, size or rotation.
+    """
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    ey, ex = np.nonzero(mask & ~_erode1(mask))
+    sector = ((np.arctan2(cy - ey, ex - cx) + np.pi) / (2 * np.pi) * bins).astype(int) % bins  # (E,)
+    radius = np.hypot(ey - cy, ex - cx)  # (E,)
+    counts = np.bincount(sector, minlength=bins)
+    sums = np.bincount(sector, weights=radius, minlength=bins)
+    profile = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)  # (bins,)
+    profile = np.where(np.isnan(profile), np.nanmean(profile), profile)
+    return np.abs(np.fft.rfft(profile / profile.mean() - 1.0)) * 2 / bins  # (bins / 2 + 1,)
+
+
+def classify_shape(mask: np.ndarray, known: tuple[str, ...] = SHAPES) -> str | None:
     """Shape kind from the mask: star is non-convex; the convex ones differ in how they fill their box.
 
     Drawn values: circle fill 0.785, square 1.0, triangle 0.5 (all solidity ~1); star fill ~0.4,
-    solidity ~0.65.
+    solidity ~0.65. A hexagon fills its box like a circle (0.75); when ``known`` has it, a round shape
+    is a hexagon if its outline's six-fold harmonic is strong (> ``HEXAGON_HARMONIC`` of the mean
+    radius) and stronger than the three-, four- and five-fold ones.
     """
     fill, solidity = shape_features(mask)
     if fill == 0.0:
@@ -234,6 +268,10 @@ def classify_shape(mask: np.ndarray) -> str | None:
     if fill > 0.9:
         return "square"
     if fill > 0.64:
+        if "hexagon" in known:
+            harmonics = outline_harmonics(mask)
+            if harmonics[6] > HEXAGON_HARMONIC and harmonics[6] >= harmonics[3:6].max():
+                return "hexagon"
         return "circle"
     return "triangle"
 
@@ -284,8 +322,13 @@ def _purity(region: np.ndarray, labels: np.ndarray, colour: int) -> float:
     return float(np.mean(labels[interior] == colour))
 
 
-def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
-    """Check from pixels alone whether ``image`` is what ``attrs``' caption says (module docstring)."""
+def judge(image: Image.Image, attrs: ShapeAttributes, known: tuple[str, ...] | None = None) -> Verdict:
+    """Check from pixels alone whether ``image`` is what ``attrs``' caption says (module docstring).
+
+    ``known``: the shapes the oracle can tell apart (default: the base world's plus ``attrs.shape``).
+    """
+    if known is None:
+        known = SHAPES if attrs.shape in SHAPES else SHAPES + (attrs.shape,)
     small = image.convert("RGB").resize((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)
     pixels = np.asarray(small, dtype=np.float32)  # (S, S, 3)
     labels, dist = _nearest_colour(pixels)  # (S, S), (S, S)
@@ -312,7 +355,7 @@ def judge(image: Image.Image, attrs: ShapeAttributes) -> Verdict:
                 purity = _purity(regions == largest, labels, colour)
             # ... and the kind is the geometry of the largest region nearest to the shape colour: halos
             # of in-between colours and stray specks elsewhere are not the shape.
-            seen_shape = classify_shape(largest_component(_open(labels == colour)))
+            seen_shape = classify_shape(largest_component(_open(labels == colour)), known)
     return Verdict(
         shape_colour_ok=seen_colour == attrs.shape_colour,
         background_ok=COLOURS[bg] == attrs.background,

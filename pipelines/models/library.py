@@ -1,0 +1,333 @@
+"""The model folders users already have: AUTOMATIC1111's and ComfyUI's layouts, listed and looked up.
+
+A1111 (``stable-diffusion-webui/``): ``models/Stable-diffusion``, ``models/VAE``, ``models/Lora``,
+``models/LyCORIS``, ``embeddings/``. ComfyUI (``ComfyUI/``): ``models/checkpoints``, ``models/vae``,
+``models/loras``, ``models/embeddings``. A root may be the install folder or its ``models/`` folder;
+folder names match case-insensitively and subfolders are walked. Checkpoints are single
+``.safetensors`` files or diffusers folders (``model_index.json``); ``*.vae.safetensors`` next to
+checkpoints are VAEs, as in A1111. Pickle files (.ckpt, .pt, .bin, ...) are listed as refused, with
+the reason, and never opened. Names are A1111's: the path under the kind's folder, without the
+extension for LoRAs and embeddings (``<lora:name:1>``; a unique file stem works too) and with it for
+checkpoints and VAEs (``sd_model_checkpoint``, ``sd_vae``). Short hashes are A1111's AutoV2, from a
+``HashCache``; the embedded model and the example LoRAs shipped with the package are always listed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, ModelNotFound
+from pipelines.models.hash_cache import HashCache
+from pipelines.models.shipped import EMBEDDED_MODEL_DIR, PACKAGE_DIR
+
+KINDS = ("checkpoint", "vae", "lora", "embedding")
+SHIPPED_LORA_DIR = PACKAGE_DIR / "embedded" / "loras"
+# folder names (lower case) under a root, per kind; "models/x" also matches a root that is models/ itself
+FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoint": ("models/stable-diffusion", "models/checkpoints"),
+    "vae": ("models/vae",),
+    "lora": ("models/lora", "models/lycoris", "models/loras"),
+    "embedding": ("embeddings", "models/embeddings"),
+}
+IMAGE_EMBEDDINGS = {".png", ".webp", ".jxl", ".avif"}  # A1111 hides pickled embeddings in images
+MAX_HEADER_BYTES = 100_000_000
+EMBEDDED_NAME = EMBEDDED_MODEL_DIR.name
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One entry of a model folder: what it is, where, how big, and why it is refused (if it is)."""
+
+    name: str  # A1111's name (see module docstring)
+    kind: str  # one of KINDS
+    path: Path
+    format: str  # "safetensors", "diffusers" or "pickle"
+    size: int  # bytes (a diffusers folder: its weight files)
+    refused: str | None = None
+    folder: str = ""  # the root folder it was found under ("shipped" for the package's own)
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit("/", 1)[-1].removesuffix(".safetensors")
+
+    @property
+    def weights(self) -> Path:
+        """The file whose hash names the model: the file itself, or a diffusers folder's U-Net weights."""
+        if self.format != "diffusers":
+            return self.path
+        for folder in ("unet", ""):
+            files = sorted((self.path / folder).glob("*.safetensors"))
+            if files:
+                return files[0]
+        return self.path / "model_index.json"
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a .safetensors header says without reading any tensor: metadata and tensor shapes."""
+
+    metadata: dict[str, str]
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    complete: bool  # the file is as long as the header says
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse a .safetensors header (u64 little-endian length, then JSON); ModelLoadError naming the file."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                raise ModelLoadError(f"{path}: not a .safetensors file (shorter than its 8-byte header length)")
+            (length,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise ModelLoadError(f"{path}: not a valid or complete .safetensors file (header of {length} bytes)")
+            header = json.loads(handle.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path}: not a valid .safetensors file ({error})") from error
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a valid .safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
+    end = 0
+    for key, info in header.items():
+        if not isinstance(info, dict) or "shape" not in info or "data_offsets" not in info:
+            raise ModelLoadError(f"{path}: not a valid .safetensors file (entry {key!r})")
+        shapes[key], dtypes[key] = list(info["shape"]), str(info.get("dtype"))
+        end = max(end, int(info["data_offsets"][1]))
+    return SafetensorsHeader({str(k): str(v) for k, v in metadata.items()}, shapes, dtypes, 8 + length + end <= size)
+
+
+def base_model(header: SafetensorsHeader) -> str:
+    """The base a LoRA, embedding or checkpoint was made for: metadata first (kohya ``ss_*``,
+    ``modelspec.architecture``), else the tensors' names and widths; "unknown" when neither says."""
+    meta = header.metadata
+    version = meta.get("ss_base_model_version", "") or meta.get("modelspec.architecture", "")
+    if version:
+        lowered = version.lower()
+        if "xl" in lowered:
+            return "SDXL"
+        if "v2" in lowered or "sd-2" in lowered or "sd_2" in lowered:
+            return "SD 2.x"
+        if "v1" in lowered or "sd-1" in lowered or "sd_1" in lowered:
+            return "SD 1.x"
+        return version
+    if meta.get("ss_v2") == "True":
+        return "SD 2.x"
+    keys = header.shapes
+    if any(k.startswith(("lora_te1_", "lora_te2_", "conditioner.embedders.")) for k in keys) or (
+        set(keys) >= {"clip_l", "clip_g"}
+    ):
+        return "SDXL"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "SD 2.x"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "SD 1.x"
+    widths = {shape[-1] for k, shape in keys.items() if k.endswith("attn2.to_k.lora_down.weight") and shape}
+    widths |= {shape[-1] for k, shape in keys.items() if len(keys) == 1 and shape}  # an embedding's width
+    if widths & {768}:
+        return "SD 1.x"
+    if widths & {1024}:
+        return "SD 2.x"
+    if widths & {2048, 1280}:
+        return "SDXL"
+    return "unknown"
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    """``folder/name`` matched case-insensitively, or None."""
+    exact = folder / name
+    if exact.is_dir():
+        return exact
+    if not folder.is_dir():
+        return None
+    for entry in folder.iterdir():
+        if entry.is_dir() and entry.name.lower() == name:
+            return entry
+    return None
+
+
+def kind_folders(root: Path, kind: str) -> list[Path]:
+    """The folders of ``kind`` under ``root`` (an A1111 or ComfyUI install, or its ``models/``)."""
+    found: list[Path] = []
+    for relative in FOLDERS[kind]:
+        for candidate in (relative, relative.removeprefix("models/")):
+            folder: Path | None = root
+            for part in candidate.split("/"):
+                folder = _child(folder, part) if folder is not None else None
+            if folder is not None and folder.resolve() not in [f.resolve() for f in found]:
+                found.append(folder)
+    return found
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
+
+
+def _entries(folder: Path, kind: str, label: str) -> Iterable[ModelFile]:
+    """Every model file of ``kind`` under ``folder`` (walked), diffusers folders as one entry."""
+    diffusers_roots: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        if any(path.is_relative_to(d) for d in diffusers_roots) or any(p.startswith(".") for p in path.parts[-1:]):
+            continue
+        relative = path.relative_to(folder).as_posix()
+        if path.is_dir():
+            if kind == "checkpoint" and (path / "model_index.json").is_file():
+                diffusers_roots.append(path)
+                yield ModelFile(relative, kind, path, "diffusers", _weights_size(path), folder=label)
+            elif kind == "vae" and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+                diffusers_roots.append(path)
+                yield ModelFile(relative, kind, path, "diffusers", _weights_size(path), folder=label)
+            continue
+        suffix = path.suffix.lower()
+        is_vae_file = path.name.lower().endswith((".vae.safetensors", ".vae.pt", ".vae.ckpt"))
+        if kind == "checkpoint" and is_vae_file:
+            continue  # listed as a VAE
+        name = relative if kind in ("checkpoint", "vae") else relative.rsplit(".", 1)[0]
+        if suffix == ".safetensors":
+            yield ModelFile(name, kind, path, "safetensors", path.stat().st_size, folder=label)
+        elif suffix in PICKLE_SUFFIXES or (kind == "embedding" and suffix in IMAGE_EMBEDDINGS):
+            what = "a Python pickle" if suffix in PICKLE_SUFFIXES else "an image holding a pickled embedding"
+            yield ModelFile(
+                name, kind, path, "pickle", path.stat().st_size,
+                refused=f"{suffix} is {what}, which can run code when loaded; convert it to .safetensors",
+                folder=label,
+            )
+
+
+@dataclass
+class ModelLibrary:
+    """The model folders of one app (``--models-dir``, repeatable) plus what ships with the package.
+
+    Listings are cached until ``refresh()`` (A1111's refresh buttons and ``POST /refresh-*``); a name
+    not found triggers one rescan, so a file dropped in is found without a refresh.
+    """
+
+    roots: Sequence[Path] = ()
+    hashes: HashCache = field(default_factory=HashCache)
+    shipped: bool = True  # list the embedded model and the shipped example LoRAs
+    _listing: dict[str, list[ModelFile]] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.roots = [Path(root).expanduser() for root in self.roots]
+        for root in self.roots:
+            if not root.is_dir():
+                raise ModelLoadError(f"models folder not found: {root}")
+
+    def refresh(self, kind: str | None = None) -> None:
+        """Forget the cached listing (of one kind, or all); the next call rescans the folders."""
+        with self._lock:
+            if kind is None:
+                self._listing.clear()
+            else:
+                self._listing.pop(kind, None)
+
+    def files(self, kind: str) -> list[ModelFile]:
+        """Every entry of ``kind``, refused pickles included, sorted by name."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        with self._lock:
+            cached = self._listing.get(kind)
+        if cached is not None:
+            return list(cached)
+        entries: list[ModelFile] = []
+        if self.shipped:
+            entries.extend(self._shipped(kind))
+        for root in self.roots:
+            for folder in kind_folders(root, kind):
+                entries.extend(_entries(folder, kind, str(folder)))
+            if kind == "vae":
+                for folder in kind_folders(root, "checkpoint"):  # model.vae.safetensors beside checkpoints
+                    entries.extend(
+                        ModelFile(p.relative_to(folder).as_posix(), "vae", p, "safetensors", p.stat().st_size,
+                                  folder=str(folder))
+                        for p in sorted(folder.rglob("*.vae.safetensors"))
+                    )
+        entries.sort(key=lambda e: (e.folder != "shipped", e.name.lower()))
+        with self._lock:
+            self._listing[kind] = entries
+        return list(entries)
+
+    @staticmethod
+    def _shipped(kind: str) -> list[ModelFile]:
+        if kind == "checkpoint" and (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            return [ModelFile(EMBEDDED_NAME, kind, EMBEDDED_MODEL_DIR, "diffusers", _weights_size(EMBEDDED_MODEL_DIR),
+                              folder="shipped")]
+        if kind == "lora" and SHIPPED_LORA_DIR.is_dir():
+            return list(_entries(SHIPPED_LORA_DIR, kind, "shipped"))
+        return []
+
+    def find(self, kind: str, name: str) -> ModelFile:
+        """The entry named ``name`` (A1111's name, or a unique stem; a checkpoint also by file name, title
+        "name [hash]" or short hash). ModelLoadError when there is none, it is ambiguous, or refused."""
+        text = name.strip()
+        for attempt in range(2):
+            matches = self._matches(kind, text)
+            if matches or attempt:
+                break
+            self.refresh(kind)  # a file added since the last listing
+        if not matches:
+            known = ", ".join(e.name for e in self.files(kind) if e.refused is None) or "none"
+            raise ModelNotFound(f"no {kind} named {text!r} in the model folders (available: {known})")
+        if len(matches) > 1:
+            paths = ", ".join(str(m.path) for m in matches)
+            raise ModelNotFound(f"{kind} name {text!r} is ambiguous: {paths}; use the name with its folder")
+        entry = matches[0]
+        if entry.refused:
+            raise ModelLoadError(f"{entry.path}: refused: {entry.refused}")
+        return entry
+
+    def _matches(self, kind: str, text: str) -> list[ModelFile]:
+        entries = self.files(kind)
+        title_name, _, rest = text.partition(" [")
+        candidates = [text, title_name] if rest.endswith("]") else [text]
+        if kind == "checkpoint" and text == "embedded":
+            candidates.append(EMBEDDED_NAME)
+        for candidate in candidates:
+            exact = [e for e in entries if candidate in (e.name, e.name.removesuffix(".safetensors"))]
+            if exact:
+                return exact
+        for candidate in candidates:
+            by_stem = [e for e in entries if candidate in (e.stem, e.path.name)]
+            if by_stem:
+                return by_stem
+        if kind == "checkpoint" and len(text) in (8, 10) and all(c in "0123456789abcdef" for c in text.lower()):
+            return [e for e in entries if e.refused is None and (self.hashes.cached(e.weights) or "").startswith(text)]
+        return []
+
+    def short_hash(self, entry: ModelFile) -> str | None:
+        """AutoV2 short hash of the entry's weights (None for refused pickles: they are never read)."""
+        if entry.refused:
+            return None
+        return self.hashes.short_hash(entry.weights)
+
+    def describe(self, entry: ModelFile, hashes: bool = True) -> dict[str, Any]:
+        """A listing row: name, kind, format, size, short hash, base model and the header's metadata."""
+        row: dict[str, Any] = {
+            "name": entry.name, "kind": entry.kind, "format": entry.format, "path": str(entry.path),
+            "size": entry.size, "folder": entry.folder, "refused": entry.refused,
+            "hash": self.short_hash(entry) if hashes else None, "base_model": None, "metadata": {},
+        }
+        if entry.refused:
+            return row
+        header_file = entry.weights if entry.format == "diffusers" else entry.path
+        if header_file.suffix == ".safetensors":
+            try:
+                header = read_header(header_file)
+            except ModelLoadError as error:
+                row["refused"] = str(error)
+                return row
+            row["metadata"] = header.metadata
+            row["base_model"] = base_model(header) if entry.format != "diffusers" else "SD 1.x"
+            if not header.complete:
+                row["refused"] = f"{header_file}: truncated (shorter than its header says)"
+        return row

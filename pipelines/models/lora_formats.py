@@ -1,0 +1,217 @@
+"""LoRA files -> per-module weight deltas, for every format A1111 reads.
+
+Formats (DESIGN section 3): kohya LoRA and LyCORIS LoCon (``lora_down``/``lora_up``, ``alpha``; convolution
+downs [r, in, k, k]; ``lora_mid`` [r, r, k, k] is LoCon's CP decomposition), LyCORIS LoHa (``hada_*``,
+Hyeon-Woo et al. 2022, "FedPara"), LoKr (``lokr_*``, Kronecker product, Yeh et al. 2024, "LyCORIS"), full
+deltas (``diff``, ``diff_b``), and diffusers/PEFT (``lora_A``/``lora_B``, alpha from ``.alpha`` keys or the
+``lora_adapter_metadata`` header). Every delta is computed in fp32 and already scaled by alpha / rank
+(1 without alpha); the prompt's weight multiplies it when merged (``pipelines.models.lora``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.models.errors import IncompatibleModel, ModelLoadError, refuse_pickle
+from pipelines.models.lora_keys import PEFT_PREFIXES, split_key
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """The tensors a LoRA file holds for one model module, by kohya's tensor names."""
+
+    key: str  # the module key as the file spells it
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    @property
+    def kind(self) -> str:
+        names = set(self.tensors)
+        if "hada_w1_a" in names:
+            return "loha"
+        if names & {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}:
+            return "lokr"
+        if "diff" in names or "diff_b" in names:
+            return "full"
+        return "locon" if "lora_mid.weight" in names else "lora"
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A parsed LoRA file: its name (as the prompt names it), path, AutoV2 hash and modules."""
+
+    name: str
+    path: Path
+    short_hash: str
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+REQUIRED = {
+    "lora": ({"lora_down.weight", "lora_up.weight"},),
+    "locon": ({"lora_down.weight", "lora_up.weight", "lora_mid.weight"},),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
+    "lokr": ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),  # and a w2 (checked in _lokr_factor)
+    "full": ({"diff"}, {"diff_b"}),
+}
+
+
+def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
+    """Parse a LoRA ``.safetensors``; ModelLoadError naming the file for pickles, truncation or unknown keys."""
+    from pipelines.models.library import base_model, read_header
+    from pipelines.models.single_file import read_safetensors
+
+    refuse_pickle(path)
+    state = read_safetensors(path)  # names the file when it is cut short or not safetensors
+    header = read_header(path)
+    metadata = header.metadata
+    base = base_model(header)
+    if base not in ("SD 1.x", "unknown"):
+        raise IncompatibleModel(f"{path}: a LoRA for another base ({base}); this model is SD 1.x")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, tensor in state.items():
+        parts = split_key(key)
+        if parts is None:
+            unknown.append(key)
+        else:
+            grouped.setdefault(parts[0], {})[parts[1]] = tensor
+    if unknown:
+        hint = " (DoRA's dora_scale is not supported)" if any("dora_scale" in k for k in unknown) else ""
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ModelLoadError(f"{path}: {len(unknown)} key(s) are no LoRA/LyCORIS key of SD 1.x: {shown}{hint}")
+    if not grouped:
+        raise ModelLoadError(f"{path}: no LoRA weights in it")
+    peft_alphas = _peft_alphas(metadata)
+    modules = {}
+    for key, tensors in grouped.items():
+        alpha_tensor = tensors.pop("alpha", None)
+        alpha = float(alpha_tensor.float().item()) if alpha_tensor is not None else _peft_alpha(key, peft_alphas)
+        module = LoraModule(key, tensors, alpha)
+        if not any(required <= set(tensors) for required in REQUIRED[module.kind]):
+            raise ModelLoadError(f"{path}: module {key} has an incomplete {module.kind} ({', '.join(sorted(tensors))})")
+        modules[key] = module
+    return LoraFile(name, path, short_hash, modules, metadata)
+
+
+def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata`` (PEFT LoraConfig fields prefixed by component), per component."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in packed.items():
+        component, _, field_name = key.partition(".")
+        out.setdefault(component, {})[field_name] = value
+    return out
+
+
+def _peft_alpha(key: str, configs: dict[str, dict]) -> float | None:
+    """PEFT's lora_alpha for a module (alpha_pattern first: a pattern matching the module path's end)."""
+    for component, prefix in PEFT_PREFIXES.items():
+        if key.startswith(prefix + ".") and component in configs:
+            config, path = configs[component], key[len(prefix) + 1 :]
+            for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+                if re.search(rf"(^|\.){pattern}$", path):
+                    return float(alpha)
+            return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+    return None
+
+
+def module_delta(module: LoraModule, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight delta [shape], bias delta or None) in fp32, scaled by alpha / rank; ValueError on a shape mismatch."""
+    t = {name: tensor.float() for name, tensor in module.tensors.items()}
+    rank: int | None = None
+    bias = t.get("diff_b")
+    kind = module.kind
+    if kind == "full":
+        weight = t.get("diff")
+    elif kind in ("lora", "locon"):
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        rank = down.shape[0]
+        up2, down2 = up.reshape(up.shape[0], -1), down.reshape(rank, -1)  # [out, r], [r, in * k * k]
+        if kind == "locon":  # CP: mid [r, r, k, k] between a 1x1 down and a 1x1 up
+            weight = _einsum("n m k l, i n, m j -> i j k l", t["lora_mid.weight"], up2, down2)
+        else:
+            weight = up2 @ down2  # [out, in * k * k]
+    elif kind == "loha":
+        rank = t["hada_w1_b"].shape[0]
+        weight = _hada_factor(t, "1", shape) * _hada_factor(t, "2", shape)  # Hadamard product
+    else:
+        weight, rank = _lokr(t, shape)
+    scale = module.alpha / rank if module.alpha is not None and rank else 1.0
+    if "scale" in t:
+        scale = float(t["scale"].item())
+    if weight is not None:
+        if weight.numel() != _numel(shape):
+            raise ValueError(f"{module.key}: delta of {tuple(weight.shape)} for a weight of {tuple(shape)}")
+        weight = weight.reshape(shape) * scale
+    if bias is not None:
+        bias = bias * scale
+    return weight, bias
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _einsum(equation: str, *tensors: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.einsum(equation, *tensors)
+
+
+def _cp(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Tucker/CP rebuild: core [r, r, k, k], a [r, out], b [r, in] -> [out, in, k, k] (LyCORIS ``rebuild_tucker``)."""
+    return _einsum("i j k l, i p, j q -> p q k l", core, a, b)
+
+
+def _hada_factor(t: dict[str, torch.Tensor], index: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One LoHa factor, w_a @ w_b (or its Tucker form with ``hada_t``), shaped like the weight."""
+    a, b = t[f"hada_w{index}_a"], t[f"hada_w{index}_b"]
+    core = t.get(f"hada_t{index}")
+    if core is not None:
+        return _cp(core, a, b.reshape(b.shape[0], -1))  # [out, in, k, k]
+    return (a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(shape)
+
+
+def _lokr_factor(t: dict[str, torch.Tensor], index: str) -> tuple[torch.Tensor, int | None]:
+    """LoKr's w1 or w2: stored whole, as w_a @ w_b, or (w2) as a Tucker core with a and b; and its rank."""
+    whole = t.get(f"lokr_w{index}")
+    if whole is not None:
+        return whole, None
+    a, b = t.get(f"lokr_w{index}_a"), t.get(f"lokr_w{index}_b")
+    if a is None or b is None:
+        raise ValueError(f"LoKr w{index} is missing (neither lokr_w{index} nor lokr_w{index}_a/_b)")
+    core = t.get(f"lokr_t{index}")
+    if core is not None:
+        return _cp(core, a, b), b.shape[0]  # [out_2, in_2, k, k]
+    return a @ b, b.shape[0]
+
+
+def _lokr(t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None]:
+    """delta = w1 (x) w2 (Kronecker), w1 [a, b] and w2 [c, d] or [c, d, k, k] -> [a c, b d(, k, k)]."""
+    import torch
+
+    w1, rank1 = _lokr_factor(t, "1")
+    w2, rank2 = _lokr_factor(t, "2")
+    if w2.ndim == 4:
+        w1 = w1.reshape(*w1.shape, 1, 1)  # [a, b, 1, 1]
+    weight = torch.kron(w1, w2.contiguous())
+    if len(shape) == 4 and weight.ndim == 2:
+        weight = weight.reshape(shape)  # w2 [c, d * k * k]: the kernel rides along d
+    return weight, rank1 or rank2

@@ -1,0 +1,99 @@
+"""Which checkpoint and VAE the engine runs, by A1111's names, and the bounded set of loaded pipelines.
+
+A1111's option values: ``sd_model_checkpoint`` is a checkpoint's title (``sub/model.safetensors
+[hash]``), its name, file name, stem or short hash; ``sd_vae`` is ``Automatic`` (a ``<checkpoint
+stem>.vae.safetensors`` beside the checkpoint, else the checkpoint's own), ``None`` (the checkpoint's
+own) or a VAE's name. Paths and ``embedded`` work too, as on the command line. At most ``max_loaded``
+pipelines stay in memory (1 by default: a switch frees the old model before loading the new).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.generation.text_to_image import TextToImagePipeline
+    from pipelines.models.library import ModelFile, ModelLibrary
+
+AUTOMATIC_VAE = "Automatic"
+OWN_VAE = "None"
+
+
+def checkpoint_path(library: ModelLibrary, spec: str) -> str:
+    """The loadable spec of an A1111 checkpoint value: ``embedded``, a path, or a library entry's path."""
+    text = str(spec).strip()
+    if text == "embedded" or Path(text).expanduser().exists():
+        return text
+    from pipelines.models.errors import ModelLoadError
+
+    try:
+        entry = library.find("checkpoint", text)
+    except ModelLoadError:
+        if text.startswith(("/", "~", ".")) or (text.count("/") == 1 and not text.endswith(".safetensors")):
+            return text  # a path, or a Hugging Face repo id in the local cache: loading says what is wrong
+        raise
+    return "embedded" if entry.folder == "shipped" else str(entry.path)
+
+
+def vae_path(library: ModelLibrary, checkpoint: str, spec: str | None) -> str | None:
+    """The VAE file for an ``sd_vae`` value (None: the checkpoint's own)."""
+    if spec is None or spec == OWN_VAE:
+        return None
+    if spec == AUTOMATIC_VAE:
+        beside = Path(checkpoint).with_name(Path(checkpoint).stem + ".vae.safetensors")
+        return str(beside) if checkpoint.endswith(".safetensors") and beside.is_file() else None
+    if Path(spec).expanduser().is_file():
+        return spec
+    return str(library.find("vae", spec).path)
+
+
+def entry_title(entry: ModelFile, short_hash: str | None) -> str:
+    """A1111's checkpoint title: ``name [hash]``."""
+    return f"{entry.name} [{short_hash}]" if short_hash else entry.name
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class PipelineCache:
+    """Loaded pipelines by (checkpoint, VAE), least recently used evicted first; at most ``size``."""
+
+    def __init__(self, size: int = 1) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"max loaded checkpoints must be at least 1, got {size!r}")
+        self.size = size
+        self._pipelines: OrderedDict[tuple[str, str | None], TextToImagePipeline] = OrderedDict()
+
+    def get(self, key: tuple[str, str | None], load: Callable[[], TextToImagePipeline]) -> TextToImagePipeline:
+        """The pipeline for ``key``; loaded (after freeing the least recently used) when absent."""
+        if key in self._pipelines:
+            self._pipelines.move_to_end(key)
+            return self._pipelines[key]
+        while len(self._pipelines) >= self.size:  # free first: memory stays bounded during the load
+            self._pipelines.popitem(last=False)
+            free_memory()
+        pipe = load()
+        self._pipelines[key] = pipe
+        return pipe
+
+    def latest(self) -> TextToImagePipeline | None:
+        """The most recently used pipeline, if any is loaded."""
+        return next(reversed(self._pipelines.values()), None)
+
+    def keys(self) -> list[tuple[str, str | None]]:
+        return list(self._pipelines)
+
+    def __len__(self) -> int:
+        return len(self._pipelines)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"checkpoint": k[0], "vae": k[1]} for k in self._pipelines]

@@ -1,0 +1,71 @@
+"""The example LoRAs shipped in pipelines/embedded/loras: registered hashes, in budget, loadable by plain
+diffusers with the same merged weights as ours, weight 0 the base model, and (slow) drawing their concept."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.generation.extra_networks import NetworkTag
+from pipelines.generation.request import GenerationRequest
+from pipelines.models.library import SHIPPED_LORA_DIR, read_header
+from pipelines.models.loading import load_pipeline
+from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(SHIPPED_LORA_DIR.glob("*.safetensors")) if SHIPPED_LORA_DIR.is_dir() else []
+MAX_BYTES = 2 * 1024 * 1024
+
+
+def test_every_shipped_lora_is_registered_in_weights_md_and_in_budget():
+    registered = dict(re.findall(r"\| `loras/([\w.-]+\.safetensors)` \| \d+ \| ([0-9a-f]{64}) \|",
+                                 (REPO_ROOT / "weights.md").read_text()))
+    files = [p for p in SHIPPED_LORA_DIR.rglob("*") if p.is_file()] if SHIPPED_LORA_DIR.is_dir() else []
+    assert all(p.suffix == ".safetensors" for p in files), files  # no pickles, nothing else
+    assert sorted(registered) == sorted(p.name for p in files)
+    for path in files:
+        assert path.stat().st_size <= MAX_BYTES, path
+        assert registered[path.name] == hashlib.sha256(path.read_bytes()).hexdigest(), f"weights.md: {path.name}"
+        header = read_header(path)
+        assert header.complete and header.metadata["ss_base_model_version"] == "sd_v1"
+        assert int(header.metadata["ss_network_dim"]) <= 8
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_lora_loads_in_diffusers_with_our_merged_weights(path):
+    from diffusers import StableDiffusionPipeline
+
+    plain = StableDiffusionPipeline.from_pretrained(str(EMBEDDED_MODEL_DIR), local_files_only=True,
+                                                    torch_dtype=torch.float32)
+    plain.load_lora_weights(str(path))
+    plain.fuse_lora(lora_scale=1.0)
+    ours = load_pipeline("embedded", device="cpu", dtype=torch.float32)
+    for component in ("unet", "text_encoder"):
+        model = getattr(ours.components, component)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        ours.extra_networks.activate([NetworkTag(path.stem)])
+        mine = {k: v.clone() for k, v in model.state_dict().items()}
+        ours.extra_networks.activate([])
+        theirs = {k.replace(".base_layer", ""): v for k, v in getattr(plain, component).state_dict().items()
+                  if "lora_" not in k}
+        patched = [k for k in mine if not torch.equal(mine[k], base[k])]
+        assert patched, component  # the LoRA patches both
+        for key in patched:
+            assert torch.allclose(mine[key], theirs[key.removeprefix("text_model.")], atol=1e-5), key
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_lora_at_weight_zero_is_the_base_model(path):
+    pipe = load_pipeline("embedded", device="cpu")
+    request = dict(steps=4, width=128, height=128, seed=4)
+    base = pipe(GenerationRequest(prompt=f"a red {path.stem} on a blue background", **request)).images[0]
+    zero = pipe(GenerationRequest(prompt=f"<lora:{path.stem}:0> a red {path.stem} on a blue background", **request))
+    one = pipe(GenerationRequest(prompt=f"<lora:{path.stem}:1> a red {path.stem} on a blue background", **request))
+    assert np.array_equal(np.asarray(zero.images[0]), np.asarray(base))
+    assert not np.array_equal(np.asarray(one.images[0]), np.asarray(base))
+    assert one.extra["Lora hashes"] == f"{path.stem}: {hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"

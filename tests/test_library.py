@@ -1,0 +1,169 @@
+"""Model folders as A1111 and ComfyUI lay them out: listing, names, refusals, header metadata, the hash cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipelines.models import hash_cache
+from pipelines.models.errors import ModelLoadError
+from pipelines.models.hash_cache import HashCache
+from pipelines.models.library import ModelLibrary, base_model, read_header
+
+
+def _file(path, tensors=None, metadata=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors or {"w": torch.zeros(2)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.fixture()
+def a1111(tmp_path, tiny_model):
+    root = tmp_path / "stable-diffusion-webui"
+    models = root / "models"
+    _file(models / "Stable-diffusion" / "sd15.safetensors", {"cond_stage_model.transformer.x": torch.zeros(1)})
+    _file(models / "Stable-diffusion" / "anime" / "other.safetensors")
+    _file(models / "Stable-diffusion" / "sd15.vae.safetensors")
+    shutil.copytree(tiny_model, models / "Stable-diffusion" / "tiny-folder")
+    (models / "Stable-diffusion" / "old.ckpt").write_bytes(b"pickle")
+    _file(models / "VAE" / "vae-ft-mse.safetensors")
+    _file(models / "Lora" / "styles" / "ink.safetensors",
+          {"lora_unet_x.lora_down.weight": torch.zeros(4, 768)},
+          {"ss_base_model_version": "sd_v1", "ss_network_dim": "4", "ss_output_name": "ink"})
+    _file(models / "LyCORIS" / "hada.safetensors")
+    (models / "Lora" / "legacy.pt").write_bytes(b"pickle")
+    _file(root / "embeddings" / "bad-hands.safetensors", {"emb_params": torch.zeros(2, 768)})
+    (root / "embeddings" / "old-emb.pt").write_bytes(b"pickle")
+    return root
+
+
+def names(library, kind):
+    return [e.name for e in library.files(kind)]
+
+
+def test_a1111_layout_with_subfolders_diffusers_folders_and_refused_pickles(a1111):
+    library = ModelLibrary([a1111], shipped=False)
+    assert names(library, "checkpoint") == ["anime/other.safetensors", "old.ckpt", "sd15.safetensors", "tiny-folder"]
+    refused = {e.name: e.refused for e in library.files("checkpoint") if e.refused}
+    assert list(refused) == ["old.ckpt"] and "pickle" in refused["old.ckpt"] and "safetensors" in refused["old.ckpt"]
+    folder = next(e for e in library.files("checkpoint") if e.name == "tiny-folder")
+    assert folder.format == "diffusers" and folder.weights.name == "diffusion_pytorch_model.safetensors"
+    assert names(library, "vae") == ["sd15.vae.safetensors", "vae-ft-mse.safetensors"]  # beside checkpoints too
+    assert names(library, "lora") == ["hada", "legacy", "styles/ink"]  # models/Lora and models/LyCORIS
+    assert names(library, "embedding") == ["bad-hands", "old-emb"]
+    assert library.find("lora", "ink").name == "styles/ink" and library.find("lora", "styles/ink").stem == "ink"
+    with pytest.raises(ModelLoadError, match=r"legacy\.pt: refused.*pickle"):
+        library.find("lora", "legacy")
+    with pytest.raises(ModelLoadError, match="no lora named 'nope'.*available: hada, styles/ink"):
+        library.find("lora", "nope")
+
+
+def test_comfyui_layout_and_a_models_folder_as_root(tmp_path):
+    root = tmp_path / "ComfyUI"
+    _file(root / "models" / "checkpoints" / "sd15.safetensors")
+    _file(root / "models" / "vae" / "v.safetensors")
+    _file(root / "models" / "loras" / "sub" / "l.safetensors")
+    _file(root / "models" / "embeddings" / "e.safetensors")
+    for given in (root, root / "models"):
+        library = ModelLibrary([given], shipped=False)
+        assert names(library, "checkpoint") == ["sd15.safetensors"]
+        assert names(library, "vae") == ["v.safetensors"]
+        assert names(library, "lora") == ["sub/l"]
+        assert names(library, "embedding") == ["e"]
+
+
+def test_checkpoint_lookup_by_title_stem_and_hash_and_ambiguity(a1111):
+    library = ModelLibrary([a1111], shipped=False)
+    entry = library.find("checkpoint", "sd15.safetensors")
+    short = library.short_hash(entry)
+    assert short == hashlib.sha256(entry.path.read_bytes()).hexdigest()[:10]
+    assert library.find("checkpoint", f"sd15.safetensors [{short}]") == entry  # A1111's title
+    assert library.find("checkpoint", "sd15") == entry
+    assert library.find("checkpoint", short) == entry
+    _file(a1111 / "models" / "Lora" / "x" / "dup.safetensors")
+    _file(a1111 / "models" / "LyCORIS" / "y" / "dup.safetensors")
+    _file(a1111 / "models" / "Lora" / "other" / "hada.safetensors")
+    library.refresh()
+    with pytest.raises(ModelLoadError, match="'dup' is ambiguous"):
+        library.find("lora", "dup")
+    assert library.find("lora", "y/dup").path.parent.name == "y"
+    assert library.find("lora", "hada").path.parent.name == "LyCORIS"  # the exact name wins over a stem
+
+
+def test_new_files_are_found_without_a_refresh_and_listings_are_cached(a1111):
+    library = ModelLibrary([a1111], shipped=False)
+    before = names(library, "lora")
+    _file(a1111 / "models" / "Lora" / "fresh.safetensors")
+    assert names(library, "lora") == before  # cached until refresh
+    assert library.find("lora", "fresh").stem == "fresh"  # a miss rescans once
+    assert "fresh" in names(library, "lora")
+
+
+def test_header_metadata_and_base_model(a1111, tmp_path):
+    library = ModelLibrary([a1111], shipped=False)
+    row = library.describe(library.find("lora", "ink"))
+    assert row["metadata"]["ss_network_dim"] == "4" and row["base_model"] == "SD 1.x" and row["size"] > 0
+    assert len(row["hash"]) == 10 and row["refused"] is None
+    assert base_model(read_header(_file(tmp_path / "xl.safetensors", {"lora_te2_a.lora_down.weight": torch.zeros(1)})))\
+        == "SDXL"
+    assert base_model(read_header(_file(tmp_path / "e2.safetensors", {"emb_params": torch.zeros(1, 1024)}))) == "SD 2.x"
+    assert base_model(read_header(_file(tmp_path / "v2.safetensors", metadata={"ss_v2": "True"}))) == "SD 2.x"
+    ckpt = library.describe(library.find("checkpoint", "sd15"))
+    assert ckpt["base_model"] == "SD 1.x"
+    cut = tmp_path / "cut" / "models" / "Lora" / "cut.safetensors"
+    raw = _file(tmp_path / "whole.safetensors", {"w": torch.zeros(1000)}).read_bytes()
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(raw[:-100])
+    cut_row = ModelLibrary([tmp_path / "cut"], shipped=False).describe(
+        ModelLibrary([tmp_path / "cut"], shipped=False).files("lora")[0])
+    assert "truncated" in cut_row["refused"]
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 4)
+    with pytest.raises(ModelLoadError, match=r"junk\.safetensors"):
+        read_header(tmp_path / "junk.safetensors")
+
+
+def test_shipped_model_and_loras_are_always_listed(tmp_path):
+    library = ModelLibrary()
+    assert [e.name for e in library.files("checkpoint")] == ["shapes-tiny"]
+    assert library.find("checkpoint", "embedded").name == "shapes-tiny"
+    with pytest.raises(ModelLoadError, match="models folder not found"):
+        ModelLibrary([tmp_path / "missing"])
+
+
+def test_hash_cache_keys_on_path_mtime_and_size(tmp_path, monkeypatch):
+    calls = []
+    real = hash_cache.sha256_file
+    monkeypatch.setattr(hash_cache, "sha256_file", lambda path: calls.append(path) or real(path))
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"a" * 1000)
+    cache_file = tmp_path / "cache" / "hashes.json"
+    cache = HashCache(cache_file)
+    first = cache.sha256(file)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() and len(calls) == 1
+    assert cache.sha256(file) == first and len(calls) == 1  # cached
+    assert HashCache(cache_file).sha256(file) == first and len(calls) == 1  # another process, same cache file
+    stat = file.stat()
+    file.write_bytes(b"b" * 1000)  # same size, same mtime: taken as unchanged (the key is path+mtime+size)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache.sha256(file) == first and len(calls) == 1
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: hashed again
+    assert cache.sha256(file) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 2
+    file.write_bytes(b"b" * 999)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # same mtime, new size: hashed again
+    assert cache.short_hash(file) == hashlib.sha256(b"b" * 999).hexdigest()[:10] and len(calls) == 3
+    assert cache.cached(tmp_path / "absent") is None
+
+
+def test_cli_models_lists_the_folders(a1111, capsys):
+    from sd_app.cli import main
+
+    assert main(["models", "--models-dir", str(a1111), "--kind", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "styles/ink" in out and "SD 1.x" in out and "legacy" in out and "REFUSED" in out
+    assert main(["models", "--models-dir", str(a1111 / "nope")]) == 2
+    assert "models folder not found" in capsys.readouterr().err

@@ -1,0 +1,219 @@
+"""Switching checkpoint, VAE and clip skip at run time: POST /sdapi/v1/options on a live server,
+override_settings per request, the model routes, bounded memory and waiting for the running job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipelines.models.random_model import write_random_model
+from sd_app.metadata import parse_parameters
+from tests import lora_fixtures as fx
+from tests.serve_fixtures import start_server
+
+BASE = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 1,
+        "rerank": False}
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("webui")
+    checkpoints = root / "models" / "Stable-diffusion"
+    write_random_model(tiny_config, checkpoints / "tiny-a", seed=1)
+    write_random_model(tiny_config, checkpoints / "tiny-b", seed=2)
+    vae = checkpoints / "tiny-a" / "vae" / "diffusion_pytorch_model.safetensors"
+    (root / "models" / "VAE").mkdir(parents=True)
+    shutil.copy(vae, root / "models" / "VAE" / "soft.safetensors")
+    (root / "models" / "Lora").mkdir(parents=True)
+    (root / "models" / "Lora" / "old.pt").write_bytes(b"pickle")
+    (root / "embeddings").mkdir()
+    save_file({"emb_params": torch.zeros(2, 32)}, str(root / "embeddings" / "fits.safetensors"))
+    save_file({"emb_params": torch.zeros(1, 768)}, str(root / "embeddings" / "wide.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models_root, tmp_path_factory):
+    from sd_app.engine import Engine
+    from sd_app.server import create_app
+
+    engine = Engine(model="tiny-a", reranker=None, output_dir=tmp_path_factory.mktemp("out"), device="cpu",
+                    models_dirs=[models_root])
+    engine.pipeline()
+    pipe = engine.pipeline()
+    fx.kohya_lora(pipe.components, models_root / "models" / "Lora" / "ink.safetensors")
+    url, uvicorn_server, thread = start_server(create_app(engine))
+    yield url, engine
+    uvicorn_server.should_exit = uvicorn_server.force_exit = True
+    thread.join(timeout=10)
+
+
+def txt2img(url, **fields):
+    response = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, **fields}, timeout=300)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    return info, parse_parameters(info["infotexts"][0])
+
+
+def options(url, **values):
+    return httpx.post(f"{url}/sdapi/v1/options", json=values, timeout=300)
+
+
+def hashes(url):
+    return {m["model_name"]: m["hash"] for m in httpx.get(f"{url}/sdapi/v1/sd-models", timeout=60).json()}
+
+
+def test_listings_in_a1111_shapes(server):
+    url, _ = server
+    models = httpx.get(f"{url}/sdapi/v1/sd-models", timeout=60).json()
+    assert [m["model_name"] for m in models] == ["shapes-tiny", "tiny-a", "tiny-b"]
+    tiny_a = next(m for m in models if m["model_name"] == "tiny-a")
+    assert tiny_a["title"] == f"tiny-a [{tiny_a['hash']}]" and len(tiny_a["sha256"]) == 64
+    assert [v["model_name"] for v in httpx.get(f"{url}/sdapi/v1/sd-vae").json()] == ["soft.safetensors"]
+    loras = {row["name"]: row for row in httpx.get(f"{url}/sdapi/v1/loras").json()}
+    assert loras["ink"]["metadata"]["ss_network_dim"] == "4" and loras["ink"]["base_model"] == "SD 1.x"
+    assert "pickle" in loras["old"]["refused"] and loras["old"]["hash"] is None
+    embeddings = httpx.get(f"{url}/sdapi/v1/embeddings").json()
+    assert embeddings["loaded"]["fits"]["vectors"] == 2 and embeddings["loaded"]["fits"]["shape"] == 32
+    assert list(embeddings["skipped"]) == ["wide"]  # 768 wide: not for this 32-wide text encoder
+
+
+def test_switch_by_options_and_back(server):
+    url, engine = server
+    known = hashes(url)
+    assert httpx.get(f"{url}/sdapi/v1/options").json()["sd_model_checkpoint"] == f"tiny-a [{known['tiny-a']}]"
+    assert txt2img(url)[1]["Model hash"] == known["tiny-a"]
+    response = options(url, sd_model_checkpoint=f"tiny-b [{known['tiny-b']}]")
+    assert response.status_code == 200, response.text
+    assert httpx.get(f"{url}/sdapi/v1/options").json()["sd_model_checkpoint"] == f"tiny-b [{known['tiny-b']}]"
+    assert txt2img(url)[1]["Model hash"] == known["tiny-b"]
+    assert len(engine.loaded()) == 1  # the old model was freed
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200  # by name
+    assert txt2img(url)[1]["Model hash"] == known["tiny-a"]
+
+
+def test_bad_options_are_refused_by_name_and_change_nothing(server):
+    url, _ = server
+    before = httpx.get(f"{url}/sdapi/v1/options").json()
+    response = options(url, sd_model_checkpoint="nope.safetensors")
+    assert response.status_code == 422 and "no checkpoint named 'nope.safetensors'" in response.json()["detail"]
+    response = options(url, sd_model_checkpoint="tiny-b", show_progressbar=True)
+    assert response.status_code == 422 and "show_progressbar" in response.json()["detail"]
+    response = options(url, CLIP_stop_at_last_layers=0)
+    assert response.status_code == 422 and "CLIP_stop_at_last_layers" in response.json()["detail"]
+    assert httpx.get(f"{url}/sdapi/v1/options").json() == before
+
+
+def test_override_settings_switch_for_one_request_and_back(server):
+    url, engine = server
+    known = hashes(url)
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+    info, params = txt2img(url, override_settings={"sd_model_checkpoint": "tiny-b", "CLIP_stop_at_last_layers": 2})
+    assert params["Model hash"] == known["tiny-b"] and params["Clip skip"] == "2" and info["clip_skip"] == 2
+    assert httpx.get(f"{url}/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-a")
+    assert txt2img(url)[1]["Model hash"] == known["tiny-a"]
+    response = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "override_settings": {"tiling": True}})
+    assert response.status_code == 422 and "override_settings: not supported by sd-app: tiling" in response.text
+    _, params = txt2img(url, override_settings={"sd_model_checkpoint": "tiny-b"},
+                        override_settings_restore_afterwards=False)
+    assert params["Model hash"] == known["tiny-b"]
+    assert httpx.get(f"{url}/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-b")  # A1111: it stays
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+    assert len(engine.loaded()) == 1
+
+
+def test_vae_and_clip_skip_options(server):
+    url, engine = server
+    plain = txt2img(url)
+    assert options(url, sd_vae="soft.safetensors", CLIP_stop_at_last_layers=2).status_code == 200
+    opts = httpx.get(f"{url}/sdapi/v1/options").json()
+    assert opts["sd_vae"] == "soft.safetensors" and opts["CLIP_stop_at_last_layers"] == 2
+    info, params = txt2img(url)
+    assert params["Clip skip"] == "2" and info["clip_skip"] == 2
+    assert info["infotexts"] != plain[0]["infotexts"]
+    assert options(url, sd_vae="Automatic", CLIP_stop_at_last_layers=1).status_code == 200
+    assert "Clip skip" not in txt2img(url)[1]
+
+
+def test_a_switch_waits_for_the_running_job(server):
+    url, _ = server
+    known = hashes(url)
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+    finished: list[str] = []
+    results: dict[str, object] = {}
+
+    def generate() -> None:
+        results["txt2img"] = txt2img(url, steps=150)[1]["Model hash"]
+        finished.append("txt2img")
+
+    def switch() -> None:
+        results["options"] = options(url, sd_model_checkpoint="tiny-b").status_code
+        finished.append("options")
+
+    job = threading.Thread(target=generate)
+    job.start()
+    while httpx.get(f"{url}/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+        time.sleep(0.05)
+    switcher = threading.Thread(target=switch)
+    switcher.start()
+    job.join()
+    switcher.join()
+    assert finished == ["txt2img", "options"]  # the switch returned only after the job it waited for
+    assert results == {"txt2img": known["tiny-a"], "options": 200}
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+
+
+def test_refresh_finds_new_files(server, models_root):
+    url, _ = server
+    save_file({"emb_params": torch.zeros(1, 32)}, str(models_root / "embeddings" / "later.safetensors"))
+    assert "later" not in httpx.get(f"{url}/sdapi/v1/embeddings").json()["loaded"]
+    assert httpx.post(f"{url}/sdapi/v1/refresh-embeddings").status_code == 200
+    assert "later" in httpx.get(f"{url}/sdapi/v1/embeddings").json()["loaded"]
+    for route in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):
+        assert httpx.post(f"{url}/sdapi/v1/{route}").status_code == 200
+
+
+def test_lru_of_k_checkpoints(models_root, tmp_path):
+    from sd_app.engine import Engine
+
+    engine = Engine(model="tiny-a", reranker=None, output_dir=tmp_path, device="cpu", models_dirs=[models_root],
+                    max_loaded=2)
+    a = engine.pipeline()
+    b = engine.switch(checkpoint="tiny-b")
+    assert len(engine.loaded()) == 2 and a is not b
+    assert engine.switch(checkpoint="tiny-a") is a  # still loaded: no reload
+    engine.switch(vae="soft.safetensors")  # tiny-a with another VAE: tiny-b (least recently used) is freed
+    assert [key[0].split("/")[-1] for key in engine.loaded()] == ["tiny-a", "tiny-a"]
+    with pytest.raises(Exception, match="no checkpoint named 'zzz'"):
+        engine.switch(checkpoint="zzz")
+    assert engine.model == "tiny-a" and engine.vae == "soft.safetensors"  # the selection stayed
+
+
+def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server):
+    from gradio_client import Client
+
+    url, engine = server
+    known = hashes(url)
+    client = Client(url, verbose=False, analytics_enabled=False)
+    status, checkpoint, vae = client.predict("tiny-b", "Automatic", api_name="/switch_model")
+    assert status.startswith("Loaded tiny-b") and engine.model == "tiny-b"
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="missing is not in the list of choices"):
+        client.predict("missing", "Automatic", api_name="/switch_model")
+    assert engine.model == "tiny-b"
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, clip skip
+    status, _, _, parameters, _ = client.predict("a red circle", "", "Euler", 2, 7, 64, 64, 3, 1, "off", 2,
+                                                 api_name="/generate")
+    params = parse_parameters(parameters)
+    assert params["Model hash"] == known["tiny-b"] and params["Clip skip"] == "2"
+    checkpoints, vaes = client.predict(api_name="/refresh_models")
+    assert checkpoints["value"] == "tiny-b" and ["tiny-a", "tiny-a"] in checkpoints["choices"]
+    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
