@@ -209,8 +209,9 @@ def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server)
     with pytest.raises(AppError, match="missing is not in the list of choices"):
         client.predict("missing", "Automatic", api_name="/switch_model")
     assert engine.model == "tiny-b"
-    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, clip skip
-    status, _, _, parameters, _ = client.predict("a red circle", "", "Euler", 2, 7, 64, 64, 3, 1, "off", 2,
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix, clip skip
+    hires_off = (False, 2, "Latent", 0, 0.7)
+    status, _, _, parameters, _ = client.predict("a red circle", "", "Euler", 2, 7, 64, 64, 3, 1, "off", *hires_off, 2,
                                                  api_name="/generate")
     params = parse_parameters(parameters)
     assert params["Model hash"] == known["tiny-b"] and params["Clip skip"] == "2"
