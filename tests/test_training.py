@@ -67,8 +67,7 @@ def test_lora_trainer_layers_save_a_kohya_file_our_merge_reproduces(tiny_model, 
     c = pipe.components
     with torch.no_grad():
         merged = c.unet(latents, t, encoder_hidden_states=c.text_encoder(ids)[0]).sample
-    # fp32 sums in another order (W x + B A x against (W + B A) x, channels_last convolutions): ~1e-4
-    assert torch.allclose(merged, expected, atol=2e-3), (merged - expected).abs().max()
+    assert torch.allclose(merged, expected, atol=1e-4), (merged - expected).abs().max()
     with torch.no_grad():
         base = unet(latents, t, encoder_hidden_states=text_encoder(ids)[0]).sample
     assert not torch.allclose(merged, base, atol=1e-2)  # the LoRA does change the output
