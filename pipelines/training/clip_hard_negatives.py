@@ -75,19 +75,15 @@ def evaluate(model: torch.nn.Module, device: torch.device, n: int = 400) -> dict
     model.eval()
     rng = np.random.default_rng(data.HELDOUT_SEED)
     bank = TextBank(model, device)
-    hits: dict[str, list[bool]] = {"count": [], "binding": [], "mixed": [], "zero_shot": []}
+    hits: dict[str, list[bool]] = {key: [] for key in (*hard_negatives.CHOICES, "zero_shot")}
     world = shapes.all_captions()
     world_text = bank.features(world)  # (120, D)
-    for attrs in (shapes.sample_attributes(rng) for _ in range(n)):
-        (single, caption, _), (two, two_text, _), (mixed, mixed_text, _), _ = hard_negatives.variants(attrs, rng)
-        img = F.normalize(image_features(model, data.clip_normalize(_pixels([single, two, mixed])).to(device)), dim=-1)
-        swapped_text = shapes.caption(hard_negatives.swapped(attrs))
-        text = bank.features([caption, two_text, swapped_text, mixed_text])  # (4, D)
-        sims = img @ text.T  # (3 images, 4 captions)
-        hits["count"] += [bool(sims[0, 0] > sims[0, 1]), bool(sims[1, 1] > sims[1, 0])]
-        hits["binding"].append(bool(sims[0, 0] > sims[0, 2]))
-        hits["mixed"] += [bool(sims[0, 0] > sims[0, 3]), bool(sims[2, 3] > sims[2, 0])]
-        hits["zero_shot"].append(world[int((img[0] @ world_text.T).argmax())] == caption)
+    for images, captions in hard_negatives.choice_cases(rng, n):
+        img = F.normalize(image_features(model, data.clip_normalize(_pixels(images)).to(device)), dim=-1)  # (3, D)
+        sims = (img @ bank.features(captions).T).cpu().numpy()  # (3 images, 4 captions)
+        for key, right in hard_negatives.two_way_hits(sims).items():
+            hits[key] += right
+        hits["zero_shot"].append(world[int((img[0] @ world_text.T).argmax())] == captions[0])
     model.train()
     return {key: float(np.mean(value)) for key, value in hits.items()}
 

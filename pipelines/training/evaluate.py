@@ -67,16 +67,12 @@ def composition(scorer: ClipScorer, n: int) -> dict[str, float]:
     from pipelines.training import hard_negatives
 
     rng = np.random.default_rng(data.HELDOUT_SEED)
-    hits: dict[str, list[bool]] = {"count": [], "binding": [], "mixed": []}
-    for attrs in (shapes.sample_attributes(rng) for _ in range(n)):
-        (single, caption, _), (two, two_text, _), (mixed, mixed_text, _), _ = hard_negatives.variants(attrs, rng)
-        swapped_text = shapes.caption(hard_negatives.swapped(attrs))
-        images = scorer.image_features([single, two, mixed])  # (3, D)
-        texts, _ = scorer.text_features([caption, two_text, swapped_text, mixed_text])  # (4, D)
-        sims = images @ texts.T  # (3, 4)
-        hits["count"] += [bool(sims[0, 0] > sims[0, 1]), bool(sims[1, 1] > sims[1, 0])]
-        hits["binding"].append(bool(sims[0, 0] > sims[0, 2]))
-        hits["mixed"] += [bool(sims[0, 0] > sims[0, 3]), bool(sims[2, 3] > sims[2, 0])]
+    hits: dict[str, list[bool]] = {key: [] for key in hard_negatives.CHOICES}
+    for images, captions in hard_negatives.choice_cases(rng, n):
+        texts, _ = scorer.text_features(captions)  # (4, D)
+        sims = (scorer.image_features(images) @ texts.T).numpy()  # (3, 4)
+        for key, right in hard_negatives.two_way_hits(sims).items():
+            hits[key] += right
     return {key: float(np.mean(value)) for key, value in hits.items()}
 
 

@@ -14,6 +14,7 @@ Used to fine-tune the reranker's CLIP so that it counts and binds colours to sha
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -83,3 +84,24 @@ def variants(attrs: shapes.ShapeAttributes, rng: np.random.Generator,
         (draw_mixed(attrs, inner, rng, size), mixed_caption(attrs, inner), "mixed"),
         (shapes.draw(flipped, size), shapes.caption(flipped), "swapped"),
     ]
+
+
+CHOICES = ("count", "binding", "mixed")
+
+
+def choice_cases(rng: np.random.Generator, n: int) -> Iterator[tuple[list[Image.Image], list[str]]]:
+    """For n drawings: images [single, two, mixed] and captions [single, two, swapped, mixed]."""
+    for attrs in (shapes.sample_attributes(rng) for _ in range(n)):
+        (single, caption, _), (two, two_text, _), (mixed, mixed_text, _), _ = variants(attrs, rng)
+        yield [single, two, mixed], [caption, two_text, shapes.caption(swapped(attrs)), mixed_text]
+
+
+def two_way_hits(sims: np.ndarray) -> dict[str, list[bool]]:
+    """Right answers of the two-way choices, from similarities (3 images x 4 captions) of one case of
+    :func:`choice_cases`: count (single vs two, on both drawings), binding (single vs swapped) and a second
+    colour inside (single vs mixed, on both drawings)."""
+    return {
+        "count": [bool(sims[0, 0] > sims[0, 1]), bool(sims[1, 1] > sims[1, 0])],
+        "binding": [bool(sims[0, 0] > sims[0, 2])],
+        "mixed": [bool(sims[0, 0] > sims[0, 3]), bool(sims[2, 3] > sims[2, 0])],
+    }
