@@ -283,3 +283,13 @@ def test_clip_folder_sharing_its_text_tower_with_a_text_encoder(tmp_path, clip_d
               str(model_dir / "text_encoder" / "model.safetensors"))
     whole, joined = ClipScorer.load(clip_dir, device="cpu"), ClipScorer.load(shared, device="cpu")
     assert joined.score(images, "a red blob").scores == pytest.approx(whole.score(images, "a red blob").scores)
+
+    # A reranker fine-tuned with its own text layers (not the token embedding) stores just those: they win.
+    layer = "text_model.encoder.layers.0.mlp.fc1.weight"
+    own = {k: v for k, v in state.items() if not k.startswith("text_model.")} | {layer: state[layer] * 2}
+    save_file(own, str(shared / "model.safetensors"))
+    tuned = ClipScorer.load(shared, device="cpu")
+    assert torch.equal(tuned.model.state_dict()[layer], state[layer] * 2)
+    token = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(tuned.model.state_dict()[token], state[token])
+    assert tuned.score(images, "a red blob").scores != pytest.approx(whole.score(images, "a red blob").scores)

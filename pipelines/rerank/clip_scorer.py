@@ -36,6 +36,7 @@ from pipelines.models.shipped import EMBEDDED_MODEL_DIR
 
 EMBEDDED_CLIP = EMBEDDED_MODEL_DIR / "clip"
 TEXT_TOWER_PREFIX = "text_model."  # CLIPModel's and SD text_encoder's key prefix of the text transformer
+TOKEN_EMBEDDING_KEY = TEXT_TOWER_PREFIX + "embeddings.token_embedding.weight"  # (49408, W): shared, never copied
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _GRAY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -240,10 +241,11 @@ def text_tower_key(key: str) -> str:
 def load_clip_model(folder: Path) -> Any:
     """A transformers ``CLIPModel`` from a safetensors folder, its text tower from ``../text_encoder`` if shared.
 
-    The embedded model stores its CLIP text tower once: the same weights are Stable Diffusion's text
-    encoder (``shapes-tiny/text_encoder``, keys ``text_model.*``), so ``shapes-tiny/clip`` holds the
-    vision tower, both projections and the logit scale (the 40 MB budget has no room for a copy).
-    A folder whose weights include the text tower loads as it is.
+    The embedded model stores its CLIP token embedding once: the same weights are Stable Diffusion's
+    text encoder (``shapes-tiny/text_encoder``, keys ``text_model.*``), so ``shapes-tiny/clip`` holds
+    the vision tower, both projections, the logit scale and only those text-tower weights the
+    reranker's own fine-tune changed (the 40 MB budget has no room for a copy of the rest).
+    A folder whose weights include the token embedding loads as it is.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -252,15 +254,14 @@ def load_clip_model(folder: Path) -> Any:
     weights = folder / "model.safetensors"
     if weights.is_file():
         with safe_open(str(weights), "pt") as handle:
-            shares_text_tower = not any(key.startswith(TEXT_TOWER_PREFIX) for key in handle.keys())
+            shares_text_tower = TOKEN_EMBEDDING_KEY not in handle.keys()
     if not weights.is_file() or not shares_text_tower:  # sharded or whole: transformers' own loader
         return CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     shared = folder.parent / "text_encoder" / "model.safetensors"
     if not shared.is_file():
-        raise ValueError(f"{weights} has no text tower ({TEXT_TOWER_PREFIX}*) and there is no {shared} to share")
-    state = load_file(str(weights))
-    for key, tensor in load_file(str(shared)).items():
-        state[text_tower_key(key)] = tensor
+        raise ValueError(f"{weights} has no text tower ({TOKEN_EMBEDDING_KEY}) and there is no {shared} to share")
+    state = {text_tower_key(key): tensor for key, tensor in load_file(str(shared)).items()}
+    state.update(load_file(str(weights)))  # the reranker's own text layers, where it has them, win
     model = CLIPModel(CLIPConfig.from_pretrained(folder, local_files_only=True))
     model.load_state_dict(state, strict=True)  # every key present, none left random
     return model

@@ -3,10 +3,15 @@
 Every batch holds base drawings next to their hard negatives (:mod:`pipelines.training.hard_negatives`:
 two shapes, a second colour inside, swapped colours), each with its own caption, under the CLIP loss of
 :mod:`pipelines.training.clip` (Radford et al. 2021; composition-aware hard negatives as in Yuksekgonul
-et al. 2023). The text tower stays frozen: it is also the U-Net's text encoder (the shipped model stores
-it once), so only the vision tower, both projections and the temperature learn.
+et al. 2023). The token embedding stays frozen: it is shared with the U-Net's text encoder (the shipped
+model stores it once). The vision tower, both projections and the temperature learn; with
+``--tune-text-layers`` the reranker's own copy of the text transformer layers learns too (counting
+lives there: a frozen tower pools "a red circle" and "two red circles" too close together), and the
+export stores those layers beside the vision tower (about 1.6 MB in fp16); the U-Net's text encoder
+is untouched.
 
     python -m pipelines.training.clip_hard_negatives --steps 800 --out runs/clip-hn [--resume]
+        [--tune-text-layers] [--from-clip runs/clip-hn/ckpt/clip]
     python -m pipelines.training.export --clip-only --clip runs/clip-hn      # -> the embedded clip/
 """
 
@@ -23,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.training import common, data, hard_negatives, shapes
-from pipelines.training.clip import contrastive_loss, image_features, tokenize
+from pipelines.training.clip import contrastive_loss, image_features, text_features, tokenize
 
 HARD_NEGATIVE_SEED = 77  # base drawings of the training batches: rng(HARD_NEGATIVE_SEED + seed, step)
 
@@ -67,6 +72,21 @@ class TextBank:
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
 
+class TokenIds:
+    """Token ids per caption, tokenized once (the world has a few hundred captions)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ids: dict[str, torch.Tensor] = {}
+
+    def of(self, captions: list[str]) -> torch.Tensor:
+        """(U, 77) token ids of the captions."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self.ids]
+        if todo:
+            self.ids.update(zip(todo, tokenize(todo).to(self.device)))
+        return torch.stack([self.ids[c] for c in captions])
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, device: torch.device, n: int = 400) -> dict[str, float]:
     """Held-out two-way choices: the single caption against "two ..." (count, on single and two-shape
@@ -93,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-clip", type=Path, default=None,
                         help="CLIP folder to start from (default: the embedded model's clip/)")
     parser.add_argument("--n-eval", type=int, default=400)
+    parser.add_argument("--tune-text-layers", action="store_true",
+                        help="also train the text transformer layers (not the shared token embedding)")
     args = parser.parse_args(argv)
     runtime = common.setup(args)
     train(args, runtime)
@@ -110,12 +132,16 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
     else:
         model = load_clip_model(args.from_clip or EMBEDDED_CLIP).float()
     model.to(runtime.device).train()
-    model.text_model.requires_grad_(False)  # the U-Net's text encoder: frozen
+    model.text_model.requires_grad_(False)  # shared with the U-Net's text encoder: frozen ...
+    if args.tune_text_layers:  # ... except the reranker's own copy of the layers above the embeddings
+        model.text_model.encoder.requires_grad_(True)
+        model.text_model.final_layer_norm.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     if start:
         common.load_optimizer(optimizer, args.out / "ckpt" / "optimizer.safetensors")
     bank = TextBank(model, runtime.device)
+    token_ids = TokenIds(runtime.device)
     log = common.Log(args.out / "log.jsonl")
     if start == 0:
         before = evaluate(model, runtime.device, args.n_eval)
@@ -134,7 +160,10 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
             group["lr"] = common.warmup_lr(step, args.lr, 50)
         with runtime.autocast():
             img = F.normalize(image_features(model, pixels), dim=-1)  # (B, D)
-            txt = bank.features(list(unique))  # (U, D)
+            if args.tune_text_layers:
+                txt = F.normalize(text_features(model, token_ids.of(list(unique))), dim=-1)  # (U, D)
+            else:
+                txt = bank.features(list(unique))  # (U, D)
         targets = torch.from_numpy(inverse).to(runtime.device)  # (B,)
         loss = contrastive_loss(img, txt, targets, model.logit_scale, None)
         optimizer.zero_grad(set_to_none=True)
@@ -151,7 +180,8 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
             metrics = evaluate(model, runtime.device, args.n_eval)
             log.write(step=done, **{f"eval_{k}": v for k, v in metrics.items()})
             tqdm.write(f"step {done}: loss {loss.item():.3f} held-out {metrics}")
-            state = {"step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics}
+            state = {"step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
+                     "tune_text_layers": args.tune_text_layers, "from_clip": str(args.from_clip or "embedded")}
             common.save_checkpoint(args.out, {"clip": model}, optimizer, state)
 
 

@@ -69,21 +69,30 @@ def save_text_encoder(text_encoder: torch.nn.Module, folder: Path) -> None:
     config.save_pretrained(str(folder))
 
 
-def save_clip(clip_run: Path, folder: Path) -> None:
-    """The reranker: CLIPModel fp16 without its text tower + a CLIPImageProcessor for 64x64 input.
+def save_clip(clip_run: Path, folder: Path, text_encoder: Path) -> None:
+    """The reranker: CLIPModel fp16 without the text weights it shares + a CLIPImageProcessor for 64x64 input.
 
-    The text tower is ``../text_encoder`` (the U-Net is trained against the reranker's own text
-    tower) and its tokenizer is ``../tokenizer``; :func:`pipelines.rerank.clip_scorer.load_clip_model` joins them.
-    Copies would push the folder over the 40 MB budget.
+    Text-tower weights equal (in fp16) to ``text_encoder`` (the U-Net's, shipped as ``../text_encoder``)
+    are left out; only those a reranker fine-tune changed (:mod:`pipelines.training.clip_hard_negatives`
+    tunes the text layers, never the token embedding) are stored. The tokenizer is ``../tokenizer``;
+    :func:`pipelines.rerank.clip_scorer.load_clip_model` joins them. Copies would push the folder over
+    the 40 MB budget.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from pipelines.rerank.clip_scorer import TEXT_TOWER_PREFIX
+    from pipelines.rerank.clip_scorer import TEXT_TOWER_PREFIX, text_tower_key
 
+    check_shared_text_tower(text_encoder, clip_run)
+    shared = {text_tower_key(k): v.half() for k, v in load_file(str(text_encoder / "model.safetensors")).items()}
     folder.mkdir(parents=True, exist_ok=True)
     clip = CLIPModel.from_pretrained(str(clip_run / "ckpt" / "clip"), dtype=torch.float32)
-    state = {k: v.half().contiguous() for k, v in clip.state_dict().items() if not k.startswith(TEXT_TOWER_PREFIX)}
+    state = {}
+    for key, value in clip.state_dict().items():
+        value = value.half().contiguous()
+        if key.startswith(TEXT_TOWER_PREFIX) and key in shared and torch.equal(shared[key], value):
+            continue
+        state[key] = value
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     clip.config.dtype = "float32"  # stored fp16, computed in float32 unless asked otherwise
     clip.config.save_pretrained(str(folder))
@@ -93,19 +102,20 @@ def save_clip(clip_run: Path, folder: Path) -> None:
                        do_center_crop=True, resample=3).save_pretrained(str(folder))
 
 
-def check_shared_text_tower(frozen: Path, clip_run: Path) -> None:
-    """The U-Net's frozen text encoder must be the reranker's text tower, since only one is shipped."""
-    from safetensors.torch import load_file
+def check_shared_text_tower(text_encoder: Path, clip_run: Path) -> None:
+    """The reranker shares the U-Net's token embedding (shipped once, in ``text_encoder``): it must be equal."""
+    from safetensors import safe_open
 
-    from pipelines.rerank.clip_scorer import text_tower_key
+    from pipelines.rerank.clip_scorer import TOKEN_EMBEDDING_KEY, text_tower_key
 
-    text_encoder = load_file(str(frozen / "text_encoder" / "model.safetensors"))
-    clip = load_file(str(clip_run / "ckpt" / "clip" / "model.safetensors"))
-    for key, tensor in text_encoder.items():
-        key = text_tower_key(key)
-        if key not in clip or not torch.equal(clip[key].float(), tensor.float()):
-            raise SystemExit(f"{frozen}/text_encoder differs from {clip_run}'s text tower at {key}: the "
-                             "U-Net was trained against another CLIP; export with that CLIP run (--clip)")
+    with safe_open(str(text_encoder / "model.safetensors"), "pt") as handle:
+        key = next(k for k in handle.keys() if text_tower_key(k) == TOKEN_EMBEDDING_KEY)
+        shipped = handle.get_tensor(key).half()
+    with safe_open(str(clip_run / "ckpt" / "clip" / "model.safetensors"), "pt") as handle:
+        tuned = handle.get_tensor(TOKEN_EMBEDDING_KEY).half() if TOKEN_EMBEDDING_KEY in handle.keys() else None
+    if tuned is None or not torch.equal(tuned, shipped):
+        raise SystemExit(f"{text_encoder} and {clip_run}'s CLIP differ in {TOKEN_EMBEDDING_KEY}: the "
+                         "U-Net was trained against another CLIP; export with that CLIP run (--clip)")
 
 
 def copy_tokenizer(folder: Path) -> None:
@@ -121,7 +131,6 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
     from transformers import CLIPTextModel
 
     frozen = unet_run / "frozen"
-    check_shared_text_tower(frozen, clip_run)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -134,7 +143,7 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
     copy_tokenizer(tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")
-    save_clip(clip_run, tmp / "clip")
+    save_clip(clip_run, tmp / "clip", frozen / "text_encoder")
     provenance = {
         "unet": common.read_state(unet_run),
         "frozen": json.loads((frozen / "state.json").read_text()),
@@ -148,12 +157,11 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
 
 
 def export_clip_only(clip_run: Path, out: Path) -> dict:
-    """Replace only the reranker (``out/clip``) by a CLIP run whose text tower is the shipped text encoder
-    (e.g. the hard-negative fine-tune, which freezes it); the U-Net, VAE and text encoder stay as they are."""
-    check_shared_text_tower(out, clip_run)
+    """Replace only the reranker (``out/clip``) by a CLIP run sharing the shipped token embedding (e.g. the
+    hard-negative fine-tune); the U-Net, VAE and text encoder stay as they are."""
     tmp = out / "clip.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_clip(clip_run, tmp)
+    save_clip(clip_run, tmp, out / "text_encoder")
     shutil.rmtree(out / "clip")
     tmp.rename(out / "clip")
     provenance = json.loads((out / "provenance.json").read_text())
