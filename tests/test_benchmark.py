@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from pipelines.generation.schedulers import sampler_for_config
 from pipelines.models.modes import DEFAULT_MODES, REFERENCE
 from sd_app.benchmark import format_table, run_benchmark
@@ -43,10 +47,12 @@ def test_modes_by_key_and_unknown_mode():
 
 
 def test_shapes_evaluation_table_on_the_tiny_model(tiny_model, tmp_path):
-    """The evaluation script's generation part runs each mode on the same seeds and judges every image."""
+    """The evaluation script's generation part runs each mode on the same seeds, judges every image, ranks
+    with every reranker, and reuses its cached candidates (same pictures, no generation) on a second run."""
     import shutil
 
     from pipelines.rerank.clip_scorer import ClipScorer
+    from pipelines.rerank.contrastive import reranker_for
     from pipelines.training import evaluate
     from tests.clip_fixtures import tiny_clip_dir
 
@@ -54,13 +60,27 @@ def test_shapes_evaluation_table_on_the_tiny_model(tiny_model, tmp_path):
     shutil.copytree(tiny_model, folder)
     shutil.copytree(tiny_clip_dir(tmp_path), folder / "clip")
     scorer = ClipScorer.load(folder / "clip", device="cpu")
-    results = evaluate.generation(folder, scorer, ["fp32", "fast"], pairs=2, candidates=2, steps=2, cfg=7.0,
-                                   size=64)
+    rerankers = {name: reranker_for(scorer, name) for name in ("clip", "contrastive")}
+    cache = tmp_path / "candidates"
+    results = evaluate.generation(folder, rerankers, ["fp32", "fast"], pairs=2, candidates=2, steps=2, cfg=7.0,
+                                   size=64, cache_dir=cache)
     assert [r.mode for r in results] == ["ours fp32", "ours fast (default)"]
     for r in results:
-        for part in (r.single, r.best):
+        for part in (r.single, *r.best.values()):
             assert set(part) == set(evaluate.CHECKS) and all(0 <= v <= 1 for v in part.values())
-        assert r.seconds_per_image > 0
+        assert set(r.best) == {"clip", "contrastive"} and r.seconds_per_image > 0
+        assert r.best["clip"]["all"] <= r.any_right  # no reranker beats "some candidate is right"
+    assert len(list(cache.glob("*/*.png"))) == 2 * 2 * 2
+
+    again = evaluate.generation(folder, rerankers, ["fp32", "fast"], pairs=2, candidates=2, steps=2, cfg=7.0,
+                                size=64, cache_dir=cache)
+    assert [(r.single, r.best, r.any_right) for r in again] == [(r.single, r.best, r.any_right) for r in results]
+    assert all(math.isnan(r.seconds_per_image) for r in again)  # nothing was generated the second time
+    with pytest.raises(SystemExit, match="candidates made with"):
+        evaluate.generation(folder, rerankers, ["fast"], pairs=2, candidates=2, steps=3, cfg=7.0, size=64,
+                            cache_dir=cache)
+
     zs = {key: 0.5 for key in evaluate.ATTRIBUTES}
     table = evaluate.format_table(zs, 10, results, 2, 2, 2, 7.0, 1)
-    assert table.count("best of 2 by CLIP score") == 2 and "ours fp32: 1 sample" in table
+    assert table.count("best of 2 by clip") == 2 and table.count("best of 2 by contrastive") == 2
+    assert "ours fp32: 1 sample" in table and "some candidate of 2 right" in table
