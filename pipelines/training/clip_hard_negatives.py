@@ -84,7 +84,11 @@ class TokenIds:
         todo = [c for c in dict.fromkeys(captions) if c not in self.ids]
         if todo:
             self.ids.update(zip(todo, tokenize(todo).to(self.device)))
-        return torch.stack([self.ids[c] for c in captions])
+        ids = torch.stack([self.ids[c] for c in captions])  # (U, 77), padded with eos
+        # CLIP's causal text tower pools at the first eos: the padding after it changes nothing, so the
+        # (short) captions run at the length of the longest one, not 77 positions.
+        first_eos = (ids == ids[0, -1]).int().argmax(dim=-1)  # (U,)
+        return ids[:, : int(first_eos.max()) + 1]
 
 
 @torch.no_grad()
