@@ -169,9 +169,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
-    from sd_app.arguments import add_library_arguments
+    from sd_app.arguments import add_library_arguments, add_scorer_arguments
 
     add_library_arguments(parser)
+    add_scorer_arguments(parser)
     parser.add_argument("--max-loaded", type=int, default=1,
                         help="checkpoints kept in memory when switching (least recently used freed; default 1)")
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder for reranking; 'none' to disable")
@@ -215,6 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Start the server (blocks until interrupted)."""
     import uvicorn
 
+    from sd_app.arguments import scorer_specs
     from sd_app.checks import check_output_folder
     from sd_app.engine import Engine
     from sd_app.limits import RequestLimits
@@ -244,7 +246,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-loaded must be at least 1, got {args.max_loaded}")
     engine = Engine(
         model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits,
-        models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip,
+        models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip, scorers=scorer_specs(args),
     )
     engine.library()  # a missing --models-dir fails now, with its name
     tracker = JobTracker(max_waiting=args.max_queue, max_waiting_per_client=args.max_waiting_per_client)

@@ -39,9 +39,10 @@ class RoundReport:
     max_rounds: int
     passed: int  # candidates of this round that reached every minimum
     best: dict[str, float]  # label -> best value over all candidates so far, for the thresholds' labels
+    thresholds: dict[str, float]  # label -> minimum
 
-    def text(self, thresholds: Mapping[str, float]) -> str:
-        wanted = ", ".join(f"{label} >= {value:g}" for label, value in thresholds.items())
+    def text(self) -> str:
+        wanted = ", ".join(f"{label} >= {value:g}" for label, value in self.thresholds.items())
         seen = ", ".join(f"{label} {value:.2f}" for label, value in self.best.items())
         if self.passed:
             return f"round {self.round}/{self.max_rounds}: {self.passed} candidate(s) reached {wanted}"
@@ -128,7 +129,7 @@ def best_of_until_pass(
                 best[label] = max([*values, best.get(label, values[0])])
         passed = sum(passes(s, thresholds) for s in round_scores)
         if on_round is not None:
-            on_round(RoundReport(round_index + 1, max_rounds, passed, dict(best)))
+            on_round(RoundReport(round_index + 1, max_rounds, passed, dict(best), dict(thresholds)))
         if passed:
             break
     assert last is not None and result is not None
