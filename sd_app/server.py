@@ -120,12 +120,14 @@ def create_app(
     tracker: JobTracker | None = None,
     policy: AccessPolicy | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    local_paths: bool = False,
 ) -> FastAPI:
     """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``.
 
     Outermost first: our own Host names only and no cross-site writes (``policy``, loopback names by
     default), bounded request bodies, then HTTP Basic auth if ``credentials``. Every error is JSON with
-    a ``detail``.
+    a ``detail``. ``local_paths``: the UI's Rerank view may read typed folders and copy anywhere (only for a
+    server that answers on loopback addresses alone).
     """
     import gradio as gr
     from fastapi import FastAPI
@@ -146,7 +148,7 @@ def create_app(
 
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
     app.include_router(build_models_router(engine))
-    demo = build_demo(engine, tracker=tracker, max_queue=max_queue)
+    demo = build_demo(engine, tracker=tracker, max_queue=max_queue, local_paths=local_paths)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())
     app = gr.mount_gradio_app(
         app, demo, path="/", allowed_paths=[output_dir], show_error=False, css=CSS, footer_links=["api"]
@@ -253,6 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(
         engine, credentials=credentials or None, max_queue=args.max_queue, tracker=tracker, policy=policy,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        local_paths=is_loopback(args.host) and not args.allowed_host,
     )
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(

@@ -30,8 +30,8 @@ from pipelines.rerank.scorers import (
     thresholds_by_label,
 )
 from tests.clip_fixtures import blob_images, tiny_clip_dir, torch_threads
+from tests.scorer_fixtures import LAION_WIDTHS, laion_head_state
 
-LAION_WIDTHS = (768, 1024, 128, 64, 16, 1)  # sac+logos+ava1-l14-linearMSE
 PROMPT = "a red circle on a blue background"
 
 
@@ -60,16 +60,6 @@ def clip(clip_dir):
 @pytest.fixture(scope="module")
 def images():
     return blob_images([(64, 64), (80, 64), (64, 96), (70, 70)], seed=5)
-
-
-def laion_head_state(widths: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under LAION's key names: layers.0/2/4/6/7 Linear."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:]), strict=True):
-        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5
-        state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=generator) * 0.1
-    return state
 
 
 def reference_features(folder, images, text=None):
