@@ -205,7 +205,7 @@ class Engine:
         for kind, weight in weights.items():
             if kind not in available:
                 offered = ", ".join(available) or "none (no reranker is loaded)"
-                raise ValueError(f"scorer {kind!r} is not available on this server; available: {offered}")
+                raise ValueError(f"scorer {kind!r} is not available here (available: {offered}; more with --scorer)")
             parts.append((kind, self._load_scorer(available[kind]), weight))
         return combine(parts)
 
@@ -275,7 +275,7 @@ class Engine:
         labels = thresholds_by_label(thresholds, scorer_kinds(reranker, next(iter(weights)))) if thresholds else {}
         pipe = self.pipeline()
         if self.limits is not None:
-            self.limits.check(request, pipe.count_tokens)
+            self.limits.check(request, pipe.count_tokens, rounds=1 + extra_rounds if labels else 1)
         rounds, max_rounds, passed = 1, 1, None
         if labels:
             from pipelines.rerank.min_score import best_of_until_pass

@@ -122,9 +122,10 @@ class RerankView:
 
     @staticmethod
     def _table(ranking: FileRanking) -> Any:
-        import gradio as gr
+        """A pandas DataFrame (its columns become the table's headers)."""
+        import pandas as pd
 
-        return gr.update(value={"headers": ["rank", "file", *ranking.labels], "data": ranking.table()})
+        return pd.DataFrame(ranking.table(), columns=["rank", "file", *ranking.labels])
 
     @staticmethod
     def _gallery(ranking: FileRanking) -> list[tuple[Any, str]]:

@@ -96,8 +96,8 @@ def test_rerank_view_handlers_rank_uploads_and_write_the_csv(folder, engine):
     files = [str(folder / "b one.png"), str(folder / "c-three.png"), str(folder / "e five.png")]
     status, table, gallery, csv_path = view.rerank(files, "", PROMPT, ["clip", "aesthetic"], "aesthetic:2", session)
     assert status.startswith("Ranked 3 image(s) by Weighted score")
-    assert table["value"]["headers"] == ["rank", "file", "Weighted score", "CLIP score", "Aesthetic score"]
-    data = table["value"]["data"]
+    assert list(table.columns) == ["rank", "file", "Weighted score", "CLIP score", "Aesthetic score"]
+    data = table.values.tolist()
     assert [row[0] for row in data] == [1, 2, 3] and len(gallery) == 3
     assert gallery[0][1].startswith(f"#1 {data[0][1]} · Weighted ")
     rows = list(csv.reader(open(csv_path, encoding="utf-8")))
@@ -125,7 +125,7 @@ def test_rerank_view_reads_folders_and_copies_anywhere_only_on_localhost(folder,
     assert kept.startswith(f"Copied the best 2 into {tmp_path / 'chosen'}: 01-")
     with pytest.raises(gr.Error, match="Rerank some images first"):
         local.keep(2, "x", UserSession())
-    with pytest.raises(gr.Error, match="not available on this server"):
+    with pytest.raises(gr.Error, match="not available here"):
         local.rerank([], str(folder), PROMPT, ["pickscore"], "", UserSession())
 
 
@@ -181,6 +181,12 @@ def test_engine_records_each_score_and_the_minimum_in_the_metadata(tiny_model, t
     assert lone.score_label == "Aesthetic score" and lone.rounds == 1 and lone.passed is True
     with pytest.raises(ValueError, match="name the scorer"):
         engine.generate(request, scorers="clip, aesthetic", min_score=5, save=False)
+    from sd_app.limits import RequestLimits
+
+    engine.limits = RequestLimits(max_pixel_steps=64 * 64 * 2 * 2 * 3)  # 3 rounds of this request, not 4
+    with pytest.raises(ValueError, match=r"64x64x2x2x4 = 65536 \(a minimum score may take 4 rounds\)"):
+        engine.generate(request, min_score=5, extra_rounds=3, save=False)
+    assert engine.generate(request, min_score=-1e9, extra_rounds=2, save=False).passed
 
 
 def test_api_scorers_by_name_only_and_their_scores_in_info(live_server, head, tiny_clip, monkeypatch):
@@ -200,3 +206,27 @@ def test_api_scorers_by_name_only_and_their_scores_in_info(live_server, head, ti
     for scorers, message in [("aesthetic=/etc/passwd", "not files"), ({"pickscore": 1}, "not available")]:
         refused = httpx.post(f"{url}/txt2img", json={**body, "scorers": scorers}, timeout=60)
         assert refused.status_code == 422 and message in refused.json()["detail"]
+
+
+def test_rerank_and_generate_views_through_gradio(live_server, folder):
+    from gradio_client import Client, handle_file
+
+    client = Client(live_server.url, verbose=False, analytics_enabled=False)
+    files = [handle_file(str(folder / name)) for name in ("b one.png", "c-three.png")]
+    status, table, gallery, csv_file = client.predict(files, "", PROMPT, ["clip"], "", api_name="/rerank")
+    assert status.startswith("Ranked 2 image(s) by CLIP score")
+    assert table["headers"] == ["rank", "file", "CLIP score"] and [row[1] for row in table["data"]] == [
+        item["caption"].split(" · ")[0].split(" ", 1)[1] for item in gallery
+    ]
+    assert open(csv_file, encoding="utf-8").readline().strip() == "rank,file,path,CLIP score"
+    kept = client.predict(1, "rerank-test", api_name="/rerank_keep")
+    assert kept.startswith("Copied the best 1 into ") and (live_server.engine.output_dir / "rerank-test").is_dir()
+    # Generate with a minimum score: prompt, negative, sampler, steps, cfg, width, height, seed, candidates,
+    # rerank by, hires fix (5), clip skip, scorers, minimum score, extra rounds
+    args = (PROMPT, "", "Euler", 2, 7, 64, 64, 21, 2, "clip", False, 2, "Latent", 0, 0.7, 1)
+    status, _, gallery, parameters, _ = client.predict(*args, "", "clip=-1000", 2, api_name="/generate")
+    assert "minimum CLIP score -1000 reached in round 1" in status and len(gallery) == 2
+    assert parse_parameters(parameters)["Min score passed"] == "yes"
+    status, _, gallery, _, _ = client.predict(*args, "", "1000", 1, api_name="/generate")
+    assert "no candidate reached the minimum CLIP score 1000 in 2 round(s)" in status and len(gallery) == 4
+    assert all(item["caption"].endswith(f"below min · seed {item['caption'].split()[-1]}") for item in gallery)
