@@ -85,7 +85,9 @@ def run_generate(args: argparse.Namespace) -> int:
     width, height = result.candidates[0].image.size
     mode = made.mode + (" + hires fix" if made.hires is not None else "")
     print(
-        f"{len(result.candidates)} of {made.n} image(s) written to {args.out}/ {order}; {result.model_name}, "
+        f"{len(result.candidates)} of {made.n * result.rounds} image(s)"
+        + (f" ({result.rounds} rounds of {made.n})" if result.rounds > 1 else "")
+        + f" written to {args.out}/ {order}; {result.model_name}, "
         f"{mode}, {made.sampler}, {made.total_steps} steps, {width}x{height}, {seconds:.1f} s",
         file=sys.stderr,
     )

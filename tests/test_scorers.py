@@ -150,7 +150,7 @@ def test_pickscore_folder_without_processor_takes_it_from_a_second_folder(tmp_pa
     model_only.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(clip_dir / name, model_only / name)
-    with pytest.raises(ValueError, match="no preprocessor_config.json"):
+    with pytest.raises(ValueError, match="no preprocessor_config.json.*after '@'"):
         load_scorer(parse_scorer(f"pickscore={model_only}"), lambda: None, device="cpu")
     scorer = load_scorer(parse_scorer(f"pickscore={model_only}@{clip_dir}"), lambda: None, device="cpu")
     reference = PreferenceScorer(ClipScorer.load(clip_dir, device="cpu")).score(images, PROMPT)
@@ -196,6 +196,8 @@ def test_aesthetic_head_refuses_pickles_and_other_layouts(tmp_path):
     pickle.write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="never loaded.*weights_only=True"):
         load_aesthetic_head(pickle)
+    with pytest.raises(ValueError, match="never loaded"):  # before asking for a CLIP
+        load_scorer(parse_scorer(f"aesthetic={pickle}"), lambda: None)
     state = laion_head_state((16, 32, 8, 8, 4, 1))
     del state["layers.7.bias"]
     with pytest.raises(ValueError, match="missing layers.7.bias"):
@@ -331,3 +333,21 @@ def test_min_score_is_bounded_and_says_when_none_passed():
     assert reports[-1].text().endswith("no rounds left")
     with pytest.raises(ValueError, match="extra rounds must be an integer between 0 and 10"):
         best_of_until_pass(SeedPipe(), GenerationRequest(**REQ), seed_scorer, {"CLIP score": 1.0}, 11)
+
+
+class SeedDetailScorer(SeedScorer):
+    """Ranks the lowest seed best (Weighted score = -red) and carries 'Aesthetic score' = red = seed - 100."""
+
+    label = "Weighted score"
+
+    def score(self, images, prompt):
+        red = [float(i.getpixel((0, 0))[0]) for i in images]
+        return ScoreResult(prompt, tuple(-r for r in red), tuple(0.0 for _ in red), False, self.name, self.label,
+                           tuple({"Aesthetic score": r} for r in red))
+
+
+def test_candidates_that_reach_the_minimum_come_first_whatever_their_ranking_score():
+    out = best_of_until_pass(SeedPipe(), GenerationRequest(**REQ), SeedDetailScorer(), {"Aesthetic score": 3.0}, 3)
+    assert out.rounds == 2 and [c.seed for c in out.output.candidates] == [103, 100, 101, 102]
+    assert out.passed == [True, False, False, False]
+    assert [c.details["Aesthetic score"] for c in out.output.candidates] == [3.0, 0.0, 1.0, 2.0]

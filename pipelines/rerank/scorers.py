@@ -244,12 +244,10 @@ class WeightedScorer:
                 combined[i] += weight * z / total
         details = []
         for i in range(len(combined)):
-            row: dict[str, float] = {}
-            for _, result, _ in results:
+            row = {SCORER_LABELS[kind]: result.scores[i] for kind, result, _ in results}  # each scorer's own number
+            for _, result, _ in results:  # then the numbers behind them (prompt / preference probability)
                 if result.details:
                     row.update({k: v for k, v in result.details[i].items() if k not in row})
-            for kind, result, _ in results:
-                row[SCORER_LABELS[kind]] = result.scores[i]
             details.append(row)
         text_results = [r for kind, r, _ in results if kind != "aesthetic"]
         first = text_results[0] if text_results else results[0][1]
@@ -281,13 +279,24 @@ def load_scorer(
         return ClipScorer.load(folder, device=device, processor_dir=processor)
 
     if spec.kind == "aesthetic":
-        from pipelines.rerank.aesthetic import AestheticScorer
+        from pathlib import Path
 
-        return AestheticScorer.load(spec.source, clip_at(spec.companion))
+        from pipelines.rerank.aesthetic import AestheticScorer, load_aesthetic_head
+
+        head = load_aesthetic_head(spec.source)  # a pickle or a wrong file is refused before any CLIP loads
+        return AestheticScorer(clip_at(spec.companion), head, Path(spec.source).stem)
     if spec.kind == "pickscore":
         from pipelines.rerank.preference import PreferenceScorer
 
-        return PreferenceScorer(clip_at(spec.source, spec.companion))
+        try:
+            return PreferenceScorer(clip_at(spec.source, spec.companion))
+        except ValueError as error:
+            if spec.companion is None and ("preprocessor_config" in str(error) or "tokenizer" in str(error)):
+                raise ValueError(
+                    f"{error}. PickScore_v1 ships only the model: give the folder of its processor "
+                    "(laion/CLIP-ViT-H-14-laion2B-s32B-b79K) after '@': pickscore=MODEL_FOLDER@PROCESSOR_FOLDER"
+                ) from None
+            raise
     from pipelines.rerank.contrastive import reranker_for
 
     return reranker_for(clip_at(spec.source), spec.kind)
