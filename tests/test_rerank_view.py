@@ -230,3 +230,19 @@ def test_rerank_and_generate_views_through_gradio(live_server, folder):
     status, _, gallery, _, _ = client.predict(*args, "", "1000", 1, api_name="/generate")
     assert "no candidate reached the minimum CLIP score 1000 in 2 round(s)" in status and len(gallery) == 4
     assert all(item["caption"].endswith(f"below min · seed {item['caption'].split()[-1]}") for item in gallery)
+
+
+def test_batch_ranks_with_scorers_and_records_them(tiny_model, tiny_clip, head, tmp_path):
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\n")
+    common = ["batch", str(prompts), "--out", str(out), "--model", str(tiny_model), "--reranker", str(tiny_clip),
+              "--steps", "2", "--width", "64", "--height", "64", "--seed", "7", "--sampler", "Euler", "--n", "2",
+              "--device", "cpu"]
+    assert main([*common, "--scorer", "clip", "--scorer", f"aesthetic={head}@{tiny_clip}:0.5",
+                 "--min-score", "aesthetic=-1000"]) == 0
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["score_label"] == "Weighted score" and len(record["files"]) == 2
+    params = parse_parameters(Image.open(out / record["files"][0]).info["parameters"])
+    assert {"Weighted score", "CLIP score", "Aesthetic score", "Min score passed"} <= set(params)
+    assert main(common) == 0  # other scorers: another job, not "already done"
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
