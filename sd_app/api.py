@@ -13,7 +13,10 @@ build and run through the same ``Engine``. Differences from A1111, on purpose:
   ``subseed_strength``, ``styles``, scripts, a second-pass prompt/sampler/model, more than one init
   image) are refused with 422 instead of ignored;
 - img2img takes one init image; a mask of another size is resized to it and ``info.notes`` says so;
-- defaults for absent fields are ``GenerationRequest``'s (20 steps, DPM++ 2M with its Karras schedule).
+- defaults for absent fields are ``GenerationRequest``'s (20 steps, DPM++ 2M with its Karras schedule);
+- sd-app's own fields: ``rerank``, ``rerank_by``, ``scorers`` (scorer names and weights among those the
+  server was started with, ``GET /sdapi/v1/scorers``; never a path), ``min_score`` and ``extra_rounds``;
+  ``info`` adds every candidate's scores and whether it reached the minimum.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
@@ -83,7 +87,13 @@ class GenerationFields(BaseModel):
     send_images: bool = True
     save_images: bool = False
     rerank: bool = True  # sd-app: order images best first by CLIP score
-    rerank_by: Literal["clip", "contrastive", "mixed"] = "clip"  # sd-app: or against counterfactual captions
+    # sd-app: rank by one of these (None: the server's --scorer weights, else CLIP score) ...
+    rerank_by: Literal["clip", "contrastive", "mixed"] | None = None
+    # ... or by several scorers the server offers, by name: {"clip": 1, "aesthetic": 0.5} or "clip:1, aesthetic:0.5"
+    scorers: dict[str, float] | str | None = None
+    # regenerate with new seeds until a candidate reaches it: a number (the one scorer) or {"aesthetic": 5.5}
+    min_score: float | dict[str, float] | None = None
+    extra_rounds: int = Field(3, ge=0, le=10)  # with min_score: at most this many more rounds
     override_settings: dict[str, Any] | None = None  # sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers
     override_settings_restore_afterwards: bool = True
 
@@ -296,12 +306,19 @@ def build_info(
         "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": result.inpainting_conditioning,
         "version": VERSION,
-        "clip_scores": [c.details.get("CLIP score", c.score) for c in result.candidates],
+        "clip_scores": [
+            c.details.get("CLIP score", c.score if result.score_label == "CLIP score" else None)
+            for c in result.candidates
+        ],
         "reranker": result.reranker_name,
         "reranked": result.reranker_name is not None,
         "score_label": result.score_label,
         "rerank_scores": [c.score for c in result.candidates],
         "rerank_details": [c.details for c in result.candidates],
+        "min_score": result.min_scores or None,
+        "min_score_passed": [c.passed for c in result.candidates] if result.min_scores else None,
+        "rounds": result.rounds,
+        "max_rounds": result.max_rounds,
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,
@@ -410,6 +427,9 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
                     **switch,
                     rerank=body.rerank,
                     rerank_by=body.rerank_by,
+                    scorers=body.scorers,
+                    min_score=body.min_score,
+                    extra_rounds=body.extra_rounds,
                     save=body.save_images,
                     on_step=lambda info: tracker.step(job, info),
                     cancel=cancel,
@@ -466,6 +486,16 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
             return engine.active_pipeline().preview_latents(latents, size=128)
 
         return progress_payload(tracker, previews, skip_current_image)
+
+    @router.get("/scorers")
+    def scorers() -> list[dict[str, Any]]:
+        """sd-app: the scorers a request may name in ``scorers`` / ``min_score`` (no paths)."""
+        defaults = engine.default_weights()
+        return [
+            {"name": kind, "label": spec.label, "default_weight": defaults.get(kind),
+             "model": Path(spec.source).name if spec.source else "reranker"}
+            for kind, spec in engine.available_scorers().items()
+        ]
 
     @router.post("/interrupt")
     def interrupt() -> dict[str, Any]:

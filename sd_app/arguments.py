@@ -34,10 +34,64 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         help="clip: CLIP score; contrastive: the prompt's probability against counterfactual captions made from "
              "it (swapped colours, other counts); mixed: half of each",
     )
+    add_scorer_arguments(parser)
+    parser.add_argument("--min-score", action="append", default=[], metavar="[NAME=]VALUE",
+                        help="regenerate with new seeds until a candidate reaches this score, in the scorer's own "
+                             "units (e.g. aesthetic=5.5; a bare VALUE when one scorer ranks; repeatable)")
+    parser.add_argument("--extra-rounds", type=int, default=3,
+                        help="with --min-score: at most this many more rounds of --n candidates (0-10, default 3)")
     parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_image_arguments(parser)
+
+
+SCORER_HELP = (
+    "rank by this scorer, KIND[=SOURCE[@COMPANION]][:WEIGHT] (repeatable; overrides --rerank-by): clip, contrastive, "
+    "mixed (on --reranker, or =FOLDER), pickscore=CLIP_FOLDER[@PROCESSOR_FOLDER] (logit_scale x cosine), "
+    "aesthetic=HEAD.safetensors[@CLIP_ViT-L/14_FOLDER] (LAION's head); several combine by WEIGHT (default 1) "
+    "over each scorer's standardised scores"
+)
+
+
+def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--scorer`` (repeatable): the preference scorers beside the reranker CLIP and their weights."""
+    parser.add_argument("--scorer", action="append", default=[], metavar="KIND[=SOURCE][:WEIGHT]", help=SCORER_HELP)
+
+
+def scorer_specs(args: argparse.Namespace) -> tuple:
+    """The ``--scorer`` values parsed (ValueError naming the bad one); each kind at most once."""
+    from pipelines.rerank.scorers import parse_scorer
+
+    specs = []
+    for text in args.scorer:
+        try:
+            specs.append(parse_scorer(text))
+        except ValueError as error:
+            raise ValueError(f"--scorer {text!r}: {error}") from None
+    kinds = [spec.kind for spec in specs]
+    twice = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+    if twice:
+        raise ValueError(f"--scorer: each kind may be given once, got {', '.join(twice)} more than once")
+    if specs and sum(spec.weight for spec in specs) <= 0:
+        raise ValueError("--scorer: at least one scorer needs a weight above 0")
+    return tuple(specs)
+
+
+def ranking_options(args: argparse.Namespace, specs: tuple) -> dict:
+    """``engine.generate`` options of the scorer flags: scorers and weights, minimum scores, extra rounds."""
+    from pipelines.rerank.scorers import parse_min_scores
+
+    try:
+        thresholds = parse_min_scores(args.min_score)
+    except ValueError as error:
+        raise ValueError(f"--min-score: {error}") from None
+    if not 0 <= args.extra_rounds <= 10:
+        raise ValueError(f"--extra-rounds must be between 0 and 10, got {args.extra_rounds}")
+    options: dict = {"rerank_by": args.rerank_by, "min_score": thresholds or None, "extra_rounds": args.extra_rounds}
+    if specs:
+        options["scorers"] = {spec.kind: spec.weight for spec in specs}
+    return options
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:

@@ -193,14 +193,17 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def run_job(
-    engine: Engine, job: Job, out: Path, rerank: bool, keep: int | None, rank: int, rerank_by: str = "clip"
+    engine: Engine, job: Job, out: Path, rerank: bool, keep: int | None, rank: int, rerank_by: str = "clip",
+    **ranking: Any,
 ) -> dict[str, Any]:
-    """Generate one job, write its PNGs, then its manifest line; returns the manifest record."""
+    """Generate one job, write its PNGs, then its manifest line; returns the manifest record.
+
+    ``ranking``: the engine's scorer options (``scorers``, ``min_score``, ``extra_rounds``)."""
     from sd_app.storage import save_png_as, slugify
 
     started = time.monotonic()
     remove_leftovers(out, job)
-    result = engine.generate(job.request, rerank=rerank, rerank_by=rerank_by, keep=keep, save=False)
+    result = engine.generate(job.request, rerank=rerank, rerank_by=rerank_by, keep=keep, save=False, **ranking)
     files = []
     for k, candidate in enumerate(result.candidates):
         path = out / f"{job.job_id}-{k}-{candidate.seed}-{slugify(job.request.prompt, 40)}.png"
@@ -217,6 +220,7 @@ def run_job(
         "request": result.request.to_dict(),
         "model": result.model_name,
         "reranker": result.reranker_name,
+        "score_label": result.score_label,
         "rank": rank,
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -253,10 +257,14 @@ def run_batch(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from sd_app.arguments import ranking_options, scorer_specs
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
-    rerank = not args.no_rerank and str(args.reranker).lower() != "none"
+    specs = scorer_specs(args)
+    ranking = ranking_options(args, specs)
+    ranking.pop("rerank_by")
+    rerank = not args.no_rerank and (str(args.reranker).lower() != "none" or bool(specs))
     check_output_folder(args.out, "--out")
     check_device(args.device, "--device")
     requests = read_prompts(args.prompts, base_request(args))
@@ -266,8 +274,8 @@ def run_batch(args: argparse.Namespace) -> int:
     rank, world = state.process_index, state.num_processes
     device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
     engine = Engine(
-        model=args.model, vae=args.vae, reranker=args.reranker if rerank else None, output_dir=args.out, device=device,
-        models_dirs=args.models_dir,
+        model=args.model, vae=args.vae, reranker=None if str(args.reranker).lower() == "none" else args.reranker,
+        output_dir=args.out, device=device, models_dirs=args.models_dir, scorers=specs,
     )
     components = engine.pipeline().components  # the model's hash names the jobs, not its path
     identity = {
@@ -277,6 +285,10 @@ def run_batch(args: argparse.Namespace) -> int:
         "rerank_by": args.rerank_by if rerank else None,
         "keep": args.keep,
     }
+    if rerank and (specs or ranking["min_score"]):  # only then, so earlier batches' job ids stay valid
+        identity["scorers"] = [spec.text() for spec in specs]
+        identity["min_score"] = ranking["min_score"]
+        identity["extra_rounds"] = ranking["extra_rounds"] if ranking["min_score"] else None
     jobs = [Job(i, request, jid) for i, (request, jid) in enumerate(zip(requests, job_ids(requests, identity)))]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +310,7 @@ def run_batch(args: argparse.Namespace) -> int:
             with claimed(out, job) as ours:
                 # Another launch may hold it, or have finished it since we read the manifest.
                 if ours and job.job_id not in read_done(out):
-                    run_job(engine, job, out, rerank, args.keep, rank, args.rerank_by)
+                    run_job(engine, job, out, rerank, args.keep, rank, args.rerank_by, **ranking)
                     made += 1
                 else:
                     elsewhere += 1

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from sd_app.arguments import add_generation_arguments, request_from_args
+from sd_app.arguments import add_generation_arguments, ranking_options, request_from_args, scorer_specs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,27 +53,41 @@ def run_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args, args.prompt)
     check_output_folder(args.out, "--out")
     check_device(args.device, "--device")
-    rerank = not args.no_rerank and args.reranker.lower() != "none"
+    specs = scorer_specs(args)
+    options = ranking_options(args, specs)
+    rerank = not args.no_rerank and (args.reranker.lower() != "none" or bool(specs))
+    if options["min_score"] and not rerank:
+        raise ValueError("--min-score needs reranking (drop --no-rerank)")
     engine = Engine(
         model=args.model,
         vae=args.vae,
-        reranker=args.reranker if rerank else None,
+        reranker=args.reranker if args.reranker.lower() != "none" else None,
         output_dir=args.out,
         device=args.device,
         models_dirs=args.models_dir,
+        scorers=specs,
     )
+
+    def on_round(report) -> None:  # noqa: ANN001 - pipelines.rerank.min_score.RoundReport
+        print(f"min score: {report.text()}", file=sys.stderr)
+
     started = time.perf_counter()
-    result = engine.generate(request, rerank=rerank, rerank_by=args.rerank_by, keep=args.keep, progress=True)
+    result = engine.generate(request, rerank=rerank, keep=args.keep, progress=True, on_round=on_round, **options)
     seconds = time.perf_counter() - started
     for candidate in result.candidates:
         score = f"  {result.score_label} {candidate.score:.2f}" if candidate.score is not None else ""
-        print(f"{candidate.path}  seed {candidate.seed}{score}")
+        if len(candidate.details) and result.score_label == "Weighted score":
+            score += "".join(f", {label} {value:.2f}" for label, value in candidate.details.items())
+        passed = {True: "  passed", False: "  below the minimum", None: ""}[candidate.passed]
+        print(f"{candidate.path}  seed {candidate.seed}{score}{passed}")
     order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
     made = result.request
     width, height = result.candidates[0].image.size
     mode = made.mode + (" + hires fix" if made.hires is not None else "")
     print(
-        f"{len(result.candidates)} of {made.n} image(s) written to {args.out}/ {order}; {result.model_name}, "
+        f"{len(result.candidates)} of {made.n * result.rounds} image(s)"
+        + (f" ({result.rounds} rounds of {made.n})" if result.rounds > 1 else "")
+        + f" written to {args.out}/ {order}; {result.model_name}, "
         f"{mode}, {made.sampler}, {made.total_steps} steps, {width}x{height}, {seconds:.1f} s",
         file=sys.stderr,
     )
@@ -82,6 +96,12 @@ def run_generate(args: argparse.Namespace) -> int:
         print(
             f"note: the prompt has {tokens.tokens} tokens; it was encoded in {tokens.chunks} chunks of 75 "
             "(A1111's way: nothing was cut)",
+            file=sys.stderr,
+        )
+    if result.passed is False:
+        print(
+            f"note: no candidate reached the minimum score in {result.rounds} round(s) "
+            f"({', '.join(f'{k} {v:g}' for k, v in result.min_scores.items())}); the best are written anyway",
             file=sys.stderr,
         )
     if result.prompt_truncated_for_scoring:

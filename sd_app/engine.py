@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
     from pipelines.models.library import ModelLibrary
     from pipelines.rerank.clip_scorer import ClipScorer
+    from pipelines.rerank.min_score import RoundReport
+    from pipelines.rerank.scorers import Scorer, ScorerSpec
     from sd_app.limits import RequestLimits
 
 
@@ -39,7 +41,8 @@ class Candidate:
     score: float | None  # by the reranker's measure (result.score_label)
     parameters: str
     path: Path | None = None
-    details: dict[str, float] = field(default_factory=dict)  # the numbers behind a contrastive score
+    details: dict[str, float] = field(default_factory=dict)  # every scorer's number behind the score
+    passed: bool | None = None  # reached the minimum scores (None: no minimum asked)
 
 
 @dataclass
@@ -55,6 +58,14 @@ class GenerationResult:
     score_label: str = "CLIP score"  # what the candidates' scores are ("Contrastive score", ...)
     inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
     model_hash: str | None = None  # of the checkpoint that made the images
+    min_scores: dict[str, float] = field(default_factory=dict)  # label -> minimum asked ({} when none)
+    rounds: int = 1  # rounds of candidates generated (more than 1 only to reach the minimum scores)
+    max_rounds: int = 1
+
+    @property
+    def passed(self) -> bool | None:
+        """Some candidate reached the minimum scores (None when none were asked)."""
+        return any(c.passed for c in self.candidates) if self.min_scores else None
 
     @property
     def images(self) -> list[Image.Image]:
@@ -78,9 +89,11 @@ class Engine:
     models_dirs: Sequence[Path] = ()  # A1111 / ComfyUI folders: checkpoints, VAEs, LoRAs, embeddings
     max_loaded: int = 1  # checkpoints kept in memory (least recently used freed first)
     clip_skip: int = 1  # the default for requests that do not say (A1111's CLIP_stop_at_last_layers option)
+    scorers: Sequence[ScorerSpec] = ()  # preference scorers beside the reranker CLIP, and their default weights
     _library: ModelLibrary | None = field(default=None, init=False, repr=False)
     _pipelines: PipelineCache | None = field(default=None, init=False, repr=False)
     _scorer: ClipScorer | None = field(default=None, init=False, repr=False)
+    _scorers: dict[ScorerSpec, Scorer] = field(default_factory=dict, init=False, repr=False)
     _load_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
     _use_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
@@ -166,6 +179,47 @@ class Engine:
                 self._scorer = ClipScorer.load(self.reranker, device=self.device)
             return self._scorer
 
+    def available_scorers(self) -> dict[str, ScorerSpec]:
+        """Scorers a request may name: clip / contrastive / mixed on the reranker CLIP (when there is one),
+        and the configured ``scorers`` (which may also point these kinds at other folders)."""
+        from pipelines.rerank.scorers import ScorerSpec
+
+        kinds = ("clip", "contrastive", "mixed") if self.reranker is not None else ()
+        available = {kind: ScorerSpec(kind) for kind in kinds}
+        available.update({spec.kind: spec for spec in self.scorers})
+        return available
+
+    def default_weights(self) -> dict[str, float]:
+        """The configured scorers' weights, or CLIP score alone."""
+        return {spec.kind: spec.weight for spec in self.scorers} or {"clip": 1.0}
+
+    def ranking_scorer(self, weights: Mapping[str, float]) -> Scorer:
+        """The scorer ranking by ``weights`` (scorer name -> weight); models load on first use."""
+        from pipelines.rerank.scorers import combine, parse_weights
+
+        weights = parse_weights(weights)
+        if not weights:
+            raise ValueError("choose at least one scorer")
+        available = self.available_scorers()
+        parts = []
+        for kind, weight in weights.items():
+            if kind not in available:
+                offered = ", ".join(available) or "none (no reranker is loaded)"
+                raise ValueError(f"scorer {kind!r} is not available here (available: {offered}; more with --scorer)")
+            parts.append((kind, self._load_scorer(available[kind]), weight))
+        return combine(parts)
+
+    def _load_scorer(self, spec: ScorerSpec) -> Scorer:
+        from dataclasses import replace
+
+        from pipelines.rerank.scorers import load_scorer
+
+        key = replace(spec, weight=1.0)
+        with self._load_lock:
+            if key not in self._scorers:
+                self._scorers[key] = load_scorer(key, self.scorer, device=self.device)
+            return self._scorers[key]
+
     def generate(
         self,
         request: GenerationRequest,
@@ -184,49 +238,71 @@ class Engine:
         request: GenerationRequest,
         *,
         rerank: bool = True,
-        rerank_by: str = "clip",
+        rerank_by: str | None = None,
+        scorers: Mapping[str, float] | str | None = None,
+        min_score: Mapping[str, float] | None = None,
+        extra_rounds: int = 3,
         keep: int | None = None,
         save: bool = True,
         output_dir: Path | None = None,
         on_step: StepCallback | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
     ) -> GenerationResult:
-        """Generate ``request.n`` candidates; score and sort them best first if ``rerank`` (``rerank_by``:
-        "clip", "contrastive" against counterfactual captions, or "mixed"); save PNGs.
+        """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs.
 
+        Scoring: ``scorers`` (name -> weight, e.g. {"clip": 1, "aesthetic": 0.5}), else ``rerank_by`` alone
+        ("clip", "contrastive" against counterfactual captions, or "mixed"), else the engine's default.
+        ``min_score`` (name -> minimum, "" for the only scorer): generate up to ``extra_rounds`` more rounds
+        of candidates with new seeds until one reaches them (``on_round`` hears after each round).
         ValueError (nothing generated) when the request breaks the engine's ``limits``.
         """
         from pipelines.rerank.best_of import best_of_n
-        from pipelines.rerank.contrastive import RERANK_MODES, reranker_for
+        from pipelines.rerank.contrastive import RERANK_MODES
+        from pipelines.rerank.scorers import parse_min_scores, parse_weights, scorer_kinds, thresholds_by_label
 
-        if rerank_by not in RERANK_MODES:
+        if rerank_by is not None and rerank_by not in RERANK_MODES:
             raise ValueError(f"rerank_by must be one of {', '.join(RERANK_MODES)}, got {rerank_by!r}")
-        scorer = self.scorer() if rerank else None
-        reranker = reranker_for(scorer, rerank_by) if scorer is not None else None
+        chosen = parse_weights(scorers)
+        weights = chosen or ({rerank_by: 1.0} if rerank_by else self.default_weights())
+        if not chosen and self.reranker is None and not self.scorers:
+            rerank = False  # no scorer at all (--reranker none): generation order, as asked at start
+        reranker = self.ranking_scorer(weights) if rerank else None
+        thresholds = parse_min_scores(min_score)
+        if thresholds and reranker is None:
+            raise ValueError("a minimum score needs reranking on")
+        labels = thresholds_by_label(thresholds, scorer_kinds(reranker, next(iter(weights)))) if thresholds else {}
         pipe = self.pipeline()
         if self.limits is not None:
-            self.limits.check(request, pipe.count_tokens)
-        output = best_of_n(
-            pipe,
-            request,
-            reranker,
-            keep=keep,
-            on_step=on_step,
-            cancel=cancel,
-            progress=progress,
-        )
+            self.limits.check(request, pipe.count_tokens, rounds=1 + extra_rounds if labels else 1)
+        rounds, max_rounds, passed = 1, 1, None
+        if labels:
+            from pipelines.rerank.min_score import best_of_until_pass
+
+            until = best_of_until_pass(
+                pipe, request, reranker, labels, extra_rounds, keep=keep, on_step=on_step, on_round=on_round,
+                cancel=cancel, progress=progress,
+            )
+            output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
+        else:
+            output = best_of_n(pipe, request, reranker, keep=keep, on_step=on_step, cancel=cancel, progress=progress)
         candidates = []
-        for ranked in output.candidates:
+        for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
             if ranked.score is not None:
                 extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
                 extra["Reranker"] = output.reranker
+            if labels:
+                extra["Min score"] = ", ".join(f"{label} {value:g}" for label, value in labels.items())
+                extra["Min score passed"] = "yes" if passed[index] else "no"
+                extra["Rounds"] = f"{rounds} of {max_rounds}"
             parameters = format_parameters(
                 output.request, ranked.seed, output.model_name, output.model_hash, extra
             )
-            candidate = Candidate(ranked.image, ranked.seed, ranked.score, parameters, details=ranked.details)
+            candidate = Candidate(ranked.image, ranked.seed, ranked.score, parameters, details=ranked.details,
+                                  passed=passed[index] if labels else None)
             if save:
                 candidate.path = save_png(
                     candidate.image, output_dir or self.output_dir, candidate.seed, request.prompt, parameters
@@ -242,4 +318,7 @@ class Engine:
             score_label=output.score_label,
             inpainting_conditioning=pipe.inpainting_unet,
             model_hash=output.model_hash,
+            min_scores=labels,
+            rounds=rounds,
+            max_rounds=max_rounds,
         )

@@ -33,8 +33,9 @@ class RequestLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    def check(self, request: GenerationRequest, count_tokens: Callable[[str], TokenCount]) -> None:
-        """Raise ValueError if ``request`` asks for more than these limits allow."""
+    def check(self, request: GenerationRequest, count_tokens: Callable[[str], TokenCount], rounds: int = 1) -> None:
+        """Raise ValueError if ``request`` asks for more than these limits allow (``rounds``: the most rounds of
+        candidates a minimum score may generate, each counted as work)."""
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
             if len(text) > self.max_prompt_chars:
@@ -50,9 +51,16 @@ class RequestLimits:
                 f"{request.width}x{request.height} is {pixels} pixels per image; this server accepts up to "
                 f"{self.max_image_pixels} (e.g. 1024x1024)"
             )
-        work = pixels * request.steps * request.n
+        work = pixels * request.steps * request.n * rounds
         if work > self.max_pixel_steps:
+            shown = f"{request.width}x{request.height}x{request.steps}x{request.n}"
+            if rounds > 1:
+                raise ValueError(
+                    f"width x height x steps x images x rounds = {shown}x{rounds} = {work} (a minimum score may "
+                    f"take {rounds} rounds) exceeds this server's limit of {self.max_pixel_steps}; ask for fewer "
+                    "extra rounds, steps or images"
+                )
             raise ValueError(
-                f"width x height x steps x images = {request.width}x{request.height}x{request.steps}x{request.n} "
+                f"width x height x steps x images = {shown} "
                 f"= {work} exceeds this server's limit of {self.max_pixel_steps}; ask for fewer steps or images"
             )

@@ -120,12 +120,14 @@ def create_app(
     tracker: JobTracker | None = None,
     policy: AccessPolicy | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    local_paths: bool = False,
 ) -> FastAPI:
     """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``.
 
     Outermost first: our own Host names only and no cross-site writes (``policy``, loopback names by
     default), bounded request bodies, then HTTP Basic auth if ``credentials``. Every error is JSON with
-    a ``detail``.
+    a ``detail``. ``local_paths``: the UI's Rerank view may read typed folders and copy anywhere (only for a
+    server that answers on loopback addresses alone).
     """
     import gradio as gr
     from fastapi import FastAPI
@@ -146,7 +148,7 @@ def create_app(
 
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
     app.include_router(build_models_router(engine))
-    demo = build_demo(engine, tracker=tracker, max_queue=max_queue)
+    demo = build_demo(engine, tracker=tracker, max_queue=max_queue, local_paths=local_paths)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())
     app = gr.mount_gradio_app(
         app, demo, path="/", allowed_paths=[output_dir], show_error=False, css=CSS, footer_links=["api"]
@@ -169,9 +171,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
-    from sd_app.arguments import add_library_arguments
+    from sd_app.arguments import add_library_arguments, add_scorer_arguments
 
     add_library_arguments(parser)
+    add_scorer_arguments(parser)
     parser.add_argument("--max-loaded", type=int, default=1,
                         help="checkpoints kept in memory when switching (least recently used freed; default 1)")
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder for reranking; 'none' to disable")
@@ -215,6 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Start the server (blocks until interrupted)."""
     import uvicorn
 
+    from sd_app.arguments import scorer_specs
     from sd_app.checks import check_output_folder
     from sd_app.engine import Engine
     from sd_app.limits import RequestLimits
@@ -244,13 +248,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-loaded must be at least 1, got {args.max_loaded}")
     engine = Engine(
         model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits,
-        models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip,
+        models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip, scorers=scorer_specs(args),
     )
     engine.library()  # a missing --models-dir fails now, with its name
     tracker = JobTracker(max_waiting=args.max_queue, max_waiting_per_client=args.max_waiting_per_client)
     app = create_app(
         engine, credentials=credentials or None, max_queue=args.max_queue, tracker=tracker, policy=policy,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        local_paths=is_loopback(args.host) and not args.allowed_host,
     )
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(

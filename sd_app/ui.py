@@ -1,4 +1,4 @@
-"""The browser UI: Gradio Blocks with Generate, Image to image, Inspect, Score and PNG info views.
+"""The browser UI: Gradio Blocks with Generate, Image to image, Inspect, Score, Rerank and PNG info views.
 
 ``build_demo(engine)`` only builds the layout; models load on first use. Serve it with
 ``sd_app.server`` (which adds the HTTP API and auth) or ``build_demo(engine).launch()``.
@@ -30,8 +30,13 @@ MODEL_GROUP = "model"  # one event at a time uses the model (generate, inspect, 
 CSS = "#status {min-height: 2em} .token-counter {text-align: right; opacity: 0.75}"
 
 
-def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int = MAX_QUEUE) -> gr.Blocks:
-    """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting."""
+def build_demo(
+    engine: Engine, tracker: JobTracker | None = None, max_queue: int = MAX_QUEUE, local_paths: bool = False
+) -> gr.Blocks:
+    """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting.
+
+    ``local_paths``: the Rerank view may read a typed folder and copy anywhere (serving on localhost only).
+    """
     import gradio as gr
     from PIL import Image
 
@@ -39,8 +44,12 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
     from sd_app.ui_image import INPAINT_AREAS, MASK_MODES, SIDES
     from sd_app.ui_inspect import TOKEN_HEADERS
     from sd_app.ui_jobs import JobTracker
+    from sd_app.ui_rerank import RerankView
 
     handlers = UiHandlers(engine, tracker or JobTracker(max_waiting=max_queue))
+    rerank_view = RerankView(engine, local_paths=local_paths)
+    scorer_names = ", ".join(engine.available_scorers()) or "none"
+    default_scorers = ", ".join(f"{k}:{v:g}" for k, v in engine.default_weights().items()) if engine.scorers else ""
     defaults = GenerationRequest()
     with gr.Blocks(title="sd-app", analytics_enabled=False) as demo:
         session = gr.State(UserSession)
@@ -111,6 +120,19 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                                 )
                         clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
                                               label="Clip skip", elem_id="clip-skip")
+                        with gr.Accordion("Scorers and minimum score", open=bool(engine.scorers)):
+                            scorer_text = gr.Textbox(
+                                value=default_scorers, label="Scorers, name:weight (overrides Rerank by)",
+                                placeholder="clip:1, aesthetic:0.5", info=f"available: {scorer_names}",
+                                elem_id="scorers",
+                            )
+                            with gr.Row():
+                                min_score = gr.Textbox(
+                                    value="", label="Minimum score, [name=]value", placeholder="aesthetic=5.5",
+                                    info="regenerate with new seeds until a candidate reaches it", elem_id="min-score",
+                                )
+                                extra_rounds = gr.Slider(0, 10, value=3, step=1, label="Extra rounds at most",
+                                                         elem_id="extra-rounds")
                     with gr.Column(scale=2):
                         status = gr.Markdown("", elem_id="status")
                         previews = gr.Gallery(
@@ -216,6 +238,42 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
                 score_table = gr.Dataframe(
                     headers=["image", "text", "cosine", "logit", "probability"], label="Zero-shot table"
                 )
+            with gr.Tab("Rerank", id="rerank"):
+                gr.Markdown(
+                    "Rank images you already have against a prompt: every scorer's number, best first. "
+                    "Several scorers combine by weight over their standardised scores (z over these images)."
+                )
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        rr_files = gr.File(label="Images", file_count="multiple", file_types=["image"],
+                                           elem_id="rerank-files")
+                        rr_folder = gr.Textbox(
+                            label="Or a folder on this computer" + ("" if local_paths else " (localhost only)"),
+                            placeholder="/path/to/images", interactive=local_paths, elem_id="rerank-folder",
+                        )
+                    with gr.Column(scale=2):
+                        rr_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="rerank-prompt")
+                        rr_scorers = gr.CheckboxGroup(rerank_view.scorer_choices(), value=rerank_view.default_choice(),
+                                                      label="Scorers", elem_id="rerank-scorers")
+                        rr_weights = gr.Textbox(label="Weights (optional), name:weight", placeholder="aesthetic:0.5",
+                                                elem_id="rerank-weights")
+                        rr_button = gr.Button("Rerank", variant="primary", elem_id="rerank-button")
+                rr_status = gr.Markdown("", elem_id="rerank-status")
+                rr_table = gr.Dataframe(label="Best first", elem_id="rerank-table", max_height=400)
+                rr_gallery = gr.Gallery(label="Best first", columns=6, format="png", elem_id="rerank-gallery")
+                with gr.Row():
+                    rr_csv = gr.File(label="CSV", elem_id="rerank-csv")
+                    with gr.Column():
+                        with gr.Row():
+                            rr_k = gr.Number(value=4, precision=0, label="Keep the best K", elem_id="rerank-k")
+                            rr_into = gr.Textbox(
+                                value="rerank-best",
+                                label="into folder" + (" (relative: under the output folder)" if local_paths
+                                                       else " under the output folder"),
+                                elem_id="rerank-into",
+                            )
+                        rr_keep = gr.Button("Copy the best K", elem_id="rerank-keep")
+                        rr_kept = gr.Markdown("", elem_id="rerank-kept")
             with gr.Tab("PNG info", id="png-info"):
                 png_file = gr.File(label="PNG made by sd-app or AUTOMATIC1111", file_types=[".png"])
                 png_text = gr.Textbox(label="parameters", lines=5, buttons=["copy"])
@@ -235,7 +293,8 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
         )
         hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
         generate_inputs = [
-            prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip, session
+            prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip,
+            scorer_text, min_score, extra_rounds, session,
         ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
@@ -294,6 +353,11 @@ def build_demo(engine: Engine, tracker: JobTracker | None = None, max_queue: int
         score_button.click(
             handlers.score, [score_files, score_texts], score_table, api_name="score", concurrency_id=MODEL_GROUP
         )
+        rr_button.click(
+            rerank_view.rerank, [rr_files, rr_folder, rr_prompt, rr_scorers, rr_weights, session],
+            [rr_status, rr_table, rr_gallery, rr_csv], api_name="rerank", concurrency_id=MODEL_GROUP,
+        )
+        rr_keep.click(rerank_view.keep, [rr_k, rr_into, session], rr_kept, api_name="rerank_keep")
         png_file.change(handlers.png_info, png_file, [png_text, png_fields], api_name="png_info")
         gr.on([checkpoint.input, vae.input], handlers.switch_model, [checkpoint, vae], [status, checkpoint, vae],
               api_name="switch_model", concurrency_id=MODEL_GROUP)

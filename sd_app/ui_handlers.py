@@ -44,6 +44,7 @@ class UserSession:
         self.cancel: threading.Event | None = None
         self.step_thumbnails: list[tuple[Image.Image, str]] = []
         self.selected: int = 0  # the gallery image last clicked (what "Send to" sends)
+        self.last_ranking: Any = None  # the Rerank view's last ranking (sd_app.rerank_folder.FileRanking)
 
     def __deepcopy__(self, memo: dict) -> UserSession:
         return UserSession()  # gr.State copies its initial value once per session: start empty
@@ -91,10 +92,22 @@ def canonical_sampler(name: str) -> str:
     return resolve_sampler(name).label
 
 
-def caption(seed: int, score: float | None, label: str = "CLIP score") -> str:
-    """Gallery caption: ``CLIP 31.2 · seed 123`` (or ``seed 123`` without a reranker)."""
+def caption(seed: int, score: float | None, label: str = "CLIP score", details: dict[str, float] | None = None,
+            passed: bool | None = None) -> str:
+    """Gallery caption: ``CLIP 31.2 · seed 123`` (or ``seed 123`` without a reranker); a Weighted score
+    shows every scorer's number (``Weighted 0.84 · CLIP 31.2 · Aesthetic 5.8 · seed 123``)."""
+    if score is None:
+        return f"seed {seed}"
     short = label.removesuffix(" score")
-    return f"{short} {score:.1f} · seed {seed}" if score is not None else f"seed {seed}"
+    if label == "Weighted score":
+        parts = [f"{short} {score:.2f}"]
+        parts += [f"{name.removesuffix(' score')} {value:.1f}" for name, value in (details or {}).items()
+                  if not name.endswith("probability")]
+    else:
+        parts = [f"{short} {score:.1f}"]
+    if passed is False:
+        parts.append("below min")
+    return " · ".join([*parts, f"seed {seed}"])
 
 
 def free_memory() -> None:
@@ -221,13 +234,20 @@ class UiHandlers:
         hires_steps: Any,
         hires_denoise: Any,
         clip_skip: Any,
-        session: UserSession,
+        scorers: str | None = "",
+        min_score: str | None = "",
+        extra_rounds: Any = 3,
+        session: UserSession | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
 
-        ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order).
+        ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order); ``scorers`` ("clip:1,
+        aesthetic:0.5") overrides it; ``min_score`` ("aesthetic=5.5" or a number) regenerates up to
+        ``extra_rounds`` more rounds until a candidate reaches it.
         """
+        from pipelines.rerank.scorers import parse_min_scores, parse_weights
+
         rerank_by = rerank or "off"
         hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         try:
@@ -236,9 +256,16 @@ class UiHandlers:
             )
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
+            ranking = {
+                "scorers": parse_weights(scorers or "") or None,
+                "min_score": parse_min_scores(min_score or "") or None,
+                "extra_rounds": integer("extra rounds", extra_rounds),
+            }
+            if rerank_by == "off" and (ranking["scorers"] or ranking["min_score"]):
+                raise ValueError("Rerank by is Off: turn it on to use scorers or a minimum score")
         except ValueError as error:
             raise user_error(str(error)) from None
-        yield from self._stream(request, rerank_by, session, progress, [])
+        yield from self._stream(request, rerank_by, session or UserSession(), progress, [], ranking)
 
     def image_to_image(
         self,
@@ -281,7 +308,8 @@ class UiHandlers:
         yield from self._stream(request, "clip" if rerank else "off", session, progress, notes)
 
     def _stream(
-        self, request: GenerationRequest, rerank_by: str, session: UserSession, progress: gr.Progress, notes: list[str]
+        self, request: GenerationRequest, rerank_by: str, session: UserSession, progress: gr.Progress, notes: list[str],
+        ranking: dict[str, Any] | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Run ``request`` in a worker thread; yield (status, previews, gallery, parameters, files) updates.
 
@@ -291,8 +319,10 @@ class UiHandlers:
         session.step_thumbnails = []
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         worker = threading.Thread(
-            target=self._work, args=(request, rerank_by, cancel, session, events), daemon=True, name="generate"
+            target=self._work, args=(request, rerank_by, cancel, session, events, ranking or {}), daemon=True,
+            name="generate",
         )
+        round_note = ""
         started = time.monotonic()
         worker.start()
         skip = gr.update()
@@ -302,10 +332,13 @@ class UiHandlers:
                 kind, payload = events.get()
                 while kind == "step" and not events.empty():  # show only the newest step
                     kind, payload = events.get()
-                if kind == "step":
+                if kind == "round":
+                    round_note = f" · {payload}"
+                    yield f"{payload} · {time.monotonic() - started:.1f} s", skip, skip, skip, skip
+                elif kind == "step":
                     step, total, previews = payload
                     progress((step, total), desc=f"Step {step}/{total}")
-                    status = f"Step {step}/{total} · {time.monotonic() - started:.1f} s"
+                    status = f"Step {step}/{total} · {time.monotonic() - started:.1f} s{round_note}"
                     yield status, previews, skip, skip, skip
                 elif kind == "error":
                     yield from self._failed(payload)
@@ -324,6 +357,7 @@ class UiHandlers:
         cancel: threading.Event,
         session: UserSession,
         events: queue.Queue,
+        ranking: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -344,9 +378,11 @@ class UiHandlers:
                 result = self.engine.generate(
                     request,
                     rerank=rerank_by != "off",
-                    rerank_by=rerank_by if rerank_by != "off" else "clip",
+                    rerank_by=None if rerank_by == "off" or (ranking or {}).get("scorers") else rerank_by,
                     on_step=on_step,
+                    on_round=lambda report: events.put(("round", report.text())),
                     cancel=cancel,
+                    **(ranking or {}),
                 )
             events.put(("done", result))
         except BaseException as error:  # noqa: BLE001 - handed to the UI thread, which reports it
@@ -374,7 +410,7 @@ class UiHandlers:
         session.last_seed = result.request.seed
         session.selected = 0
         items = [
-            (str(c.path) if c.path else c.image, caption(c.seed, c.score, result.score_label))
+            (str(c.path) if c.path else c.image, caption(c.seed, c.score, result.score_label, c.details, c.passed))
             for c in result.candidates
         ]
         files = [str(c.path) for c in result.candidates if c.path]
@@ -385,6 +421,10 @@ class UiHandlers:
         tokens = result.prompt_tokens
         if tokens is not None and tokens.chunks > 1:
             status += f" · prompt: {tokens.tokens} tokens in {tokens.chunks} chunks of 75"
+        if result.min_scores:
+            wanted = ", ".join(f"{label} {value:g}" for label, value in result.min_scores.items())
+            status += (f" · minimum {wanted} reached in round {result.rounds}" if result.passed else
+                       f" · no candidate reached the minimum {wanted} in {result.rounds} round(s); showing the best")
         if result.prompt_truncated_for_scoring:
             status += " · the reranker read only the first 77 tokens"
         for note in notes or []:

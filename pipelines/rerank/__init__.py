@@ -1,1 +1,2 @@
-"""Reranking candidates: the CLIP scorer, best-of-N and the embedding map."""
+"""Reranking candidates: the CLIP scorer, preference scorers (PickScore, LAION aesthetic), best-of-N and
+the embedding map."""

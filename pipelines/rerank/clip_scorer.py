@@ -102,26 +102,30 @@ class ClipScorer:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
         cache_dir: str | Path | None = None,
+        processor_dir: str | Path | None = None,
     ) -> ClipScorer:
         """Load a local CLIP folder, ``"embedded"``, or a repo id already in the local HF cache.
 
         The folder has the layout of ``openai/clip-vit-base-patch32``: config.json (model_type
         "clip"), model.safetensors, preprocessor_config.json and tokenizer files. Nothing is
         downloaded (``local_files_only=True``) and pickled weights (.bin/.ckpt) are refused.
+        ``processor_dir``: take the tokenizer and image processor from this folder instead (PickScore_v1
+        ships only the model; its processor is laion/CLIP-ViT-H-14-laion2B-s32B-b79K's).
         Raises FileNotFoundError for a missing folder, ValueError for a folder that is not a
         safetensors CLIP model.
         """
         from transformers import AutoTokenizer
 
         folder = resolve_clip_folder(spec, cache_dir=cache_dir)
-        tokenizer_dir = tokenizer_folder(folder)
-        check_clip_folder(folder, tokenizer_dir)
+        processor_folder = resolve_clip_folder(processor_dir, cache_dir=cache_dir) if processor_dir else folder
+        tokenizer_dir = tokenizer_folder(processor_folder)
+        check_clip_folder(folder, tokenizer_dir, processor_folder)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             with quiet_loading():
                 model = load_clip_model(folder)
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-                processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
+                processor = _image_processor_class().from_pretrained(processor_folder, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - any library error becomes one message naming the folder
             raise ValueError(f"{folder}: cannot load the CLIP model: {err}") from err
         model = model.to(device=device, dtype=dtype)
@@ -283,8 +287,9 @@ def tokenizer_folder(folder: Path) -> Path:
     return sibling if not _has_tokenizer(folder) and _has_tokenizer(sibling) else folder
 
 
-def check_clip_folder(folder: Path, tokenizer_dir: Path | None = None) -> None:
-    """Raise ValueError naming ``folder`` unless it is a safetensors transformers CLIPModel."""
+def check_clip_folder(folder: Path, tokenizer_dir: Path | None = None, processor_dir: Path | None = None) -> None:
+    """Raise ValueError naming ``folder`` unless it is a safetensors transformers CLIPModel (with its tokenizer
+    in ``tokenizer_dir`` and image processor settings in ``processor_dir``, both ``folder`` by default)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} is not a CLIP model folder: no config.json")
@@ -305,10 +310,11 @@ def check_clip_folder(folder: Path, tokenizer_dir: Path | None = None) -> None:
                 "unpickling can run code. Convert them to model.safetensors"
             )
         raise ValueError(f"{folder} has no model.safetensors")
-    if "preprocessor_config.json" not in names:
-        raise ValueError(f"{folder} has no preprocessor_config.json (the CLIP image processor settings)")
+    processor_dir = processor_dir or folder
+    if not (processor_dir / "preprocessor_config.json").is_file():
+        raise ValueError(f"{processor_dir} has no preprocessor_config.json (the CLIP image processor settings)")
     if not _has_tokenizer(tokenizer_dir or folder):
-        raise ValueError(f"{folder} has no CLIP tokenizer (tokenizer.json or vocab.json + merges.txt)")
+        raise ValueError(f"{processor_dir} has no CLIP tokenizer (tokenizer.json or vocab.json + merges.txt)")
 
 
 def clip_display_name(folder: Path, spec: str | Path) -> str:

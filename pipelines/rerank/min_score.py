@@ -1,0 +1,154 @@
+"""Best-of-N until a candidate reaches minimum scores: more rounds with new seeds, bounded.
+
+Round ``r`` (0-based) generates the request's ``n`` candidates from seed ``seed + r * n``, so the
+candidates of all rounds carry the consecutive seeds ``seed, seed + 1, ...`` a single larger request
+would have had, and any one of them can be remade alone. Each round's candidates are scored; the loop
+stops after the first round in which one passes (every threshold met, each in its scorer's own units:
+:func:`pipelines.rerank.scorers.passes`), or after ``1 + extra_rounds`` rounds. All candidates are then
+ranked together (a Weighted score is relative to the candidates ranked together), the passing ones first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from pipelines.generation.extra_networks import strip_network_tags
+from pipelines.generation.prompts import parse_emphasis
+from pipelines.generation.request import MAX_SEED, GenerationRequest
+from pipelines.rerank.best_of import DEFAULT_BATCH_SIZE, BestOfOutput, RankedImage, _whole_request_steps, best_of_n
+from pipelines.rerank.scorers import passes
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.rerank.clip_scorer import ScoreResult
+    from pipelines.rerank.scorers import Scorer
+
+MAX_EXTRA_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """After each round: how many of its candidates passed and the best numbers seen so far."""
+
+    round: int  # 1-based
+    max_rounds: int
+    passed: int  # candidates of this round that reached every minimum
+    best: dict[str, float]  # label -> best value over all candidates so far, for the thresholds' labels
+    thresholds: dict[str, float]  # label -> minimum
+
+    def text(self) -> str:
+        wanted = ", ".join(f"{label} >= {value:g}" for label, value in self.thresholds.items())
+        seen = ", ".join(f"{label} {value:.2f}" for label, value in self.best.items())
+        if self.passed:
+            return f"round {self.round}/{self.max_rounds}: {self.passed} candidate(s) reached {wanted}"
+        more = "generating more" if self.round < self.max_rounds else "no rounds left"
+        return f"round {self.round}/{self.max_rounds}: none reached {wanted} (best: {seen}); {more}"
+
+
+@dataclass(frozen=True)
+class MinScoreOutput:
+    """The pooled candidates best first (passing ones first) and how the rounds went."""
+
+    output: BestOfOutput
+    rounds: int
+    max_rounds: int
+    thresholds: dict[str, float]  # label -> minimum
+    passed: list[bool] = field(default_factory=list)  # per candidate of ``output``, in its order
+
+    @property
+    def any_passed(self) -> bool:
+        return any(self.passed)
+
+
+def scoring_prompt(prompt: str) -> str:
+    """What a scorer reads: the prompt without ``<lora:...>`` tags and emphasis syntax."""
+    return "".join(span.text for span in parse_emphasis(strip_network_tags(prompt)))
+
+
+def candidate_scores(score: float | None, label: str, details: Mapping[str, float]) -> dict[str, float]:
+    """Every labelled number of one candidate: its ranking score and the numbers behind it."""
+    scores = dict(details)
+    if score is not None:
+        scores.setdefault(label, score)
+    return scores
+
+
+def _scores_of(result: ScoreResult, index: int) -> dict[str, float]:
+    details = result.details[index] if result.details else {}
+    return candidate_scores(result.scores[index], result.label, details)
+
+
+def best_of_until_pass(
+    pipe: TextToImagePipeline,
+    request: GenerationRequest,
+    scorer: Scorer,
+    thresholds: Mapping[str, float],
+    extra_rounds: int,
+    *,
+    keep: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_step: StepCallback | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+    cancel: threading.Event | None = None,
+    progress: bool = False,
+) -> MinScoreOutput:
+    """Generate rounds of ``request.n`` candidates until one reaches ``thresholds`` (label -> minimum)."""
+    if isinstance(extra_rounds, bool) or not isinstance(extra_rounds, int) or not 0 <= extra_rounds <= MAX_EXTRA_ROUNDS:
+        raise ValueError(f"extra rounds must be an integer between 0 and {MAX_EXTRA_ROUNDS}, got {extra_rounds!r}")
+    if not thresholds:
+        raise ValueError("minimum scores are empty: use best_of_n")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive integer, got {keep!r}")
+    request = request.resolved()
+    max_rounds = 1 + extra_rounds
+    prompt = scoring_prompt(request.prompt)
+    images: list[Image.Image] = []
+    seeds: list[int] = []
+    best: dict[str, float] = {}
+    last: BestOfOutput | None = None
+    result: ScoreResult | None = None
+    for round_index in range(max_rounds):
+        part = replace(request, seed=(request.seed + round_index * request.n) % (MAX_SEED + 1))
+        last = best_of_n(
+            pipe, part, None, batch_size=batch_size, cancel=cancel, progress=progress,
+            on_step=_whole_request_steps(on_step, round_index, max_rounds),
+        )
+        new_images = [c.image for c in last.candidates]  # generation order (unscored)
+        images.extend(new_images)
+        seeds.extend(c.seed for c in last.candidates)
+        result = scorer.score(new_images, prompt)
+        round_scores = [_scores_of(result, i) for i in range(len(new_images))]
+        for label in thresholds:
+            values = [s[label] for s in round_scores if label in s]
+            if values:
+                best[label] = max([*values, best.get(label, values[0])])
+        passed = sum(passes(s, thresholds) for s in round_scores)
+        if on_round is not None:
+            on_round(RoundReport(round_index + 1, max_rounds, passed, dict(best), dict(thresholds)))
+        if passed:
+            break
+    assert last is not None and result is not None
+    rounds = round_index + 1
+    if rounds > 1:
+        result = scorer.score(images, prompt)  # rank every round's candidates together
+    ok = [passes(_scores_of(result, i), thresholds) for i in range(len(images))]
+    order = sorted(result.order(), key=lambda i: not ok[i])  # stable: passing first, each group best first
+    details = [dict(d) for d in result.details] if result.details else [{} for _ in images]
+    candidates = [RankedImage(images[i], seeds[i], result.scores[i], i, details[i]) for i in order]
+    kept = candidates[:keep] if keep is not None else candidates
+    output = BestOfOutput(
+        candidates=kept,
+        request=replace(request, n=request.n),
+        model_name=last.model_name,
+        model_hash=last.model_hash,
+        reranker=scorer.name,
+        prompt_truncated=result.truncated,
+        score_label=result.label,
+        extra=last.extra,
+    )
+    return MinScoreOutput(output, rounds, max_rounds, dict(thresholds), [ok[i] for i in order][: len(kept)])
