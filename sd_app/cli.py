@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from sd_app.lean_imports import use_lean_imports
+
+    use_lean_imports()  # a one-shot process: import only the library code this path runs
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
