@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images and write PNGs with metadata")
     generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
     add_generation_arguments(generate)
+    from sd_app.remote import add_server_arguments
+
+    add_server_arguments(generate)
     commands.add_parser("info", help="list models and samplers")
     from sd_app.models_command import add_models_arguments
 
@@ -46,10 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from sd_app.lean_imports import use_lean_imports
+def run_generate(args: argparse.Namespace, lean_imports: bool = False) -> int:
+    """Generate locally, or on ``--server``. ``lean_imports``: this process exists for this one command, so
+    it may import only the library code the path runs (``sd_app.lean_imports``)."""
+    if args.server is not None:
+        from sd_app.remote import run_remote_generate
 
-    use_lean_imports()  # a one-shot process: import only the library code this path runs
+        return run_remote_generate(args)  # the warm path: no torch in this process
+    if lean_imports:
+        from sd_app.lean_imports import use_lean_imports
+
+        use_lean_imports()
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
@@ -109,11 +119,13 @@ def run_info() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sd-app`` console script."""
+    """Entry point of the ``sd-app`` console script. ``argv=None`` (the process's own command line, as the
+    console script and ``python -m sd_app.cli`` call it) also lets ``generate`` trim the process's imports;
+    a caller passing ``argv`` keeps its import system as it is."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
-            return run_generate(args)
+            return run_generate(args, lean_imports=argv is None)
         if args.command == "score":
             from sd_app.score import run_score
 
