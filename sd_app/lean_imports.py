@@ -8,7 +8,8 @@ uses, and neither is switchable through the libraries' own options (diffusers 0.
   model (Flux, SD3, video models...), though SD 1.x needs two files of each. Here these packages are
   created without running their ``__init__``; their submodules import as usual, and the ``__init__``
   runs in full the first time anyone asks the package for a name it does not have yet
-  (``from diffusers.models.unets import UNet1DModel`` still works), so nothing changes but when.
+  (``from diffusers.models.unets import UNet1DModel`` still works), so nothing changes but when. The same
+  holds for ``scipy.stats``, which diffusers' schedulers import at import time for an optional schedule.
 - ``peft``: a test-only dependency of sd-app (pyproject ``[test]``) that diffusers imports whenever it is
   installed, and with it all of transformers' model machinery. sd-app applies LoRA with its own code
   (``pipelines.models.lora``), so a generate process blocks it the standard way (``sys.modules[name] =
@@ -27,11 +28,13 @@ import sys
 from collections.abc import Iterable
 from types import ModuleType
 
-# Packages whose __init__ imports every sibling module; SD 1.x needs few of them.
+# Packages whose __init__ imports every sibling module; SD 1.x needs few of them. scipy.stats: diffusers'
+# Euler and DPM-Solver schedulers ``import scipy.stats`` at import time for an optional beta schedule.
 DEFERRED_PACKAGES = (
     "diffusers.models.unets",
     "diffusers.models.transformers",
     "diffusers.models.autoencoders",
+    "scipy.stats",
 )
 # Installed only for tests; diffusers imports it (and all of transformers' models) when present.
 UNUSED_PACKAGES = ("peft",)
