@@ -49,17 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_generate(args: argparse.Namespace, lean_imports: bool = False) -> int:
-    """Generate locally, or on ``--server``. ``lean_imports``: this process exists for this one command, so
-    it may import only the library code the path runs (``sd_app.lean_imports``)."""
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate locally, or on ``--server`` (the warm path: no torch in this process)."""
     if args.server is not None:
         from sd_app.remote import run_remote_generate
 
-        return run_remote_generate(args)  # the warm path: no torch in this process
-    if lean_imports:
-        from sd_app.lean_imports import use_lean_imports
-
-        use_lean_imports()
+        return run_remote_generate(args)
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
@@ -120,12 +115,16 @@ def run_info() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sd-app`` console script. ``argv=None`` (the process's own command line, as the
-    console script and ``python -m sd_app.cli`` call it) also lets ``generate`` trim the process's imports;
-    a caller passing ``argv`` keeps its import system as it is."""
+    console script and ``python -m sd_app.cli`` call it) also lets ``generate`` and ``serve`` import only
+    the library code they run (``sd_app.lean_imports``); a caller passing ``argv`` keeps its imports as they are."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("generate", "serve"):
+        from sd_app.lean_imports import use_lean_imports
+
+        use_lean_imports()
     try:
         if args.command == "generate":
-            return run_generate(args, lean_imports=argv is None)
+            return run_generate(args)
         if args.command == "score":
             from sd_app.score import run_score
 
