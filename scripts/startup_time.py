@@ -6,13 +6,14 @@ Each round runs every command once, in turn (so background load hits all alike),
 process; the table shows medians. ``--before DIR``: also time the same command in another checkout
 (e.g. ``git archive <commit> | tar -x -C DIR``). ``--serve``: start ``sd-app serve`` on a free port,
 time process start to its first image served (the first request loads the models), then time
-``sd-app generate --server URL`` (the warm path). Wall-clock seconds; nothing is asserted.
+``sd-app generate --server URL`` (the warm path). Wall-clock and CPU seconds; nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import socket
 import statistics
 import subprocess
@@ -39,14 +40,23 @@ image.save(sys.argv[2])
 """
 
 
-def timed(command: list[str], cwd: Path = REPO) -> float:
-    """Wall seconds of one fresh process, start to exit; raises with its stderr if it fails."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], cwd: Path = REPO) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one fresh process, start to exit; raises with its stderr if it fails.
+
+    CPU seconds (user + system, all threads) say how much work the process did, which other load on the
+    machine changes much less than the wall clock."""
+    cpu = _children_cpu()
     start = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])}... failed:\n{done.stderr[-2000:]}")
-    return seconds
+    return seconds, _children_cpu() - cpu
 
 
 def generate_command(out: Path, server: str | None = None) -> list[str]:
@@ -92,6 +102,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=REPO / "pipelines" / "embedded" / "shapes-tiny")
     parser.add_argument("--before", type=Path, default=None, help="another checkout to time the same command in")
     parser.add_argument("--serve", action="store_true", help="also time serve's first image and --server")
+    parser.add_argument("--only-serve", action="store_true", help="time only serve's first image and --server")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="startup-"))
     runs: dict[str, tuple[list[str], Path]] = {
@@ -100,6 +111,9 @@ def main() -> int:
                                           str(work / "diffusers.png")], REPO),
         "sd-app generate, cold": (generate_command(work / "ours"), REPO),
     }
+    if args.only_serve:
+        runs = {}
+        args.serve = True
     if args.before is not None:
         runs["sd-app generate, cold, before"] = (generate_command(work / "before"), args.before.resolve())
     server = None
@@ -108,22 +122,28 @@ def main() -> int:
         server, url, serve_seconds = serve_first_image(work / "served")
         runs["sd-app generate --server (warm)"] = (generate_command(work / "warm", url), REPO)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     try:
         for _ in range(args.repeats):
             for name, (command, cwd) in runs.items():
-                seconds[name].append(timed(command, cwd))
+                wall, work = timed(command, cwd)
+                seconds[name].append(wall)
+                cpu[name].append(work)
+                print(f"{name}: {wall:.2f} s wall, {work:.2f} s CPU", file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-    base = statistics.median(seconds["plain diffusers, cold script"])
+    base = statistics.median(seconds.get("plain diffusers, cold script") or [float("nan")])
     print(f"Process start to PNG, median of {args.repeats} (s); {args.model.name}, 512x512, 20 steps, seed 1")
-    print("\n| command | median s | min s | vs plain diffusers |\n|---|---|---|---|")
+    base_cpu = statistics.median(cpu.get("plain diffusers, cold script") or [float("nan")])
+    print("\n| command | wall s (median) | vs plain diffusers | CPU s (median) | vs plain diffusers |")
+    print("|---|---|---|---|---|")
     for name, values in seconds.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {min(values):.2f} | {base / median:.2f}x |")
+        median, work = statistics.median(values), statistics.median(cpu[name])
+        print(f"| {name} | {median:.2f} | {base / median:.2f}x | {work:.2f} | {base_cpu / work:.2f}x |")
     if serve_seconds is not None:
-        print(f"| sd-app serve, process start to first image served | {serve_seconds:.2f} | | |")
+        print(f"| sd-app serve, process start to first image served | {serve_seconds:.2f} | | | |")
     print(f"\nall runs: {json.dumps({k: [round(v, 2) for v in vs] for k, vs in seconds.items()})}")
     return 0
 
