@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images and write PNGs with metadata")
     generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
     add_generation_arguments(generate)
+    from sd_app.remote import add_server_arguments
+
+    add_server_arguments(generate)
     commands.add_parser("info", help="list models and samplers")
     from sd_app.models_command import add_models_arguments
 
@@ -47,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Generate locally, or on ``--server`` (the warm path: no torch in this process)."""
+    if args.server is not None:
+        from sd_app.remote import run_remote_generate
+
+        return run_remote_generate(args)
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
 
@@ -126,8 +134,14 @@ def run_info() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sd-app`` console script."""
+    """Entry point of the ``sd-app`` console script. ``argv=None`` (the process's own command line, as the
+    console script and ``python -m sd_app.cli`` call it) also lets ``generate`` and ``serve`` import only
+    the library code they run (``sd_app.lean_imports``); a caller passing ``argv`` keeps its imports as they are."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("generate", "serve"):
+        from sd_app.lean_imports import use_lean_imports
+
+        use_lean_imports()
     try:
         if args.command == "generate":
             return run_generate(args)

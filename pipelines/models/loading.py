@@ -133,8 +133,11 @@ def _weights_file(folder: Path) -> tuple[Path, str | None]:
 
 def load_diffusers_folder(path: Path, dtypes: dict[str, torch.dtype]) -> SDComponents:
     """Components of a diffusers-layout folder, each checked and loaded with ``local_files_only``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    # By module path: ``from diffusers import ...`` also runs the __init__ of the packages on the way.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers.models.clip.modeling_clip import CLIPTextModel
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")

@@ -80,9 +80,11 @@ def unet_in_channels(state: dict[str, torch.Tensor]) -> int:
 
 def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype]) -> SDComponents:
     """Components of a single-file SD 1.x checkpoint, shaped by the diffusers configs in ``config_dir``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers.models.clip.modeling_clip import CLIPTextModel
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
 
     state = read_safetensors(path)
@@ -119,7 +121,7 @@ def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype
 
 def load_vae_file(path: Path, config_dir: Path, dtype: torch.dtype) -> AutoencoderKL:
     """A standalone VAE file: original layout (with or without ``first_stage_model.``) or diffusers layout."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     state = read_safetensors(path)
     options = {"config": str(config_dir), "subfolder": "vae", "local_files_only": True, "torch_dtype": dtype}

@@ -61,6 +61,12 @@ def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) ->
     return forward
 
 
+def check_keep(keep: int | None, n: int) -> None:
+    """ValueError unless ``keep`` is None or an integer in 1..n (how many of the best candidates to keep)."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n):
+        raise ValueError(f"keep must be an integer between 1 and n={n}, got {keep!r}")
+
+
 def best_of_n(
     pipe: TextToImagePipeline,
     request: GenerationRequest,
@@ -73,8 +79,7 @@ def best_of_n(
     progress: bool = False,
 ) -> BestOfOutput:
     """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``."""
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= request.n):
-        raise ValueError(f"keep must be an integer between 1 and n={request.n}, got {keep!r}")
+    check_keep(keep, request.n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     request = request.resolved()

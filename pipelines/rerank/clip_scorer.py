@@ -253,7 +253,8 @@ def load_clip_model(folder: Path) -> Any:
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.configuration_clip import CLIPConfig
+    from transformers.models.clip.modeling_clip import CLIPModel
 
     weights = folder / "model.safetensors"
     if weights.is_file():
@@ -266,8 +267,15 @@ def load_clip_model(folder: Path) -> Any:
         raise ValueError(f"{weights} has no text tower ({TOKEN_EMBEDDING_KEY}) and there is no {shared} to share")
     state = {text_tower_key(key): tensor for key, tensor in load_file(str(shared)).items()}
     state.update(load_file(str(weights)))  # the reranker's own text layers, where it has them, win
-    model = CLIPModel(CLIPConfig.from_pretrained(folder, local_files_only=True))
-    model.load_state_dict(state, strict=True)  # every key present, none left random
+    # transformers' own loader builds the model on the meta device and takes these tensors as they are,
+    # instead of initialising every weight at random and then copying over it.
+    model, info = CLIPModel.from_pretrained(
+        None, config=CLIPConfig.from_pretrained(folder, local_files_only=True), state_dict=state,
+        output_loading_info=True,
+    )
+    problems = {kind: sorted(keys) for kind, keys in info.items() if keys and kind != "error_msgs"}
+    if problems or info.get("error_msgs"):  # every key present, none left random, none unused
+        raise ValueError(f"{weights} + {shared} do not match the CLIP config: {problems or info['error_msgs']}")
     return model
 
 

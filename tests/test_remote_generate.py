@@ -1,0 +1,121 @@
+"""``sd-app generate --server URL`` against a live server on the tiny models: the same files as a local run,
+no torch in the client, clear errors; and what the cold path imports (``sd_app.lean_imports``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sd_app.cli import main
+
+pytest_plugins = ["tests.serve_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle on a blue background"
+SMALL = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "11"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
+
+
+def _lines(text: str, folder: Path) -> list[str]:
+    return [line.replace(str(folder), "OUT") for line in text.splitlines()]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--n", "3", "--keep", "2"],  # reranked best first, the best two kept
+        ["--n", "2", "--no-rerank", "--sampler", "Euler a", "--negative", "blurry", "--cfg", "5"],
+        ["--hires-scale", "1.5", "--clip-skip", "2", "--sampler", "DPM++ 2M Karras"],
+    ],
+)
+def test_server_run_writes_the_files_of_a_local_run(live_server, tiny_model, tiny_clip, tmp_path, capsys, options):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["generate", PROMPT, *SMALL, *options, "--model", str(tiny_model)]
+    assert main([*common, "--reranker", str(tiny_clip), "--device", "cpu", "--out", str(local)]) == 0
+    local_out = capsys.readouterr().out
+    assert main([*common, "--server", live_server.url, "--out", str(remote)]) == 0
+    remote_out = capsys.readouterr().out
+    assert _files(local) and _files(remote) == _files(local)  # same names, same pixels, same parameters
+    assert _lines(remote_out, remote) == _lines(local_out, local)  # same paths, seeds and scores printed
+
+
+def test_the_client_imports_no_torch(live_server, tiny_model, tmp_path):
+    code = (
+        "import json, sys; from sd_app.cli import main; "
+        f"rc = main(['generate', 'a red square', *{SMALL!r}, '--model', {str(tiny_model)!r}, "
+        f"'--server', {live_server.url!r}, '--out', {str(tmp_path)!r}]); "
+        "print(json.dumps([rc, sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio', 'numpy') "
+        "if m in sys.modules)]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, []]
+    assert len(list(tmp_path.glob("*-11-a_red_square.png"))) == 1
+
+
+def test_an_unreachable_server_is_one_clear_line(tmp_path, capsys):
+    from tests.serve_fixtures import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["generate", PROMPT, *SMALL, "--server", url, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the server at {url}/sdapi/v1/txt2img" in err and "sd-app serve" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_what_the_server_refuses_is_reported_with_its_reason(live_server, tmp_path, capsys):
+    args = ["generate", PROMPT, *SMALL, "--server", live_server.url, "--out", str(tmp_path)]
+    assert main([*args, "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "the server refused the request (422)" in err and "no-such-model" in err
+    assert main([*args, "--device", "cpu"]) == 2  # the server's choice, not the client's
+    assert "--device is the server's setting" in capsys.readouterr().err
+    assert main([*args, "--steps", "0"]) == 2  # checked here, before anything is sent
+    assert "steps" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def auth_server(serve_engine):
+    from sd_app.server import create_app
+    from tests.serve_fixtures import start_server
+
+    url, server, thread = start_server(create_app(serve_engine, credentials={"alice": "s3cret"}))
+    yield url
+    server.should_exit = server.force_exit = True
+    thread.join(timeout=10)
+
+
+def test_auth_from_the_option_or_the_url(auth_server, tiny_model, tmp_path, capsys):
+    args = ["generate", PROMPT, *SMALL, "--model", str(tiny_model), "--out", str(tmp_path)]
+    assert main([*args, "--server", auth_server]) == 2
+    assert "requires auth (pass --server-auth USER:PASSWORD)" in capsys.readouterr().err
+    assert main([*args, "--server", auth_server, "--server-auth", "alice:wrong"]) == 2
+    assert "wrong user or password" in capsys.readouterr().err
+    assert main([*args, "--server", auth_server, "--server-auth", "alice:s3cret"]) == 0
+    with_userinfo = auth_server.replace("http://", "http://alice:s3cret@")
+    assert main([*args, "--server", with_userinfo]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_the_cold_generate_path_imports_only_what_it_runs(tiny_model, tiny_clip, tmp_path):
+    """The process's own ``sd-app generate`` (main() with argv None) trims its imports (sd_app.lean_imports)."""
+    never = ["gradio", "matplotlib", "torchmetrics", "peft", "sd_app.api", "sd_app.ui",
+             "diffusers.models.unets.unet_3d_condition", "diffusers.models.transformers.transformer_flux"]
+    code = (
+        "import json, sys; from sd_app.cli import main; "
+        f"sys.argv = ['sd-app', 'generate', 'a red square', *{SMALL!r}, '--model', {str(tiny_model)!r}, "
+        f"'--reranker', {str(tiny_clip)!r}, '--device', 'cpu', '--out', {str(tmp_path)!r}]; rc = main(); "
+        f"loaded = sorted(m for m in {never!r} if sys.modules.get(m) is not None); "
+        "from diffusers.models.unets import UNet1DModel; "  # a deferred package still answers every name
+        "print(json.dumps([rc, loaded, UNet1DModel.__name__]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, [], "UNet1DModel"]
+    assert len(list(tmp_path.glob("*.png"))) == 1
