@@ -2,9 +2,12 @@
 
 CPU: bf16 weights for the U-Net and VAE where the processor has native bf16 (AVX512-BF16 / AMX), the
 text encoder kept in fp32 (it runs once per request); channels_last for the convolutions (oneDNN's
-preferred layout); bf16 attention fused by oneDNN Graph (``pipelines.speed.cpu_attention``).
-CUDA: fp16, SDPA attention (diffusers' default), fused QKV projections, channels_last, optionally
-``torch.compile`` (``mode="max-autotune"`` uses CUDA graphs for a fixed shape).
+preferred layout), their weights prepacked into oneDNN's blocked layout (``pipelines.speed.conv_packing``);
+bf16 attention fused by oneDNN Graph (``pipelines.speed.cpu_attention``).
+CUDA: fp16 U-Net, SDPA attention (diffusers' ``AttnProcessor2_0``), fused QKV projections, channels_last;
+the VAE in fp32 when its config says ``force_upcast`` (fp16 overflows in SD VAEs' decoders; the decode
+also retries in fp32 on NaN/inf, ``pipelines.speed.vae_precision``); optionally ``torch.compile``
+(``mode="reduce-overhead"`` or ``"max-autotune"`` use CUDA graphs for a fixed shape).
 """
 
 from __future__ import annotations
@@ -58,14 +61,28 @@ class SpeedOptions:
     fused_cpu_attention: bool = True  # oneDNN Graph attention, used for bf16 models on CPU only
     fuse_qkv: bool = False
     compile: bool = False
-    compile_mode: str | None = None  # e.g. "max-autotune" (CUDA graphs) on GPU
+    compile_mode: str | None = None  # e.g. "reduce-overhead" (CUDA graphs) on GPU
+    prepack_convolutions: bool = True  # CPU, channels_last, not compiled: oneDNN-layout conv weights
+    sdpa: bool = True  # CUDA: PyTorch's scaled_dot_product_attention (diffusers' AttnProcessor2_0)
+
+
+def default_speed_options(device: str | torch.device) -> SpeedOptions:
+    """What ``load_pipeline`` uses by default: on CUDA fp16-friendly fusions (fused QKV, SDPA, channels_last),
+    on the CPU channels_last, prepacked convolutions and oneDNN Graph attention (fused QKV is 3% slower there)."""
+    if str(device).startswith("cuda"):
+        return SpeedOptions(channels_last=True, fuse_qkv=True, sdpa=True)
+    return SpeedOptions(channels_last=True, fused_cpu_attention=True, prepack_convolutions=True)
 
 
 def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None:
     """Apply memory format, fusion and compilation to the U-Net and VAE in place."""
     import torch
 
+    from pipelines.speed.vae_precision import vae_needs_fp32
+
     unet = components.unet
+    if vae_needs_fp32(components.vae):
+        components.vae.to(torch.float32)
     if options.channels_last:
         unet.to(memory_format=torch.channels_last)
         components.vae.to(memory_format=torch.channels_last)
@@ -73,7 +90,17 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
         from pipelines.speed.cpu_attention import use_fused_cpu_attention
 
         use_fused_cpu_attention(unet, components.vae)
+    elif options.sdpa and unet.device.type == "cuda":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
     if options.fuse_qkv:
-        unet.fuse_qkv_projections()
+        unet.fuse_qkv_projections()  # FusedAttnProcessor2_0: SDPA over one q/k/v projection
+    cpu = unet.device.type == "cpu"
+    if options.prepack_convolutions and options.channels_last and cpu and not options.compile:
+        from pipelines.speed.conv_packing import pack_convolutions
+
+        pack_convolutions(unet)
+        pack_convolutions(components.vae)
     if options.compile:
         components.unet = torch.compile(unet, mode=options.compile_mode, fullgraph=False)
