@@ -80,16 +80,23 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
 
     from pipelines.speed.vae_precision import vae_needs_fp32
 
-    unet = components.unet
     if vae_needs_fp32(components.vae):
         components.vae.to(torch.float32)
+    components.unet = speed_up(components.unet, options, components.vae)
+
+
+def speed_up(unet: torch.nn.Module, options: SpeedOptions, vae: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``options`` applied to a diffusers U-Net (and VAE) in place; returns the U-Net, compiled if asked."""
+    import torch
+
+    models = [unet] if vae is None else [unet, vae]
     if options.channels_last:
-        unet.to(memory_format=torch.channels_last)
-        components.vae.to(memory_format=torch.channels_last)
+        for model in models:
+            model.to(memory_format=torch.channels_last)
     if options.fused_cpu_attention and unet.device.type == "cpu" and unet.dtype == torch.bfloat16:
         from pipelines.speed.cpu_attention import use_fused_cpu_attention
 
-        use_fused_cpu_attention(unet, components.vae)
+        use_fused_cpu_attention(*models)
     elif options.sdpa and unet.device.type == "cuda":
         from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -100,7 +107,8 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
     if options.prepack_convolutions and options.channels_last and cpu and not options.compile:
         from pipelines.speed.conv_packing import pack_convolutions
 
-        pack_convolutions(unet)
-        pack_convolutions(components.vae)
+        for model in models:
+            pack_convolutions(model)
     if options.compile:
-        components.unet = torch.compile(unet, mode=options.compile_mode, fullgraph=False)
+        return torch.compile(unet, mode=options.compile_mode, fullgraph=False)
+    return unet
