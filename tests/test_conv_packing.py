@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,13 @@ import tests.lora_fixtures as fx
 from pipelines.generation.request import GenerationRequest
 from pipelines.models.library import ModelLibrary
 from pipelines.models.loading import load_pipeline
-from pipelines.speed.conv_packing import PackedConv2d, packed_convolutions, packing_available, plain_weights
+from pipelines.speed.conv_packing import (
+    PackedConv2d,
+    pack_convolutions,
+    packed_convolutions,
+    packing_available,
+    plain_weights,
+)
 from pipelines.speed.options import SpeedOptions
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch has no oneDNN prepacked convolution")
@@ -22,6 +30,19 @@ def _pipes(model, dtype, library=None):
     plain = load_pipeline(model, device="cpu", dtype=dtype, library=library,
                           speed=SpeedOptions(prepack_convolutions=False))
     return packed, plain
+
+
+def test_a_packed_convolution_equals_the_plain_one_for_either_input_layout():
+    """A channels_last 3x3 convolution given a contiguous input (as after an attention block's reshape)."""
+    conv = torch.nn.Conv2d(64, 96, 3, padding=1).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    conv.requires_grad_(False)
+    packed = torch.nn.Sequential(copy.deepcopy(conv))
+    assert pack_convolutions(packed) == 1
+    sample = torch.randn(2, 64, 17, 17, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        given = sample.contiguous(memory_format=layout)
+        with torch.inference_mode():
+            assert torch.equal(packed(given), conv(given))
 
 
 def test_packed_unet_and_vae_are_bit_exact_and_hold_one_copy(tiny_model):

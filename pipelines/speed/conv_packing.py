@@ -7,8 +7,9 @@ bf16 SD 1.5 U-Net step on this 2-core Zen 4. The packed weight replaces the plai
 holds one copy of its convolution weights, not two.
 
 Bit-exact: for a channels_last input the packed call runs the same oneDNN primitive on the same
-numbers as ``F.conv2d`` with a channels_last weight (a test checks it), so only models converted to
-channels_last are packed, and each packed convolution takes its input as channels_last. Only bf16
+numbers as ``F.conv2d`` with a channels_last weight (tests check a whole U-Net and VAE, and a 3x3
+convolution given either input layout), so only models converted to channels_last are packed, and
+each packed convolution takes its input as channels_last, as ``F.conv2d`` does then. Only bf16
 weights on CPUs with native bf16 are packed: there PyTorch always runs bf16 convolutions in oneDNN,
 whereas small fp32 ones (batch 1, under 20480 input values, e.g. on the 64x64x4 latents) take ATen's
 own kernel, whose sums differ from oneDNN's in the last bits.
