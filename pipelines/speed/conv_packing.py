@@ -2,9 +2,11 @@
 
 A CPU ``nn.Conv2d`` hands oneDNN a plain [O, I, kh, kw] weight and oneDNN reorders it into its blocked
 layout (e.g. ``OIhw16i16o``) on every call. Reordering once at load time, as inductor's freezing pass
-does (``mkldnn_reorder_conv2d_weight`` + ``mkldnn._convolution_pointwise``), saves that work: 6% of a
-bf16 SD 1.5 U-Net step on this 2-core Zen 4. The packed weight replaces the plain one, so the model
-holds one copy of its convolution weights, not two.
+does (``mkldnn_reorder_conv2d_weight`` + ``mkldnn._convolution_pointwise``), saves that work: 3-9% per
+3x3 convolution of a bf16 SD 1.5 U-Net on this Zen 4 (1 thread). 1x1 convolutions are left plain:
+packed without knowing the input's shape, oneDNN picks a layout their kernel does not use and
+reorders again on every call (2-3.5x slower; the input shape varies with resolution and batch). The
+packed weight replaces the plain one, so the model holds one copy of those weights, not two.
 
 Bit-exact: for a channels_last input the packed call runs the same oneDNN primitive on the same
 numbers as ``F.conv2d`` with a channels_last weight (tests check a whole U-Net and VAE, and a 3x3
@@ -51,6 +53,7 @@ def _packable(module: torch.nn.Module) -> bool:
         and weight is not None
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
+        and tuple(module.kernel_size) != (1, 1)
         and weight.is_contiguous(memory_format=torch.channels_last)
         and not weight.requires_grad
     )
