@@ -33,7 +33,7 @@ import torch
 def packing_available() -> bool:
     """True when this PyTorch has oneDNN (mkldnn) with the reorder and the prepacked convolution op, and
     the CPU computes bf16 natively (where PyTorch sends every bf16 convolution to oneDNN)."""
-    from pipelines.speed.options import cpu_has_native_bf16
+    from pipelines.speed.cpu import cpu_has_native_bf16
 
     return (
         cpu_has_native_bf16()
