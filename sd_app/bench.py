@@ -24,7 +24,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup", action="store_true", help="also time `sd-app generate` start to PNG")
     parser.add_argument("--modes", default=None,
                         help="comma-separated modes (default: all but fast-sdpa): diffusers, fp32, fast, deepcache3, "
-                             "cfg-cutoff, compiled (CUDA), fast-sdpa (the fast path with PyTorch's attention)")
+                             "cfg-cutoff, diffusers-half and compiled (CUDA: diffusers fp16; ours with torch.compile "
+                             "and CUDA graphs), fast-sdpa (the fast path with PyTorch's attention)")
 
 
 def _model_path(spec: str, workdir: Path) -> str:

@@ -361,19 +361,25 @@ class UiHandlers:
     ) -> None:
         import torch
 
+        from pipelines.generation.previews import PreviewStream
         from pipelines.generation.text_to_image import GenerationCancelled
 
         try:
             pipe = self.engine.pipeline()
+            stream = PreviewStream()  # on a GPU, previews of the newest latents that reached the host
             with self.tracker.job(request.total_steps, cancel, "ui") as job:
 
                 def on_step(info: Any) -> None:
                     self.tracker.step(job, info)
-                    previews = pipe.preview_latents(info.latents, size=PREVIEW_PX)
+                    stream.push(info.latents, info.step)
+                    arrived = stream.latest()
+                    if arrived is None:
+                        return
+                    previews = pipe.preview_latents(arrived.wait(), size=PREVIEW_PX)
                     thumb = previews[0].copy()
                     thumb.thumbnail((THUMB_PX, THUMB_PX))
-                    session.step_thumbnails.append((thumb, f"step {info.step}/{info.total}"))
-                    events.put(("step", (info.step, info.total, previews)))
+                    session.step_thumbnails.append((thumb, f"step {arrived.step}/{info.total}"))
+                    events.put(("step", (arrived.step, info.total, previews)))
 
                 result = self.engine.generate(
                     request,

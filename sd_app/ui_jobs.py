@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from pipelines.generation.previews import LatentCopy
     from pipelines.generation.text_to_image import StepInfo
 
 
@@ -38,7 +39,12 @@ class Job:
     registered: float = field(default_factory=time.time)
     started: float | None = None  # time of the first denoising step
     step: int = 0
-    latents: torch.Tensor | None = None  # [n, 4, h, w] latest latents (CPU copy)
+    latest_copy: LatentCopy | None = None  # the latest step's latents on their way to the host
+
+    @property
+    def latents(self) -> torch.Tensor | None:
+        """[n, 4, h, w] latest latents on the host (waits for the copy only here, when asked)."""
+        return self.latest_copy.wait() if self.latest_copy is not None else None
 
     @property
     def progress(self) -> float:
@@ -83,13 +89,15 @@ class JobTracker:
 
     def step(self, job: Job, info: StepInfo) -> None:
         """Record a denoising step of ``job`` (call from the pipeline's step callback)."""
-        latents = info.latents.detach().to("cpu", copy=True)
+        from pipelines.generation.previews import LatentCopy
+
+        latents = LatentCopy(info.latents, info.step)  # no host sync per step on a GPU
         with self._lock:
             if job.started is None:
                 job.started = time.time()
             job.step = info.step
             job.total_steps = info.total
-            job.latents = latents
+            job.latest_copy = latents
 
     def current(self) -> Job | None:
         """The running job (the one that has started stepping), else the oldest waiting one."""

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.models.lora_keys import kohya_name
+from pipelines.speed.conv_packing import current_weight
 
 # (component, module path) the fixtures patch: linear, 1x1 conv and 3x3 conv in the U-Net, linear in the text encoder
 UNET_LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -19,7 +20,8 @@ TE_OUT = "encoder.layers.0.self_attn.out_proj"  # diffusers infers a kohya text 
 
 
 def weight(components, component: str, path: str) -> torch.Tensor:
-    return getattr(components, component).get_submodule(path).weight
+    """The module's weight as plain numbers (a prepacked convolution's unpacked copy)."""
+    return current_weight(getattr(components, component).get_submodule(path))
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -5,6 +5,11 @@ approximates that patch's mean colour well enough to watch an image form. For SD
 coefficients below are the widely used ones (ComfyUI ``latent_formats.SD15``), for the scaled
 latents the U-Net sees (VAE mean * 0.18215). For any other VAE, ``fit_latent_rgb_projection``
 fits the map by least squares on a few colour images encoded with that VAE.
+
+On a GPU a step callback that copies latents to the host waits for the step to finish, which stalls
+the queue of kernels every step. ``LatentCopy`` starts the copy without waiting (pinned memory, a CUDA
+event); ``PreviewStream`` keeps the newest copy that has arrived, so previews lag a step or so behind
+instead of slowing every step down.
 """
 
 from __future__ import annotations
@@ -47,6 +52,54 @@ SD1_LATENT_RGB = LatentRGBProjection(
         (-0.2120, -0.2616, -0.7177),
     ),
 )
+
+
+class LatentCopy:
+    """A host copy of step latents [n, C, h, w], started without waiting for the device."""
+
+    def __init__(self, latents: torch.Tensor, step: int = 0) -> None:
+        self.step = step
+        self._event: Any = None
+        if latents.device.type == "cuda":
+            self._host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+            self._host.copy_(latents.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = latents.detach().to("cpu", copy=True)
+
+    def ready(self) -> bool:
+        """True once the copy has arrived (never waits)."""
+        return self._event is None or bool(self._event.query())
+
+    def wait(self) -> torch.Tensor:
+        """The latents on the host, waiting for the copy if it is still under way."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+class PreviewStream:
+    """Step latents on their way to the host: ``push`` every step, ``latest`` the newest that has arrived."""
+
+    def __init__(self) -> None:
+        self._pending: list[LatentCopy] = []
+        self._shown = -1
+
+    def push(self, latents: torch.Tensor, step: int) -> None:
+        self._pending.append(LatentCopy(latents, step))
+
+    def latest(self) -> LatentCopy | None:
+        """The newest arrived copy not handed out before (None when nothing new has arrived); never waits."""
+        arrived = [copy for copy in self._pending if copy.ready()]
+        if not arrived:
+            return None
+        newest = arrived[-1]
+        self._pending = [copy for copy in self._pending if copy.step > newest.step]
+        if newest.step <= self._shown:
+            return None
+        self._shown = newest.step
+        return newest
 
 
 def preview(

@@ -309,6 +309,8 @@ class TextToImagePipeline:
         order = getattr(scheduler, "order", 1)
         warmup = max(len(timesteps) - (total if order == 1 else 2 * total - 1), 0)  # evaluations before step 1 ends
         step = 0  # steps completed so far
+        # Timestep values read once (one host sync), not per step: on CUDA float(t) would wait for the GPU.
+        timestep_values = [float(value) for value in timesteps.cpu()] if on_step is not None else []
         bar = tqdm(total=total, disable=not progress, desc="denoise", leave=False)
         for index, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
@@ -339,19 +341,24 @@ class TextToImagePipeline:
                 step += 1
                 bar.update()
                 if on_step is not None:
-                    on_step(StepInfo(step, total, float(t), latents))
+                    on_step(StepInfo(step, total, timestep_values[index], latents))
         bar.close()
         return latents
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """VAE-decode latents one image at a time (bounded memory) to 8-bit RGB PIL images."""
+        """VAE-decode latents one image at a time (bounded memory) to 8-bit RGB PIL images.
+
+        A reduced-precision decode that overflows (NaN/inf) is redone in fp32, never written black
+        (``pipelines.speed.vae_precision``).
+        """
         from diffusers.image_processor import VaeImageProcessor
 
-        vae = self.components.vae
+        from pipelines.speed.vae_precision import decode_latents
+
         images = []
         for latent in latents.split(1):  # [1, C, h, w]
-            pixels = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample  # [1, 3, H, W]
-            pixels = (pixels / 2 + 0.5).clamp(0, 1).float()
+            pixels = decode_latents(self.components.vae, latent)  # [1, 3, H, W], fp32
+            pixels = (pixels / 2 + 0.5).clamp(0, 1)
             array = pixels.permute(0, 2, 3, 1).cpu().numpy()  # [1, H, W, 3]
             images.extend(VaeImageProcessor.numpy_to_pil(array))
         return images

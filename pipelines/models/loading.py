@@ -18,7 +18,14 @@ from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, refuse_pick
 from pipelines.models.hashing import file_hash
 from pipelines.models.quiet import quiet_loading
 from pipelines.models.shipped import CLIP_TOKENIZER_DIR, EMBEDDED_MODEL_DIR, SD1_CONFIG_DIR, read_scheduler_config
-from pipelines.speed.options import SpeedOptions, apply_speed_options, default_device, default_dtype, text_encoder_dtype
+from pipelines.speed.options import (
+    SpeedOptions,
+    apply_speed_options,
+    default_device,
+    default_dtype,
+    default_speed_options,
+    text_encoder_dtype,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +115,7 @@ def load_pipeline(
         if module.device.type != device.split(":")[0]:
             module.to(device)
         module.eval().requires_grad_(False)
-    apply_speed_options(components, speed or SpeedOptions(channels_last=device == "cpu"))
+    apply_speed_options(components, speed or default_speed_options(device))
     from pipelines.models.library import ModelLibrary
     from pipelines.models.networks import LibraryNetworks
 

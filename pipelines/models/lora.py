@@ -7,6 +7,8 @@ diffusers cannot load (LyCORIS LoCon, LoHa, LoKr) work too. Prompt weights: ``te
 encoder's modules, ``unet`` for the U-Net's; a module with weight 0 is not touched (so weight 0 is the
 base model, pixel for pixel). Every delta is computed and checked against the model before any weight
 changes: a LoRA for another base, a truncated file or unknown keys leave the model as it was.
+Convolutions prepacked into oneDNN's layout (``pipelines.speed.conv_packing``, the CPU default) are
+unpacked while their weights are read and changed, and packed again with the merged weights.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class LoraPatcher:
         self._table: dict[str, Target] | None = None
         self._backup: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.Tensor]] = {}
         self._applied: tuple[tuple[str, float, float, str], ...] = ()
+        self._patched: set[torch.nn.Module] = set()  # modules whose weights differ from the base now
         self._lock = threading.Lock()
 
     @property
@@ -61,19 +64,28 @@ class LoraPatcher:
 
     def apply(self, loras: Sequence[WeightedLora]) -> None:
         """Make the model the base plus exactly these LoRAs (nothing to do when they are merged already)."""
+        from pipelines.speed.conv_packing import plain_weights
+
         wanted = tuple(lora.identity for lora in loras)
         with self._lock:
             if wanted == self._applied:
                 return
-            deltas = self._deltas(loras)  # every error is raised here, before any weight changes
-            self._restore()
-            self._merge(deltas)
+            table = self.table()
+            targets = [table[key].module for weighted in loras for key in weighted.lora.modules if key in table]
+            with plain_weights([*targets, *self._patched]):
+                deltas = self._deltas(loras)  # every error is raised here, before any weight changes
+                self._restore()
+                self._merge(deltas)
+                self._patched = set(targets)
             self._applied = wanted
 
     def restore(self) -> None:
         """Put the model's weights back as they were before any LoRA (bit for bit)."""
-        with self._lock:
+        from pipelines.speed.conv_packing import plain_weights
+
+        with self._lock, plain_weights(self._patched):
             self._restore()
+            self._patched = set()
 
     def _deltas(self, loras: Sequence[WeightedLora]) -> dict[int, tuple[torch.nn.Parameter, torch.Tensor]]:
         """Parameter id -> (parameter, fp32 sum of weighted deltas) for every module the LoRAs patch."""

@@ -2,15 +2,20 @@
 
 CPU: bf16 weights for the U-Net and VAE where the processor has native bf16 (AVX512-BF16 / AMX), the
 text encoder kept in fp32 (it runs once per request); channels_last for the convolutions (oneDNN's
-preferred layout); bf16 attention fused by oneDNN Graph (``pipelines.speed.cpu_attention``).
-CUDA: fp16, SDPA attention (diffusers' default), fused QKV projections, channels_last, optionally
-``torch.compile`` (``mode="max-autotune"`` uses CUDA graphs for a fixed shape).
+preferred layout), their weights prepacked into oneDNN's blocked layout (``pipelines.speed.conv_packing``);
+bf16 attention fused by oneDNN Graph (``pipelines.speed.cpu_attention``).
+CUDA: fp16 U-Net, SDPA attention (diffusers' ``AttnProcessor2_0``), fused QKV projections, channels_last;
+the VAE in fp32 when its config says ``force_upcast`` (fp16 overflows in SD VAEs' decoders; the decode
+also retries in fp32 on NaN/inf, ``pipelines.speed.vae_precision``); optionally ``torch.compile``
+(``mode="reduce-overhead"`` or ``"max-autotune"`` use CUDA graphs for a fixed shape).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pipelines.speed.cpu import cpu_has_native_bf16
 
 if TYPE_CHECKING:
     import torch
@@ -23,15 +28,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 is a real speed-up."""
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -58,22 +54,54 @@ class SpeedOptions:
     fused_cpu_attention: bool = True  # oneDNN Graph attention, used for bf16 models on CPU only
     fuse_qkv: bool = False
     compile: bool = False
-    compile_mode: str | None = None  # e.g. "max-autotune" (CUDA graphs) on GPU
+    compile_mode: str | None = None  # e.g. "reduce-overhead" (CUDA graphs) on GPU
+    prepack_convolutions: bool = True  # CPU, channels_last, not compiled: oneDNN-layout conv weights
+    sdpa: bool = True  # CUDA: PyTorch's scaled_dot_product_attention (diffusers' AttnProcessor2_0)
+
+
+def default_speed_options(device: str | torch.device) -> SpeedOptions:
+    """What ``load_pipeline`` uses by default: on CUDA fp16-friendly fusions (fused QKV, SDPA, channels_last),
+    on the CPU channels_last, prepacked convolutions and oneDNN Graph attention (fused QKV is 3% slower there)."""
+    if str(device).startswith("cuda"):
+        return SpeedOptions(channels_last=True, fuse_qkv=True, sdpa=True)
+    return SpeedOptions(channels_last=True, fused_cpu_attention=True, prepack_convolutions=True)
 
 
 def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None:
     """Apply memory format, fusion and compilation to the U-Net and VAE in place."""
     import torch
 
-    unet = components.unet
+    from pipelines.speed.vae_precision import vae_needs_fp32
+
+    if vae_needs_fp32(components.vae):
+        components.vae.to(torch.float32)
+    components.unet = speed_up(components.unet, options, components.vae)
+
+
+def speed_up(unet: torch.nn.Module, options: SpeedOptions, vae: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``options`` applied to a diffusers U-Net (and VAE) in place; returns the U-Net, compiled if asked."""
+    import torch
+
+    models = [unet] if vae is None else [unet, vae]
     if options.channels_last:
-        unet.to(memory_format=torch.channels_last)
-        components.vae.to(memory_format=torch.channels_last)
+        for model in models:
+            model.to(memory_format=torch.channels_last)
     if options.fused_cpu_attention and unet.device.type == "cpu" and unet.dtype == torch.bfloat16:
         from pipelines.speed.cpu_attention import use_fused_cpu_attention
 
-        use_fused_cpu_attention(unet, components.vae)
+        use_fused_cpu_attention(*models)
+    elif options.sdpa and unet.device.type == "cuda":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
     if options.fuse_qkv:
-        unet.fuse_qkv_projections()
+        unet.fuse_qkv_projections()  # FusedAttnProcessor2_0: SDPA over one q/k/v projection
+    cpu = unet.device.type == "cpu"
+    if options.prepack_convolutions and options.channels_last and cpu and not options.compile:
+        from pipelines.speed.conv_packing import pack_convolutions
+
+        for model in models:
+            pack_convolutions(model)
     if options.compile:
-        components.unet = torch.compile(unet, mode=options.compile_mode, fullgraph=False)
+        return torch.compile(unet, mode=options.compile_mode, fullgraph=False)
+    return unet
