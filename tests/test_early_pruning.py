@@ -1,0 +1,132 @@
+"""Early pruning: kept candidates are exactly their seeds' full images; the pruned are the lowest early scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.generation.request import GenerationRequest
+from pipelines.generation.schedulers import SAMPLERS
+from pipelines.rerank.best_of import best_of_n
+from pipelines.rerank.clip_scorer import ClipScorer
+from pipelines.rerank.early_pruning import decode_clean
+from tests.clip_fixtures import tiny_clip_dir
+
+BASE = dict(prompt="a red circle", steps=5, width=64, height=64, seed=70, cfg_scale=7.0)
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    return ClipScorer.load(tiny_clip_dir(tmp_path_factory.mktemp("clip")), device="cpu")
+
+
+def _unpruned(pipe, **settings) -> torch.Tensor:
+    """Final latents [n, C, h, w] of the same batch run to the end, no pruning."""
+    with pipe.generating():
+        run, _ = pipe.start(GenerationRequest(**{**BASE, **settings}))
+        return run.run()
+
+
+# The same candidates of the same batch: pruning changes nothing but the last bits (a smaller batch after the
+# cut; fp32). Against a seed run
+# alone (batch 1) the U-Net's batched convolutions differ in the last bits; that is the best-of test's
+# 8-bit comparison below.
+EXACT = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ SDE", "Euler a", "Heun", "LMS", "PLMS", "UniPC"])
+def test_kept_rows_finish_as_their_full_trajectories(tiny_pipe, sampler):
+    """Multistep histories, second-order states, Brownian trees and ancestral noise follow the kept rows."""
+    request = GenerationRequest(**{**BASE, "n": 4, "sampler": sampler})
+    with tiny_pipe.generating():
+        run, _ = tiny_pipe.start(request, track_clean=True)
+        run.run(2)
+        assert run.step == 2 and run.clean is not None and run.clean.shape == (4, 4, 8, 8)
+        run.keep([3, 1])
+        final = run.run()  # [2, C, h, w]
+    assert run.step == BASE["steps"]
+    full = _unpruned(tiny_pipe, n=4, sampler=sampler)
+    torch.testing.assert_close(final, full[[3, 1]], **EXACT)
+
+
+def test_deep_cache_and_cfg_cutoff_follow_the_kept_rows(tiny_pipe):
+    settings = dict(cache_interval=2, guidance_cutoff=0.4, sampler="DPM++ 2M", n=3)
+    with tiny_pipe.generating():
+        run, _ = tiny_pipe.start(GenerationRequest(**{**BASE, **settings}))
+        run.run(3)  # a cached step next
+        run.keep([2])
+        final = run.run()
+    torch.testing.assert_close(final, _unpruned(tiny_pipe, **settings)[[2]], **EXACT)
+
+
+def test_predicted_clean_matches_the_schedulers_own(tiny_pipe):
+    """Euler's step returns x0 (``pred_original_sample``); ours, from the U-Net input, is the same."""
+    request = GenerationRequest(**{**BASE, "n": 2, "sampler": "Euler"})
+    seen = []
+    with tiny_pipe.generating():
+        run, _ = tiny_pipe.start(request, track_clean=True)
+        step = run.scheduler.step
+
+        def recording_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            seen.append(out.pred_original_sample)
+            return out
+
+        run.scheduler.step = recording_step
+        run.run(3)
+    torch.testing.assert_close(run.clean, seen[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_best_of_keeps_the_best_early_scores_and_their_full_images(tiny_pipe, scorer):
+    request = GenerationRequest(**{**BASE, "n": 5, "prune_to": 2, "prune_at": 2, "sampler": "DPM++ 2M"})
+    steps: list[tuple[int, int]] = []
+    out = best_of_n(tiny_pipe, request, scorer, batch_size=2, on_step=lambda i: steps.append((i.step, i.total)))
+    kept = {c.seed for c in out.candidates}
+    assert len(out.candidates) == 2 and len(out.pruned) == 3
+    assert kept.isdisjoint(p.seed for p in out.pruned)
+    lowest_kept = min(c.details["Early score"] for c in out.candidates)
+    assert all(p.score <= lowest_kept for p in out.pruned) and all(p.at_step == 2 for p in out.pruned)
+    assert [p.score for p in out.pruned] == sorted((p.score for p in out.pruned), reverse=True)
+    # the early scores are the scorer's on the previews of x0 after step 2, for every candidate
+    with tiny_pipe.generating():
+        run, _ = tiny_pipe.start(GenerationRequest(**{**BASE, "n": 5, "sampler": "DPM++ 2M"}), track_clean=True)
+        run.run(2)
+        early = scorer.score(decode_clean(tiny_pipe, run.clean), "a red circle").scores
+    for c in out.pruned:
+        assert c.score == pytest.approx(early[c.seed - 70], abs=1e-4)
+    assert sorted(early, reverse=True)[:2] == pytest.approx(sorted(
+        (c.details["Early score"] for c in out.candidates), reverse=True), abs=1e-4)
+    # progress counts candidate-steps: 5 x 2 + 2 x 3, never backwards
+    assert [s for s, _ in steps] == sorted(s for s, _ in steps) and steps[-1] == (16, 16)
+    assert {t for _, t in steps} == {16}
+    # each kept picture is its seed's picture generated alone
+    for c in out.candidates:
+        alone = tiny_pipe(GenerationRequest(**{**BASE, "seed": c.seed, "n": 1, "sampler": "DPM++ 2M"})).images[0]
+        assert np.abs(np.asarray(alone, dtype=int) - np.asarray(c.image, dtype=int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"n": 4, "prune_to": 4, "prune_at": 2}, "prune_to must be between 1 and n - 1 = 3"),
+        ({"n": 4, "prune_to": 0, "prune_at": 2}, "prune_to must be between 1 and n - 1 = 3"),
+        ({"n": 4, "prune_to": 2, "prune_at": 5}, "prune_at must be a step between 1 and steps - 1 = 4, got 5"),
+        ({"n": 4, "prune_to": 2, "prune_at": 0}, "prune_at must be a step between 1 and steps - 1 = 4, got 0"),
+        ({"n": 1, "prune_to": 1, "prune_at": 2}, "early pruning needs n >= 2 candidates"),
+        ({"n": 4, "prune_to": 2.0, "prune_at": 2}, "prune_to must be an integer"),
+    ],
+)
+def test_bad_pruning_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**{**BASE, **settings})
+
+
+def test_pruning_needs_a_scorer_and_keep_within_it(tiny_pipe, scorer):
+    request = GenerationRequest(**{**BASE, "n": 3, "prune_to": 1, "prune_at": 2})
+    with pytest.raises(ValueError, match="needs a reranker"):
+        best_of_n(tiny_pipe, request)
+    with pytest.raises(ValueError, match="keep must be at most prune_to=1, got 2"):
+        best_of_n(tiny_pipe, request, scorer, keep=2)
+    with pytest.raises(ValueError, match="needs a scorer"):
+        tiny_pipe(request)
