@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from pipelines.generation.request import GenerationRequest
-from pipelines.generation.schedulers import SAMPLERS
 from pipelines.rerank.best_of import best_of_n
 from pipelines.rerank.clip_scorer import ClipScorer
 from pipelines.rerank.early_pruning import decode_clean

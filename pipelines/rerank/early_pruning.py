@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
     from pipelines.rerank.contrastive import ContrastiveScorer
 
-EARLY_DECODERS = ("preview", "vae")  # how x0 becomes a picture: linear latent -> RGB map, or the full VAE
+# How x0 becomes a picture: the linear latent -> RGB map, the VAE on x0 at half size (a quarter of the
+# decode), or the full VAE.
+EARLY_DECODERS = ("preview", "vae-half", "vae")
 DEFAULT_EARLY_DECODER = "preview"
 PREVIEW_SIZE = 224  # the preview (h/8 x w/8 pixels) is upscaled to CLIP's input size
 
@@ -55,9 +57,14 @@ class EarlyRanking:
 
 def decode_clean(pipe: TextToImagePipeline, clean: torch.Tensor, decoder: str = DEFAULT_EARLY_DECODER
                  ) -> list[Image.Image]:
-    """Pictures of predicted clean latents [n, C, h, w]: ``preview`` (linear map, upscaled) or ``vae``."""
+    """Pictures of predicted clean latents [n, C, h, w]: ``preview`` (linear map, upscaled), ``vae-half``
+    (latents area-downsampled 2x, then the VAE) or ``vae``."""
     if decoder == "preview":
         return pipe.preview_latents(clean, size=PREVIEW_SIZE)
+    if decoder == "vae-half":
+        import torch
+
+        return pipe.decode(torch.nn.functional.avg_pool2d(clean, 2))  # [n, C, h/2, w/2] -> H/2 x W/2 images
     if decoder == "vae":
         return pipe.decode(clean)
     raise ValueError(f"decoder must be one of {', '.join(EARLY_DECODERS)}, got {decoder!r}")
