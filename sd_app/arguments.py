@@ -35,6 +35,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
              "it (swapped colours, other counts); mixed: half of each",
     )
     parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
+    parser.add_argument(
+        "--prune-to", type=int, default=0, metavar="M",
+        help="early pruning: finish only the M candidates whose predicted image scores best at --prune-at",
+    )
+    parser.add_argument("--prune-at", type=int, default=0, metavar="K",
+                        help="the step after which candidates are pruned (1 to steps - 1; with --prune-to)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_image_arguments(parser)
@@ -103,6 +109,8 @@ def request_and_notes(args: argparse.Namespace, prompt: str) -> tuple[Generation
         sampler=args.sampler,
         image=image,
         hires=hires,
+        prune_to=args.prune_to,
+        prune_at=args.prune_at,
     )
     return request, notes
 

@@ -68,6 +68,8 @@ def run_generate(args: argparse.Namespace) -> int:
     for candidate in result.candidates:
         score = f"  {result.score_label} {candidate.score:.2f}" if candidate.score is not None else ""
         print(f"{candidate.path}  seed {candidate.seed}{score}")
+    for pruned in result.pruned:
+        print(f"pruned at step {pruned.at_step}  seed {pruned.seed}  early {result.score_label} {pruned.score:.2f}")
     order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
     made = result.request
     width, height = result.candidates[0].image.size

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
     from pipelines.models.library import ModelLibrary
     from pipelines.rerank.clip_scorer import ClipScorer
+    from pipelines.rerank.early_pruning import PrunedCandidate
     from sd_app.limits import RequestLimits
 
 
@@ -55,6 +56,7 @@ class GenerationResult:
     score_label: str = "CLIP score"  # what the candidates' scores are ("Contrastive score", ...)
     inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
     model_hash: str | None = None  # of the checkpoint that made the images
+    pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped early (request.prune_to), best first
 
     @property
     def images(self) -> list[Image.Image]:
@@ -219,6 +221,12 @@ class Engine:
         candidates = []
         for ranked in output.candidates:
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
+            if output.pruned:
+                from pipelines.rerank.early_pruning import format_pruned
+
+                made = output.request
+                extra["Early pruning"] = f"{made.n} to {made.prune_to} at step {made.prune_at}"
+                extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
             if ranked.score is not None:
                 extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
@@ -242,4 +250,5 @@ class Engine:
             score_label=output.score_label,
             inpainting_conditioning=pipe.inpainting_unet,
             model_hash=output.model_hash,
+            pruned=output.pruned,
         )

@@ -87,11 +87,15 @@ def test_pruned_best_of_keeps_the_best_early_scores_and_their_full_images(tiny_p
     lowest_kept = min(c.details["Early score"] for c in out.candidates)
     assert all(p.score <= lowest_kept for p in out.pruned) and all(p.at_step == 2 for p in out.pruned)
     assert [p.score for p in out.pruned] == sorted((p.score for p in out.pruned), reverse=True)
-    # the early scores are the scorer's on the previews of x0 after step 2, for every candidate
+    # the early scores are the scorer's on the previews of x0 after step 2, for every candidate (same batches)
+    clean = []
     with tiny_pipe.generating():
-        run, _ = tiny_pipe.start(GenerationRequest(**{**BASE, "n": 5, "sampler": "DPM++ 2M"}), track_clean=True)
-        run.run(2)
-        early = scorer.score(decode_clean(tiny_pipe, run.clean), "a red circle").scores
+        for seed, n in ((70, 2), (72, 2), (74, 1)):
+            part = GenerationRequest(**{**BASE, "seed": seed, "n": n, "sampler": "DPM++ 2M"})
+            run, _ = tiny_pipe.start(part, track_clean=True)
+            run.run(2)
+            clean.append(run.clean)
+        early = scorer.score(decode_clean(tiny_pipe, torch.cat(clean)), "a red circle").scores
     for c in out.pruned:
         assert c.score == pytest.approx(early[c.seed - 70], abs=1e-4)
     assert sorted(early, reverse=True)[:2] == pytest.approx(sorted(
@@ -129,3 +133,51 @@ def test_pruning_needs_a_scorer_and_keep_within_it(tiny_pipe, scorer):
         best_of_n(tiny_pipe, request, scorer, keep=2)
     with pytest.raises(ValueError, match="needs a scorer"):
         tiny_pipe(request)
+
+
+def test_cli_lists_the_pruned_and_the_kept_images_name_them(tiny_model, tmp_path, capsys):
+    from PIL import Image
+
+    from sd_app.cli import main
+    from sd_app.metadata import parse_parameters
+    from tests.clip_fixtures import tiny_clip_dir
+
+    clip = tiny_clip_dir(tmp_path / "clip")
+    args = ["generate", "a red circle", "--steps", "4", "--width", "64", "--height", "64", "--seed", "9", "--n", "4",
+            "--model", str(tiny_model), "--reranker", str(clip), "--out", str(tmp_path / "out")]
+    assert main([*args, "--prune-to", "2", "--prune-at", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    kept = [line for line in out if not line.startswith("pruned")]
+    pruned = [line for line in out if line.startswith("pruned at step 2  seed ")]
+    assert len(kept) == 2 and len(pruned) == 2
+    pruned_seeds = {line.split("seed ")[1].split()[0] for line in pruned}
+    params = parse_parameters(Image.open(kept[0].split()[0]).info["parameters"])
+    assert params["Early pruning"] == "4 to 2 at step 2"
+    assert {pair.split(":")[0] for pair in params["Pruned early"].split(", ")} == pruned_seeds
+    assert "Early score" in params
+    for bad, message in [(["--prune-to", "4", "--prune-at", "2"], "prune_to must be between 1 and n - 1 = 3"),
+                         (["--prune-to", "2", "--prune-at", "4"], "prune_at must be a step between 1 and steps - 1"),
+                         (["--prune-to", "2", "--prune-at", "2", "--no-rerank"], "needs a reranker")]:
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+pytest_plugins = ["tests.serve_fixtures"]
+
+
+def test_api_prune_fields_and_info(live_server):
+    import json
+
+    import httpx
+
+    body = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 20, "batch_size": 4,
+            "prune_to": 1, "prune_at": 1}
+    response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert len(response.json()["images"]) == 1 and (info["prune_to"], info["prune_at"]) == (1, 1)
+    assert sorted([p["seed"] for p in info["pruned"]] + info["all_seeds"]) == [20, 21, 22, 23]
+    assert all(p["score"] <= info["rerank_details"][0]["Early score"] for p in info["pruned"])
+    bad = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**body, "prune_at": 3}, timeout=120)
+    assert bad.status_code == 422 and "prune_at must be a step between 1 and steps - 1 = 2" in bad.text

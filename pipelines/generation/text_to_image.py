@@ -128,7 +128,6 @@ class TextToImagePipeline:
         (``pipelines.generation.image_to_image`` and ``hires``); ``on_step`` then counts the steps of
         both passes.
         """
-        import torch
 
         # 1. Check inputs (the request validates itself) and resolve a random seed.
         if not isinstance(request, GenerationRequest):
