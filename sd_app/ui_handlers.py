@@ -184,13 +184,16 @@ class UiHandlers:
         n: Any,
         hires: tuple[Any, ...] | None = None,
         clip_skip: Any = 1,
+        pruning: tuple[Any, Any] = (0, 0),
     ) -> GenerationRequest:
         """The validated request for the Generate view's fields; ValueError names the bad one.
 
-        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix.
+        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix;
+        ``pruning``: (prune_to, prune_at) of early pruning, (0, 0) for none.
         """
         settings = cls.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
         settings["clip_skip"] = integer("clip_skip", clip_skip)
+        settings["prune_to"], settings["prune_at"] = integer("prune_to", pruning[0]), integer("prune_at", pruning[1])
         if hires is not None and hires[0]:
             from pipelines.generation.conditioning import HiresFix
 
@@ -222,17 +225,20 @@ class UiHandlers:
         hires_denoise: Any,
         clip_skip: Any,
         session: UserSession,
+        prune_to: Any = 0,
+        prune_at: Any = 0,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
 
-        ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order).
+        ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order); ``prune_to`` M > 0 finishes
+        only the best M candidates, scored after step ``prune_at`` (early pruning).
         """
         rerank_by = rerank or "off"
         hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         try:
             request = self.build_request(
-                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip
+                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip, (prune_to, prune_at)
             )
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
@@ -387,6 +393,9 @@ class UiHandlers:
             status += f" · prompt: {tokens.tokens} tokens in {tokens.chunks} chunks of 75"
         if result.prompt_truncated_for_scoring:
             status += " · the reranker read only the first 77 tokens"
+        if result.pruned:
+            listed = ", ".join(f"seed {c.seed} ({c.score:.1f})" for c in result.pruned)
+            status += f" · pruned at step {result.pruned[0].at_step}: {listed}"
         for note in notes or []:
             status += f" · {note}"
         return status, gr.update(), items, best.parameters, files
