@@ -50,7 +50,8 @@ def test_kept_rows_finish_as_their_full_trajectories(tiny_pipe, sampler):
 
 
 def test_deep_cache_and_cfg_cutoff_follow_the_kept_rows(tiny_pipe):
-    settings = dict(cache_interval=2, guidance_cutoff=0.4, sampler="DPM++ 2M", n=3)
+    # steps 0-3 guided (cutoff 0.2 of 5), step 3 cached from step 2's deep features, step 4 unguided
+    settings = dict(cache_interval=2, guidance_cutoff=0.2, sampler="DPM++ 2M", n=3)
     with tiny_pipe.generating():
         run, _ = tiny_pipe.start(GenerationRequest(**{**BASE, **settings}))
         run.run(3)  # a cached step next
@@ -181,3 +182,15 @@ def test_api_prune_fields_and_info(live_server):
     assert all(p["score"] <= info["rerank_details"][0]["Early score"] for p in info["pruned"])
     bad = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**body, "prune_at": 3}, timeout=120)
     assert bad.status_code == 422 and "prune_at must be a step between 1 and steps - 1 = 2" in bad.text
+
+
+def test_ui_prunes_and_says_which(live_server):
+    from gradio_client import Client
+
+    client = Client(live_server.url, verbose=False, analytics_enabled=False)
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix (5), clip skip,
+    # early pruning: finish only the best M, scored after step K
+    args = ("a red circle", "", "Euler a", 3, 7, 64, 64, 30, 3, "clip", False, 2, "Latent", 0, 0.7, 1)
+    status, _, gallery, parameters, _ = client.predict(*args, 1, 2, api_name="/generate")
+    assert status.startswith("Done: 1 image(s)") and "pruned at step 2: seed " in status and len(gallery) == 1
+    assert "Early pruning: 3 to 1 at step 2" in parameters
