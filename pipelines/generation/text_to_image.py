@@ -303,17 +303,8 @@ class TextToImagePipeline:
         extra_channels: torch.Tensor | None = None,
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler.
-
-        Latents and scheduler arithmetic stay in fp32; only the U-Net runs in the model's dtype.
-        ``timesteps`` (default: the scheduler's) and ``total`` (default: ``request.steps``) let img2img
-        run the tail of a schedule; ``extra_channels`` [n, 5, h, w] are concatenated to the scaled input
-        of an inpainting U-Net; ``after_step(index, latents)`` may replace the latents after each
-        evaluation (the 4-channel inpainting blend).
-        ``request.steps`` counts steps as A1111 does: a second-order sampler (Heun, DPM2, DPM++ SDE)
-        evaluates the U-Net twice per step, and the progress, the CFG cutoff and the DeepCache interval
-        all count steps, not evaluations.
-        """
+        """The sampling loop (:class:`pipelines.generation.denoising.DenoisingRun`, which documents the
+        arguments) run to the end: predict noise with the U-Net, apply guidance, step the scheduler."""
         from pipelines.generation.denoising import DenoisingRun
 
         run = DenoisingRun(
