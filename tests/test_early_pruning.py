@@ -194,3 +194,19 @@ def test_ui_prunes_and_says_which(live_server):
     status, _, gallery, parameters, _ = client.predict(*args, 1, 2, api_name="/generate")
     assert status.startswith("Done: 1 image(s)") and "pruned at step 2: seed " in status and len(gallery) == 1
     assert "Early pruning: 3 to 1 at step 2" in parameters
+
+
+def test_batch_manifest_lists_the_pruned(tiny_model, tmp_path):
+    import json
+
+    from sd_app.cli import main
+    from tests.clip_fixtures import tiny_clip_dir
+
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\n")
+    assert main(["batch", str(prompts), "--out", str(out), "--model", str(tiny_model), "--steps", "3", "--width", "64",
+                 "--height", "64", "--seed", "5", "--n", "3", "--prune-to", "1", "--prune-at", "1",
+                 "--reranker", str(tiny_clip_dir(tmp_path / "clip"))]) == 0
+    (record,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(record["files"]) == 1 and sorted([p["seed"] for p in record["pruned"]] + record["seeds"]) == [5, 6, 7]
+    assert record["request"]["prune_to"] == 1 and all(p["at_step"] == 1 for p in record["pruned"])
