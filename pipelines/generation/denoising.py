@@ -12,13 +12,31 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
     from pipelines.generation.request import GenerationRequest
-    from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
+    from pipelines.generation.text_to_image import TextToImagePipeline
+
+class GenerationCancelled(Exception):
+    """Raised inside the denoising loop when the caller's cancel event is set."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Handed to the step callback after every denoising step."""
+
+    step: int  # 1-based
+    total: int
+    timestep: float
+    latents: torch.Tensor  # [n, 4, H/8, W/8], the current (noisy) latents
+
+
+StepCallback = Callable[[StepInfo], None]
+
 
 # Scheduler attributes that hold one row per image (diffusers 0.3x-0.4x): multistep histories and the
 # sample kept between the two evaluations of a second-order step. Everything else is per schedule.
@@ -160,8 +178,6 @@ class DenoisingRun:
         """Denoise until ``until`` steps are complete (default: all); returns the latents [n, C, h, w]."""
         import torch
         from tqdm.auto import tqdm
-
-        from pipelines.generation.text_to_image import GenerationCancelled, StepInfo
 
         until = self.total if until is None else until
         unet, scheduler, request = self.pipe.components.unet, self.scheduler, self.request

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from pipelines.generation.denoising import GenerationCancelled, StepCallback, StepInfo  # noqa: F401 - public here too
 from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest
@@ -25,20 +26,6 @@ if TYPE_CHECKING:
 
     from pipelines.generation.denoising import DenoisingRun
     from pipelines.models.components import SDComponents
-
-
-class GenerationCancelled(Exception):
-    """Raised inside the denoising loop when the caller's cancel event is set."""
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Handed to the step callback after every denoising step."""
-
-    step: int  # 1-based
-    total: int
-    timestep: float
-    latents: torch.Tensor  # [n, 4, H/8, W/8], the current (noisy) latents
 
 
 @dataclass
@@ -53,7 +40,6 @@ class TextToImageOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-StepCallback = Callable[[StepInfo], None]
 INPAINTING_CHANNELS = 9  # SD inpainting U-Nets: 4 latent + 1 mask + 4 masked-image latent channels
 
 
