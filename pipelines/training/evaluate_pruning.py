@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--keep", type=int, default=2)
     parser.add_argument("--prune-at", default="2,3,4,6", help="comma-separated steps K")
-    parser.add_argument("--vae-at", default="3,4", help="steps K whose x0 is also decoded by the VAE at half size")
+    parser.add_argument("--vae-at", default="2,3,4", help="steps K whose x0 is also decoded by the VAE at half size")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--threads", type=int, default=2)
