@@ -116,6 +116,9 @@ class Txt2ImgRequest(GenerationFields):
     hr_negative_prompt: str = ""
     firstphase_width: int = 0
     firstphase_height: int = 0
+    # sd-app: early pruning, run all batch_size * n_iter candidates prune_at steps, finish the best prune_to
+    prune_to: int = 0
+    prune_at: int = 0
 
 
 class Img2ImgRequest(GenerationFields):
@@ -211,7 +214,8 @@ def to_generation_request(body: Txt2ImgRequest, clip_skip: int = 1) -> Generatio
             resize_x=body.hr_resize_x,
             resize_y=body.hr_resize_y,
         )
-    return GenerationRequest(**_common_settings(body, clip_skip), hires=hires)
+    return GenerationRequest(**_common_settings(body, clip_skip), hires=hires, prune_to=body.prune_to,
+                             prune_at=body.prune_at)
 
 
 def _a1111_choice(field: str, value: int, choices: tuple[str, ...]) -> str:
@@ -319,6 +323,10 @@ def build_info(
         "min_score_passed": [c.passed for c in result.candidates] if result.min_scores else None,
         "rounds": result.rounds,
         "max_rounds": result.max_rounds,
+        "prune_to": request.prune_to or None,
+        "prune_at": request.prune_at or None,
+        "pruned": [{"seed": c.seed, "score": c.score, "at_step": c.at_step, "details": c.details}
+                   for c in result.pruned],  # dropped early, best early score first
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,

@@ -41,6 +41,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-rounds", type=int, default=3,
                         help="with --min-score: at most this many more rounds of --n candidates (0-10, default 3)")
     parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
+    parser.add_argument(
+        "--prune-to", type=int, default=0, metavar="M",
+        help="early pruning: finish only the M candidates whose predicted image scores best at --prune-at",
+    )
+    parser.add_argument("--prune-at", type=int, default=0, metavar="K",
+                        help="the step after which candidates are pruned (1 to steps - 1; with --prune-to)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_image_arguments(parser)
@@ -157,6 +163,8 @@ def request_and_notes(args: argparse.Namespace, prompt: str) -> tuple[Generation
         sampler=args.sampler,
         image=image,
         hires=hires,
+        prune_to=args.prune_to,
+        prune_at=args.prune_at,
     )
     return request, notes
 

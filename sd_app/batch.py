@@ -224,6 +224,8 @@ def run_job(
         "rank": rank,
         "seconds": round(time.monotonic() - started, 3),
     }
+    if result.pruned:  # early pruning: the candidates not finished, with their early score
+        record["pruned"] = [{"seed": c.seed, "score": c.score, "at_step": c.at_step} for c in result.pruned]
     append_manifest(out, record)
     return record
 

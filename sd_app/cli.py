@@ -88,6 +88,8 @@ def run_generate(args: argparse.Namespace) -> int:
             score += "".join(f", {label} {value:.2f}" for label, value in candidate.details.items())
         passed = {True: "  passed", False: "  below the minimum", None: ""}[candidate.passed]
         print(f"{candidate.path}  seed {candidate.seed}{score}{passed}")
+    for pruned in result.pruned:
+        print(f"pruned at step {pruned.at_step}  seed {pruned.seed}  early {result.score_label} {pruned.score:.2f}")
     order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
     made = result.request
     width, height = result.candidates[0].image.size

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.min_score import RoundReport
     from pipelines.rerank.scorers import Scorer, ScorerSpec
+    from pipelines.rerank.early_pruning import PrunedCandidate
     from sd_app.limits import RequestLimits
 
 
@@ -58,6 +59,7 @@ class GenerationResult:
     score_label: str = "CLIP score"  # what the candidates' scores are ("Contrastive score", ...)
     inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
     model_hash: str | None = None  # of the checkpoint that made the images
+    pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped early (request.prune_to), best first
     min_scores: dict[str, float] = field(default_factory=dict)  # label -> minimum asked ({} when none)
     rounds: int = 1  # rounds of candidates generated (more than 1 only to reach the minimum scores)
     max_rounds: int = 1
@@ -273,6 +275,8 @@ class Engine:
         if thresholds and reranker is None:
             raise ValueError("a minimum score needs reranking on")
         labels = thresholds_by_label(thresholds, scorer_kinds(reranker, next(iter(weights)))) if thresholds else {}
+        if labels and request.prune_to:
+            raise ValueError("early pruning (prune_to) and a minimum score do not combine: choose one")
         pipe = self.pipeline()
         if self.limits is not None:
             self.limits.check(request, pipe.count_tokens, rounds=1 + extra_rounds if labels else 1)
@@ -290,6 +294,12 @@ class Engine:
         candidates = []
         for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
+            if output.pruned:
+                from pipelines.rerank.early_pruning import format_pruned
+
+                made = output.request
+                extra["Early pruning"] = f"{made.n} to {made.prune_to} at step {made.prune_at}"
+                extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
             if ranked.score is not None:
                 extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
@@ -321,4 +331,5 @@ class Engine:
             min_scores=labels,
             rounds=rounds,
             max_rounds=max_rounds,
+            pruned=output.pruned,
         )

@@ -133,6 +133,12 @@ def build_demo(
                                 )
                                 extra_rounds = gr.Slider(0, 10, value=3, step=1, label="Extra rounds at most",
                                                          elem_id="extra-rounds")
+                        with gr.Accordion("Early pruning", open=False):
+                            with gr.Row():
+                                prune_to = gr.Slider(0, LIMITS["n"][1] - 1, value=0, step=1,
+                                                     label="Finish only the best (0 = all)", elem_id="prune-to")
+                                prune_at = gr.Slider(0, LIMITS["steps"][1] - 1, value=0, step=1,
+                                                     label="Scored after step", elem_id="prune-at")
                     with gr.Column(scale=2):
                         status = gr.Markdown("", elem_id="status")
                         previews = gr.Gallery(
@@ -294,7 +300,7 @@ def build_demo(
         hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
         generate_inputs = [
             prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip,
-            scorer_text, min_score, extra_rounds, session,
+            scorer_text, min_score, extra_rounds, session, prune_to, prune_at,
         ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]

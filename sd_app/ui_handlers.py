@@ -197,13 +197,16 @@ class UiHandlers:
         n: Any,
         hires: tuple[Any, ...] | None = None,
         clip_skip: Any = 1,
+        pruning: tuple[Any, Any] = (0, 0),
     ) -> GenerationRequest:
         """The validated request for the Generate view's fields; ValueError names the bad one.
 
-        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix.
+        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix;
+        ``pruning``: (prune_to, prune_at) of early pruning, (0, 0) for none.
         """
         settings = cls.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
         settings["clip_skip"] = integer("clip_skip", clip_skip)
+        settings["prune_to"], settings["prune_at"] = integer("prune_to", pruning[0]), integer("prune_at", pruning[1])
         if hires is not None and hires[0]:
             from pipelines.generation.conditioning import HiresFix
 
@@ -238,13 +241,16 @@ class UiHandlers:
         min_score: str | None = "",
         extra_rounds: Any = 3,
         session: UserSession | None = None,
+        prune_to: Any = 0,
+        prune_at: Any = 0,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
 
         ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order); ``scorers`` ("clip:1,
         aesthetic:0.5") overrides it; ``min_score`` ("aesthetic=5.5" or a number) regenerates up to
-        ``extra_rounds`` more rounds until a candidate reaches it.
+        ``extra_rounds`` more rounds until a candidate reaches it; ``prune_to`` M > 0 finishes only the
+        best M candidates, scored after step ``prune_at`` (early pruning).
         """
         from pipelines.rerank.scorers import parse_min_scores, parse_weights
 
@@ -252,7 +258,7 @@ class UiHandlers:
         hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         try:
             request = self.build_request(
-                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip
+                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip, (prune_to, prune_at)
             )
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
@@ -433,6 +439,9 @@ class UiHandlers:
                        f" · no candidate reached the minimum {wanted} in {result.rounds} round(s); showing the best")
         if result.prompt_truncated_for_scoring:
             status += " · the reranker read only the first 77 tokens"
+        if result.pruned:
+            listed = ", ".join(f"seed {c.seed} ({c.score:.1f})" for c in result.pruned)
+            status += f" · pruned at step {result.pruned[0].at_step}: {listed}"
         for note in notes or []:
             status += f" · {note}"
         return status, gr.update(), items, best.parameters, files

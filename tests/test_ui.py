@@ -63,9 +63,10 @@ def test_bad_input_is_a_short_error_and_the_next_request_works(client):
 
 
 def test_out_of_memory_is_reported_and_the_next_request_works(client, live_server, monkeypatch):
-    pipe = live_server.engine.pipeline()
+    from pipelines.generation.denoising import DenoisingRun
+
     calls = {"n": 0}
-    original = type(pipe).denoise
+    original = DenoisingRun.run  # the sampling loop every text-to-image request runs
 
     def exploding_denoise(self, *args, **kwargs):
         calls["n"] += 1
@@ -73,7 +74,7 @@ def test_out_of_memory_is_reported_and_the_next_request_works(client, live_serve
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(pipe), "denoise", exploding_denoise)
+    monkeypatch.setattr(DenoisingRun, "run", exploding_denoise)
     with pytest.raises(AppError, match="Out of memory"):
         client.predict(*generate_args(n=1), api_name="/generate")
     status, *_ = client.predict(*generate_args(n=1), api_name="/generate")

@@ -50,6 +50,8 @@ class GenerationRequest:
     CPU ``torch.Generator``, so a seed gives the same picture at any batch size.
     ``image`` makes it img2img or inpainting (``ImageConditioning``); ``hires`` adds A1111's hires fix
     to text-to-image (``HiresFix``); width and height are the size generated at (the first pass's).
+    ``prune_to`` M and ``prune_at`` K (early pruning, ``pipelines.rerank.early_pruning``): all n
+    candidates run K steps, the M whose predicted clean images score best are finished.
     """
 
     prompt: str = ""
@@ -66,6 +68,8 @@ class GenerationRequest:
     guidance_cutoff: float = 0.0
     image: ImageConditioning | None = None
     hires: HiresFix | None = None
+    prune_to: int = 0  # early pruning: finish only the best M of the n candidates (0 = off)
+    prune_at: int = 0  # ... scored on their predicted clean image after step K (1 <= K < steps)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +106,24 @@ class GenerationRequest:
             if self.image is not None:
                 raise ValueError("hires fix is for text-to-image; run img2img at the size you want instead")
             self.hires.target_size(self.width, self.height)
+        self.validate_pruning()
+
+    def validate_pruning(self) -> None:
+        """Early pruning: both or neither of prune_to (1 <= M < n) and prune_at (1 <= K < steps), text-to-image."""
+        prune_to, prune_at = _require_int("prune_to", self.prune_to), _require_int("prune_at", self.prune_at)
+        if prune_to == 0 and prune_at == 0:
+            return
+        if self.n < 2:
+            raise ValueError(f"early pruning needs n >= 2 candidates, got n={self.n}")
+        if not 1 <= prune_to < self.n:
+            raise ValueError(
+                f"prune_to must be between 1 and n - 1 = {self.n - 1} (finish fewer than the {self.n} candidates), "
+                f"got {prune_to}"
+            )
+        if not 1 <= prune_at < self.steps:
+            raise ValueError(f"prune_at must be a step between 1 and steps - 1 = {self.steps - 1}, got {prune_at}")
+        if self.image is not None or self.hires is not None:
+            raise ValueError("early pruning (prune_to) is for text-to-image without the hires fix")
 
     @property
     def total_steps(self) -> int:
@@ -140,4 +162,7 @@ class GenerationRequest:
                 del settings[name]  # text-to-image settings read as they always did (batch job ids)
             else:
                 settings[name] = settings[name].to_dict()
+        for name in ("prune_to", "prune_at"):
+            if not settings[name]:
+                del settings[name]  # likewise without early pruning
         return settings

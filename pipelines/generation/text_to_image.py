@@ -8,11 +8,13 @@ decode; for the same components, seeds and scheduler it produces the same images
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from pipelines.generation.denoising import GenerationCancelled, StepCallback, StepInfo  # noqa: F401 - public here too
 from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest
@@ -22,21 +24,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from pipelines.generation.denoising import DenoisingRun
     from pipelines.models.components import SDComponents
-
-
-class GenerationCancelled(Exception):
-    """Raised inside the denoising loop when the caller's cancel event is set."""
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Handed to the step callback after every denoising step."""
-
-    step: int  # 1-based
-    total: int
-    timestep: float
-    latents: torch.Tensor  # [n, 4, H/8, W/8], the current (noisy) latents
 
 
 @dataclass
@@ -51,7 +40,6 @@ class TextToImageOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-StepCallback = Callable[[StepInfo], None]
 INPAINTING_CHANNELS = 9  # SD inpainting U-Nets: 4 latent + 1 mask + 4 masked-image latent channels
 
 
@@ -126,15 +114,16 @@ class TextToImagePipeline:
         (``pipelines.generation.image_to_image`` and ``hires``); ``on_step`` then counts the steps of
         both passes.
         """
-        import torch
 
         # 1. Check inputs (the request validates itself) and resolve a random seed.
         if not isinstance(request, GenerationRequest):
             raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
+        if request.prune_to:
+            raise ValueError("early pruning (prune_to) needs a scorer: run it with pipelines.rerank.best_of.best_of_n")
         request = request.resolved()
         seeds = request.seeds()
         first_pass = counting_steps(on_step, 0, request.total_steps)
-        with self._lock, torch.inference_mode():
+        with self.generating():
             # 2. Encode prompt and negative prompt (classifier-free guidance needs both), the prompt's LoRAs merged.
             networks_used = self.activate_networks(request.prompt, request.negative_prompt)
             guided = request.cfg_scale > 1.0
@@ -147,18 +136,10 @@ class TextToImagePipeline:
 
                 images = image_to_image(self, request, seeds, text_states, first_pass, cancel, progress)
             else:
-                # 3. Timesteps of a fresh scheduler (schedulers keep per-run state).
-                scheduler = build_scheduler(request.sampler, self.components.scheduler_config, noise_seeds=seeds)
-                scheduler.set_timesteps(request.steps, device=self.device)
-                # 4. Latents: one CPU generator per image, so a seed's picture is independent of batch size.
-                generators = self.generators(seeds)
-                latents = self.prepare_latents(request, generators) * scheduler.init_noise_sigma
-                extra = self.blank_inpainting_channels(latents, generators) if self.inpainting_unet else None
+                # 3-4. Timesteps of a fresh scheduler, latents from one CPU generator per image.
+                run = self.text_to_image_run(request, seeds, text_states)
                 # 5. Denoise.
-                latents = self.denoise(
-                    scheduler, latents, text_states, request, generators, first_pass, cancel, progress,
-                    extra_channels=extra,
-                )
+                latents = run.run(on_step=first_pass, cancel=cancel, progress=progress)
                 if request.hires is not None:
                     # 5b. Hires fix: upscale, noise again from the same seeds, denoise the last steps.
                     from pipelines.generation.hires import hires_fix
@@ -175,6 +156,41 @@ class TextToImagePipeline:
             model_hash=self.components.model_hash,
             extra=networks_used,
         )
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        """Hold this model for one generation (one at a time per loaded model), without autograd."""
+        import torch
+
+        with self._lock, torch.inference_mode():
+            yield
+
+    def start(self, request: GenerationRequest, *, track_clean: bool = False) -> tuple[DenoisingRun, dict[str, str]]:
+        """A text-to-image run of ``request`` (seed resolved) that has not taken a step yet, and the
+        infotext pairs of its networks; call inside ``generating()``, step it, then ``decode`` its latents.
+        ``track_clean`` keeps the predicted clean latents of each step (early pruning)."""
+        if request.image is not None or request.hires is not None:
+            raise ValueError("a stepwise run is plain text-to-image (no init image, no hires fix)")
+        networks_used = self.activate_networks(request.prompt, request.negative_prompt)
+        text_states = self.encode_prompt(
+            request.prompt, request.negative_prompt, request.n, request.cfg_scale > 1.0, request.clip_skip
+        )
+        return self.text_to_image_run(request, request.seeds(), text_states, track_clean=track_clean), networks_used
+
+    def text_to_image_run(
+        self, request: GenerationRequest, seeds: list[int], text_states: torch.Tensor, *, track_clean: bool = False
+    ) -> DenoisingRun:
+        """Steps 3-4 of text-to-image: a fresh scheduler (schedulers keep per-run state) and the seeds' latents."""
+        from pipelines.generation.denoising import DenoisingRun
+
+        scheduler = build_scheduler(request.sampler, self.components.scheduler_config, noise_seeds=seeds)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        # One CPU generator per image, so a seed's picture is independent of batch size.
+        generators = self.generators(seeds)
+        latents = self.prepare_latents(request, generators) * scheduler.init_noise_sigma
+        extra = self.blank_inpainting_channels(latents, generators) if self.inpainting_unet else None
+        return DenoisingRun(self, scheduler, latents, text_states, request, generators, extra_channels=extra,
+                            track_clean=track_clean)
 
     @staticmethod
     def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -273,77 +289,15 @@ class TextToImagePipeline:
         extra_channels: torch.Tensor | None = None,
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The sampling loop: predict noise with the U-Net, apply guidance, step the scheduler.
+        """The sampling loop (:class:`pipelines.generation.denoising.DenoisingRun`, which documents the
+        arguments) run to the end: predict noise with the U-Net, apply guidance, step the scheduler."""
+        from pipelines.generation.denoising import DenoisingRun
 
-        Latents and scheduler arithmetic stay in fp32; only the U-Net runs in the model's dtype.
-        ``timesteps`` (default: the scheduler's) and ``total`` (default: ``request.steps``) let img2img
-        run the tail of a schedule; ``extra_channels`` [n, 5, h, w] are concatenated to the scaled input
-        of an inpainting U-Net; ``after_step(index, latents)`` may replace the latents after each
-        evaluation (the 4-channel inpainting blend).
-        ``request.steps`` counts steps as A1111 does: a second-order sampler (Heun, DPM2, DPM++ SDE)
-        evaluates the U-Net twice per step, and the progress, the CFG cutoff and the DeepCache interval
-        all count steps, not evaluations.
-        """
-        import inspect
-
-        import torch
-        from tqdm.auto import tqdm
-
-        from pipelines.speed.deep_cache import DeepCacheRunner
-
-        unet = self.components.unet
-        n = latents.shape[0]
-        step_parameters = inspect.signature(scheduler.step).parameters
-        step_kwargs: dict[str, Any] = {}
-        if "generator" in step_parameters:
-            step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
-        if "eta" in step_parameters:
-            step_kwargs["eta"] = 0.0
-        if timesteps is None:
-            timesteps = scheduler.timesteps  # [evaluations]: 2 * steps - 1 for second-order samplers
-        total = request.steps if total is None else total
-        if extra_channels is not None:
-            extra_channels = extra_channels.to(self.device, unet.dtype)  # [n, 5, h, w]
-        guided_steps = total - round(total * request.guidance_cutoff)
-        runner = DeepCacheRunner(unet, request.cache_interval)
-        order = getattr(scheduler, "order", 1)
-        warmup = max(len(timesteps) - (total if order == 1 else 2 * total - 1), 0)  # evaluations before step 1 ends
-        step = 0  # steps completed so far
-        # Timestep values read once (one host sync), not per step: on CUDA float(t) would wait for the GPU.
-        timestep_values = [float(value) for value in timesteps.cpu()] if on_step is not None else []
-        bar = tqdm(total=total, disable=not progress, desc="denoise", leave=False)
-        for index, t in enumerate(timesteps):
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"cancelled after {step} of {total} steps")
-            guided = text_states.shape[0] == 2 * n and step < guided_steps
-            states = text_states if guided else text_states[-n:]  # positive half when unguided
-            model_input = torch.cat([latents] * 2) if guided else latents  # [2n or n, C, h, w]
-            model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
-            if extra_channels is not None:
-                extra = torch.cat([extra_channels] * 2) if guided else extra_channels
-                model_input = torch.cat([model_input, extra], dim=1)  # [2n or n, 9, h, w]
-            if request.cache_interval > 1:
-                noise = runner(model_input, t, states, step)
-            else:
-                noise = unet(model_input, t, encoder_hidden_states=states).sample
-            noise = noise.float()  # [2n or n, C, h, w]
-            if guided:
-                noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + request.cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
-            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
-            if after_step is not None:
-                # Contiguous: a blend with a broadcast mask can come out channels_last, and other strides
-                # would cost the fused CPU attention a new trace (and the convolutions a layout change).
-                latents = after_step(index, latents).contiguous()
-            # A step is complete when the scheduler is back in its first stage (always, for first-order
-            # ones), after the warm-up evaluations (PLMS evaluates its first step twice).
-            if index >= warmup and (getattr(scheduler, "state_in_first_order", True) or index == len(timesteps) - 1):
-                step += 1
-                bar.update()
-                if on_step is not None:
-                    on_step(StepInfo(step, total, timestep_values[index], latents))
-        bar.close()
-        return latents
+        run = DenoisingRun(
+            self, scheduler, latents, text_states, request, generators,
+            timesteps=timesteps, total=total, extra_channels=extra_channels, after_step=after_step,
+        )
+        return run.run(on_step=on_step, cancel=cancel, progress=progress)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """VAE-decode latents one image at a time (bounded memory) to 8-bit RGB PIL images.

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.contrastive import ContrastiveScorer
+    from pipelines.rerank.early_pruning import PrunedCandidate
 
 DEFAULT_BATCH_SIZE = 4
 
@@ -47,6 +48,7 @@ class BestOfOutput:
     prompt_truncated: bool  # the prompt was cut to CLIP's 77 positions for scoring
     score_label: str = "CLIP score"  # what the candidates' scores are
     extra: dict[str, str] = field(default_factory=dict)  # the pipeline's infotext pairs (Lora hashes, TI hashes)
+    pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped by early pruning, best early score first
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -78,37 +80,63 @@ def best_of_n(
     cancel: threading.Event | None = None,
     progress: bool = False,
 ) -> BestOfOutput:
-    """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``."""
+    """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``.
+
+    With ``request.prune_to`` M the candidates are pruned early (:mod:`pipelines.rerank.early_pruning`):
+    only M are finished, ranked by their final score; ``pruned`` lists the others with their early score.
+    """
     check_keep(keep, request.n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if request.prune_to:
+        if scorer is None:
+            raise ValueError(f"early pruning (prune_to={request.prune_to}) needs a reranker to score the candidates")
+        if keep is not None and keep > request.prune_to:
+            raise ValueError(f"keep must be at most prune_to={request.prune_to}, got {keep}")
     request = request.resolved()
+    plain = parse_emphasis(strip_network_tags(request.prompt))
+    plain_prompt = "".join(span.text for span in plain)  # CLIP reads plain text
     images: list[Image.Image] = []
     seeds: list[int] = []
-    model_hash = None
+    made: list[int] = []  # generation index of each image
+    model_hash = pipe.components.model_hash
     extra: dict[str, str] = {}
-    parts = range(0, request.n, batch_size)
-    for part_index, start in enumerate(parts):
-        part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
-        output = pipe(part, on_step=_whole_request_steps(on_step, part_index, len(parts)), cancel=cancel,
-                      progress=progress)
-        images.extend(output.images)
-        seeds.extend(output.seeds)
-        model_hash = output.model_hash
-        extra = output.extra
+    pruned: list[PrunedCandidate] = []
+    early: dict[int, dict[str, float]] = {}  # generation index -> early score, for the kept ones
+    if request.prune_to and scorer is not None:
+        from pipelines.rerank.early_pruning import early_pruned_images, pruned_candidates
+
+        images, ranking, extra = early_pruned_images(
+            pipe, request, scorer, plain_prompt, batch_size=batch_size, on_step=on_step, cancel=cancel,
+            progress=progress,
+        )
+        made = sorted(ranking.kept)
+        seeds = [request.seeds()[i] for i in made]
+        pruned = pruned_candidates(request, ranking)
+        early = {i: {"Early score": ranking.scores[i]} for i in made}
+    else:
+        parts = range(0, request.n, batch_size)
+        for part_index, start in enumerate(parts):
+            part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
+            output = pipe(part, on_step=_whole_request_steps(on_step, part_index, len(parts)), cancel=cancel,
+                          progress=progress)
+            images.extend(output.images)
+            seeds.extend(output.seeds)
+            model_hash = output.model_hash
+            extra = output.extra
+        made = list(range(len(images)))
     scores: list[float | None] = [None] * len(images)
     details: list[dict[str, float]] = [{} for _ in images]
     order = list(range(len(images)))
     truncated, label = False, "CLIP score"
     if scorer is not None:
-        plain = parse_emphasis(strip_network_tags(request.prompt))
-        plain_prompt = "".join(span.text for span in plain)  # CLIP reads plain text
         result = scorer.score(images, plain_prompt)  # prompt encoded once for all candidates
         scores = list(result.scores)
         details = [dict(d) for d in result.details] or details
         order = result.order()
         truncated, label = result.truncated, result.label
-    candidates = [RankedImage(images[i], seeds[i], scores[i], i, details[i]) for i in order]
+    candidates = [RankedImage(images[i], seeds[i], scores[i], made[i], {**details[i], **early.get(made[i], {})})
+                  for i in order]
     return BestOfOutput(
         candidates=candidates[:keep] if keep is not None else candidates,
         request=request,
@@ -118,4 +146,5 @@ def best_of_n(
         prompt_truncated=truncated,
         score_label=label,
         extra=extra,
+        pruned=pruned,
     )

@@ -1,0 +1,147 @@
+"""Early pruning (speculative best-of-N): run all N candidates for K steps, score each one's predicted
+clean image, finish only the best M.
+
+After step K the scheduler's x0 prediction (``pipelines.generation.denoising.predicted_clean``) already
+shows the composition the finished image will have (the coarse layout is settled in the first steps of
+sampling; Ho et al. 2020, Fig. 6). It is decoded cheaply, by default with the linear latent -> RGB map of
+the previews (no VAE: a VAE decode of the embedded model costs about 7 U-Net steps), and scored by the
+request's reranker. The kept candidates go on from where they are, so each is the very image its seed
+gives without pruning (tests/test_early_pruning.py). Compute: N K + M (steps - K) U-Net steps and M VAE
+decodes instead of N steps and N decodes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from pipelines.generation.request import GenerationRequest
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from pipelines.generation.denoising import DenoisingRun
+    from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
+    from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
+    from pipelines.rerank.contrastive import ContrastiveScorer
+
+# How x0 becomes a picture: the linear latent -> RGB map, the VAE on x0 at half size (a quarter of the
+# decode), or the full VAE.
+EARLY_DECODERS = ("preview", "vae-half", "vae")
+DEFAULT_EARLY_DECODER = "preview"
+PREVIEW_SIZE = 224  # the preview (h/8 x w/8 pixels) is upscaled to CLIP's input size
+
+
+@dataclass(frozen=True)
+class PrunedCandidate:
+    """A candidate dropped after step ``at_step``: its seed, early score and position made."""
+
+    seed: int
+    score: float
+    generation_index: int
+    at_step: int
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EarlyRanking:
+    """The early scores of all candidates (generation order) and the rows kept, best first."""
+
+    scores: list[float]
+    details: list[dict[str, float]]
+    kept: list[int]  # generation indices, best first
+    pruned: list[int]  # generation indices, best first
+
+
+def decode_clean(pipe: TextToImagePipeline, clean: torch.Tensor, decoder: str = DEFAULT_EARLY_DECODER
+                 ) -> list[Image.Image]:
+    """Pictures of predicted clean latents [n, C, h, w]: ``preview`` (linear map, upscaled), ``vae-half``
+    (latents area-downsampled 2x, then the VAE) or ``vae``."""
+    if decoder == "preview":
+        return pipe.preview_latents(clean, size=PREVIEW_SIZE)
+    if decoder == "vae-half":
+        import torch
+
+        return pipe.decode(torch.nn.functional.avg_pool2d(clean, 2))  # [n, C, h/2, w/2] -> H/2 x W/2 images
+    if decoder == "vae":
+        return pipe.decode(clean)
+    raise ValueError(f"decoder must be one of {', '.join(EARLY_DECODERS)}, got {decoder!r}")
+
+
+def rank_early(result: ScoreResult, keep: int) -> EarlyRanking:
+    """Keep the ``keep`` best by the scorer's order (ties by input index), prune the rest."""
+    order = result.order()
+    details = [dict(d) for d in result.details] or [{} for _ in result.scores]
+    return EarlyRanking(list(result.scores), details, order[:keep], order[keep:])
+
+
+def _counting(on_step: StepCallback | None, done: list[int], rows: int, total: int) -> StepCallback | None:
+    """Progress in candidate-steps of the whole request: a step of a batch of ``rows`` moves it by ``rows``."""
+    if on_step is None:
+        return None
+
+    def forward(info: StepInfo) -> None:
+        done[0] += rows
+        on_step(replace(info, step=done[0], total=total))
+
+    return forward
+
+
+def early_pruned_images(
+    pipe: TextToImagePipeline,
+    request: GenerationRequest,
+    scorer: ClipScorer | ContrastiveScorer,
+    prompt: str,
+    *,
+    batch_size: int,
+    decoder: str = DEFAULT_EARLY_DECODER,
+    on_step: StepCallback | None = None,
+    cancel: threading.Event | None = None,
+    progress: bool = False,
+) -> tuple[list[Image.Image], EarlyRanking, dict[str, Any]]:
+    """Run ``request`` (seed resolved, ``prune_to`` M and ``prune_at`` K set) with pruning: the kept
+    candidates' images in generation order, the ranking, the networks' infotext.
+
+    ``on_step`` counts candidate-steps: N K + M (steps - K) in all, monotonic.
+    """
+    import torch
+
+    n, keep, at = request.n, request.prune_to, request.prune_at
+    total = n * at + keep * (request.steps - at)
+    done = [0]
+    runs: list[tuple[int, DenoisingRun]] = []  # (first generation index, run)
+    extra: dict[str, Any] = {}
+    with pipe.generating():
+        for start in range(0, n, batch_size):
+            part = replace(request, seed=request.seeds()[start], n=min(batch_size, n - start), prune_to=0,
+                           prune_at=0)
+            run, extra = pipe.start(part, track_clean=True)
+            run.run(at, on_step=_counting(on_step, done, part.n, total), cancel=cancel, progress=progress)
+            runs.append((start, run))
+        clean = torch.cat([run.clean for _, run in runs])  # [N, C, h, w], x0 predicted at step K
+        ranking = rank_early(scorer.score(decode_clean(pipe, clean, decoder), prompt), keep)
+        finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
+        for start, run in runs:
+            rows = [i - start for i in sorted(ranking.kept) if start <= i < start + run.n]
+            if not rows:
+                continue
+            run.keep(rows)
+            latents = run.run(on_step=_counting(on_step, done, len(rows), total), cancel=cancel, progress=progress)
+            finished.update({start + row: latent for row, latent in zip(rows, latents, strict=True)})
+        images = pipe.decode(torch.stack([finished[i] for i in sorted(finished)]))  # [M, C, h, w] -> M images
+    return images, ranking, extra
+
+
+def pruned_candidates(request: GenerationRequest, ranking: EarlyRanking) -> list[PrunedCandidate]:
+    """The dropped candidates, best early score first."""
+    seeds = request.seeds()
+    return [
+        PrunedCandidate(seeds[i], ranking.scores[i], i, request.prune_at, ranking.details[i]) for i in ranking.pruned
+    ]
+
+
+def format_pruned(pruned: list[PrunedCandidate]) -> str:
+    """``seed: score`` of each pruned candidate, for the infotext ("Pruned early: 1236: 21.30, ...")."""
+    return ", ".join(f"{c.seed}: {c.score:.2f}" for c in pruned)
