@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
     from pipelines.models.library import ModelLibrary
     from pipelines.rerank.clip_scorer import ClipScorer
+    from pipelines.rerank.early_pruning import PrunedCandidate
     from pipelines.rerank.min_score import RoundReport
     from pipelines.rerank.scorers import Scorer, ScorerSpec
-    from pipelines.rerank.early_pruning import PrunedCandidate
     from sd_app.limits import RequestLimits
 
 
