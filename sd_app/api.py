@@ -183,6 +183,8 @@ def _common_settings(body: GenerationFields, clip_skip: int = 1) -> dict[str, An
         "n": n,
         "clip_skip": overrides.get("CLIP_stop_at_last_layers", clip_skip),
         "sampler": sampler,
+        # A1111's eta is TCD's gamma there; the other samplers' eta is checked by check_fields above.
+        "eta": (body.model_extra or {}).get("eta") if resolve_sampler(sampler).spec.eta else None,
     }
 
 

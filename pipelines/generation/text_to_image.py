@@ -9,6 +9,7 @@ decode; for the same components, seeds and scheduler it produces the same images
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest
-from pipelines.generation.schedulers import build_scheduler
+from pipelines.generation.schedulers import build_scheduler, guidance_warning, resolve_sampler
 
 if TYPE_CHECKING:
     import torch
@@ -133,6 +134,9 @@ class TextToImagePipeline:
             raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
         request = request.resolved()
         seeds = request.seeds()
+        warning = guidance_warning(request.sampler, request.cfg_scale)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         first_pass = counting_steps(on_step, 0, request.total_steps)
         with self._lock, torch.inference_mode():
             # 2. Encode prompt and negative prompt (classifier-free guidance needs both), the prompt's LoRAs merged.
@@ -298,7 +302,7 @@ class TextToImagePipeline:
         if "generator" in step_parameters:
             step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
         if "eta" in step_parameters:
-            step_kwargs["eta"] = 0.0
+            step_kwargs["eta"] = resolve_sampler(request.sampler).spec.eta if request.eta is None else request.eta
         if timesteps is None:
             timesteps = scheduler.timesteps  # [evaluations]: 2 * steps - 1 for second-order samplers
         total = request.steps if total is None else total
