@@ -7,7 +7,8 @@ with ``original_inference_steps`` 50 and 1000 training steps, t_j = 20 (j + 1) -
 space n points in timestep between the grid's ends (999 and 19), interpolate the noise level in log-sigma
 and snap to the nearest grid level (ties to the lower one). "Uniform", the sampler's own ``get_sigmas``,
 takes n points from 999 to 19 inclusive; "SGM Uniform" (k-diffusion's ``sgm_uniform``) takes n + 1 and
-drops the last, which for 4 steps is diffusers' own schedule 999, 759, 499, 259. Where two points
+drops the last: diffusers' own LCM/TCD spacing for 1-4, 6 and 8 steps (for 4: 999, 759, 499, 259) and at
+most one grid level from it otherwise. Where two points
 snap to one level (only near 50 steps) the later one takes the next level down, so levels never repeat.
 """
 

@@ -15,7 +15,7 @@ teacher solver, t = 20 k + 19 (:mod:`pipelines.generation.consistency_schedules`
 (Zheng et al. 2024, "Trajectory Consistency Distillation"; diffusers ``TCDScheduler``, ComfyUI-TCD; its
 ``eta``, the paper's gamma, 0.3 by default, sets how much fresh noise each step takes). Their schedule
 types are "Uniform" (A1111's own LCM spacing: n grid points evenly from t = 999 to 19) and "SGM Uniform"
-(n + 1 evenly from 999 to 19, the last dropped: diffusers' and ComfyUI's spacing). Both want CFG 1-2 and
+(n + 1 evenly from 999 to 19, the last dropped: about diffusers' and ComfyUI's spacing). Both want CFG 1-2 and
 4-8 steps (:func:`few_step_defaults`, :func:`guidance_warning`).
 """
 
