@@ -286,7 +286,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
                      "lora_params": n_params,
                      **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
             if args.monitor:
-                images = lcm_sample(unet, vae, monitor_states, runtime, args.res, steps=4, seed=done)
+                images = lcm_sample(unet, vae, monitor_states, runtime, args.monitor_res, steps=4, seed=done)
                 state["monitor_4step"] = oracle_fidelity(images, monitor)
                 log.write(step=done, **{f"monitor_{k}": v for k, v in state["monitor_4step"].items()})
                 tqdm.write(f"step {done}: loss {running:.5f} 4-step {json.dumps(state['monitor_4step'])}")
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--huber-c", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--monitor", type=int, default=16, help="prompts sampled in 4 steps and judged per checkpoint")
+    parser.add_argument("--monitor-res", type=int, default=512, help="image side of the monitor's samples")
     parser.add_argument("--export", type=Path, default=None, help="write the run's LCM-LoRA (fp16) here and stop")
     parser.add_argument("--fp32", action="store_true", help="export in fp32")
     args = parser.parse_args(argv)
