@@ -58,6 +58,7 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
     "DDIM": ["ddim"],
     "PLMS": ["plms"],
     "UniPC": ["unipc"],
+    "LCM": ["k_lcm"],  # modules/sd_samplers_lcm.py
 }
 SCHEDULERS = tuple(schedule_names())
 
@@ -322,7 +323,7 @@ def samplers_list() -> list[dict[str, Any]]:
     rows = []
     for name, spec in SAMPLERS.items():
         default = spec.default_schedule
-        options = {"scheduler": default.lower()} if default not in (None, "Uniform") else {}
+        options = {"scheduler": default.lower().replace(" ", "_")} if default not in (None, "Uniform") else {}
         rows.append({"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": options})
     return rows
 
@@ -460,7 +461,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
 
     @router.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        return [{"name": name.lower(), "label": name, "aliases": None} for name in SCHEDULERS]
+        return [{"name": name.lower().replace(" ", "_"), "label": name, "aliases": None} for name in SCHEDULERS]
 
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -181,6 +181,7 @@ def test_api_schedule_types_combine_with_sampler_names():
         resolve_sampler("DPM++ 2M Karras", "Exponential")
     assert resolve_sampler("LCM", "SGM Uniform").label == "LCM SGM Uniform"
     assert resolve_sampler("lcm sgm uniform").schedule == "SGM Uniform"
+    assert resolve_sampler("LCM", "sgm_uniform").schedule == "SGM Uniform"  # A1111's scheduler name
     with pytest.raises(ValueError, match="'LCM' does not take schedule 'Karras'.*Automatic, Uniform, SGM Uniform"):
         resolve_sampler("LCM", "Karras")
     with pytest.raises(ValueError, match="'Euler' does not take schedule 'SGM Uniform'"):

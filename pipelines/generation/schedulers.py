@@ -168,7 +168,7 @@ def resolve_schedule(schedule: str | None) -> str:
         return AUTOMATIC
     if not isinstance(schedule, str):
         raise ValueError(f"scheduler must be a string, got {schedule!r}")
-    known = _match(schedule, SCHEDULES)
+    known = _match(schedule.replace("_", " "), SCHEDULES)  # A1111's names too: "sgm_uniform"
     if known is not None:
         return known
     what = "is an A1111 schedule type we do not implement" if _match(schedule, A1111_SCHEDULES) else "is unknown"
