@@ -80,12 +80,13 @@ def run_setting(pipe: TextToImagePipeline, scorer: ClipScorer, setting: Setting,
                float(np.median(best_s)))
 
 
-def few_step_settings(spec: str, candidates: int) -> list[Setting]:
-    """``"LCM:4,TCD:4"`` -> the few-step rows, each with the LoRA and CFG 1."""
+def few_step_settings(spec: str) -> list[Setting]:
+    """``"LCM:4,TCD:4:1.5"`` (sampler:steps[:CFG, default 1]) -> the few-step rows, each with the LoRA."""
     out = []
     for item in filter(None, spec.split(",")):
-        sampler, _, steps = item.rpartition(":")
-        out.append(Setting(f"{sampler} {steps} steps + LCM-LoRA, CFG 1", sampler, int(steps), 1.0,
+        sampler, steps, *cfg = item.split(":")
+        scale = float(cfg[0]) if cfg else 1.0
+        out.append(Setting(f"{sampler} {steps} steps + LCM-LoRA, CFG {scale:g}", sampler, int(steps), scale,
                            f"<lora:{LORA_NAME}:1> "))
     return out
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=48)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--timed", type=int, default=8, help="pairs whose single-image request is timed")
-    parser.add_argument("--few-step", default="LCM:4", help="sampler:steps rows with the LoRA, comma-separated")
+    parser.add_argument("--few-step", default="LCM:4", help="sampler:steps[:CFG] rows with the LoRA, comma-separated")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 20-step row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copy(args.lora, Path(folder) / "Lora" / f"{LORA_NAME}.safetensors")
         pipe = load_pipeline("embedded", device="cpu", library=ModelLibrary([Path(folder)], shipped=False))
         scorer = ClipScorer.load(EMBEDDED_MODEL_DIR / "clip", device="cpu")
-        settings = few_step_settings(args.few_step, args.candidates)
+        settings = few_step_settings(args.few_step)
         if not args.no_baseline:
             sampler = sampler_for_config(read_scheduler_config(EMBEDDED_MODEL_DIR))
             settings.insert(0, Setting(f"{sampler} 20 steps, CFG 7 (default)", sampler, 20, 7.0, ""))
