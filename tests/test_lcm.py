@@ -213,12 +213,10 @@ def test_eta_is_written_to_the_png_parameters_and_read_back():
 
 
 def test_consistency_boundary_conditions_and_ddim_step():
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, LCMScheduler
 
     from pipelines.training.lcm import DDIMGrid, boundary_scalings
     from pipelines.training.unet import SCHEDULE
-
-    from diffusers import LCMScheduler
 
     t = torch.tensor([0, 1, 19, 259, 999])
     c_skip, c_out = boundary_scalings(t)
