@@ -62,6 +62,7 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
     "DDIM": ["ddim"],
     "PLMS": ["plms"],
     "UniPC": ["unipc"],
+    "LCM": ["k_lcm"],  # modules/sd_samplers_lcm.py
 }
 SCHEDULERS = tuple(schedule_names())
 
@@ -196,6 +197,8 @@ def _common_settings(body: GenerationFields, clip_skip: int = 1) -> dict[str, An
         "n": n,
         "clip_skip": overrides.get("CLIP_stop_at_last_layers", clip_skip),
         "sampler": sampler,
+        # A1111's eta is TCD's gamma there; the other samplers' eta is checked by check_fields above.
+        "eta": (body.model_extra or {}).get("eta") if resolve_sampler(sampler).spec.eta else None,
     }
 
 
@@ -345,7 +348,7 @@ def samplers_list() -> list[dict[str, Any]]:
     rows = []
     for name, spec in SAMPLERS.items():
         default = spec.default_schedule
-        options = {"scheduler": default.lower()} if default not in (None, "Uniform") else {}
+        options = {"scheduler": default.lower().replace(" ", "_")} if default not in (None, "Uniform") else {}
         rows.append({"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": options})
     return rows
 
@@ -486,7 +489,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
 
     @router.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        return [{"name": name.lower(), "label": name, "aliases": None} for name in SCHEDULERS]
+        return [{"name": name.lower().replace(" ", "_"), "label": name, "aliases": None} for name in SCHEDULERS]
 
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.generation.conditioning import LATENT_UPSCALERS, MASKED_CONTENT, PIXEL_UPSCALERS, RESIZE_MODES
 from pipelines.generation.request import GenerationRequest
-from pipelines.generation.schedulers import DEFAULT_SAMPLER
+from pipelines.generation.schedulers import DEFAULT_SAMPLER, few_step_defaults
 
 SIDES = ("left", "right", "top", "bottom")
 
@@ -17,8 +17,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that describe one generation request, plus model, reranking and output."""
     defaults = GenerationRequest()
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (1-150)")
-    parser.add_argument("--cfg", type=float, default=defaults.cfg_scale, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps (1-150; default {defaults.steps}, 4 for LCM and TCD)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help=f"classifier-free guidance scale (default {defaults.cfg_scale:g}, 1 for LCM and TCD)")
+    parser.add_argument("--eta", type=float, default=None, help="TCD's gamma (default 0.3) or DDIM's eta (0)")
     parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; -1 = random")
     parser.add_argument("--width", type=int, default=None, help="default 512, or the init image's width")
     parser.add_argument("--height", type=int, default=None, help="default 512, or the init image's height")
@@ -150,11 +153,13 @@ def request_and_notes(args: argparse.Namespace, prompt: str) -> tuple[Generation
         width = own_width if width is None else width
         height = own_height if height is None else height
     defaults = GenerationRequest()
+    steps, cfg = few_step_defaults(args.sampler) or (defaults.steps, defaults.cfg_scale)
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=args.negative,
-        steps=args.steps,
-        cfg_scale=args.cfg,
+        steps=steps if args.steps is None else args.steps,
+        cfg_scale=cfg if args.cfg is None else args.cfg,
+        eta=args.eta,
         seed=args.seed,
         width=defaults.width if width is None else width,
         height=defaults.height if height is None else height,

@@ -47,6 +47,8 @@ def format_parameters(
         pairs["DeepCache interval"] = request.cache_interval
     if request.guidance_cutoff > 0:
         pairs["CFG cutoff"] = f"{request.guidance_cutoff:g}"
+    if request.eta is not None:
+        pairs["Eta"] = f"{request.eta:g}"  # A1111 writes the eta it ran with when it is not the default
     pairs.update(image_pairs(request))
     if model_hash:
         pairs["Model hash"] = model_hash
@@ -177,6 +179,7 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
             sampler=sampler,
             cache_interval=int(params.get("DeepCache interval", 1)),
             guidance_cutoff=float(params.get("CFG cutoff", 0.0)),
+            eta=float(params["Eta"]) if "Eta" in params else None,
             hires=hires_from_parameters(params),
         )
     except (TypeError, ValueError) as error:

@@ -113,7 +113,9 @@ def test_samplers_models_options_progress(live_server):
     assert {"Euler a", "DPM++ 2M", "DPM++ SDE", "Heun", "DDIM", "PLMS", "UniPC"} <= set(names)  # A1111 labels
     assert next(s for s in samplers if s["name"] == "DPM++ 2M")["options"] == {"scheduler": "karras"}
     schedulers = httpx.get(f"{live_server.url}/sdapi/v1/schedulers").json()
-    assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential"]
+    assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform"]
+    assert schedulers[-1]["name"] == "sgm_uniform"  # A1111's name; LCM and TCD take it
+    assert next(s for s in samplers if s["name"] == "LCM")["aliases"] == ["k_lcm"]
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     model, *library = httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json()  # the selected one first
     assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(model)

@@ -4,6 +4,9 @@ The tables below are written from AUTOMATIC1111's ``modules/sd_samplers_kdiffusi
 label -> k-diffusion function and the schedule "Automatic" stands for) and the diffusers documentation's
 table "A1111/k-diffusion -> diffusers", independently of ``pipelines.generation.schedulers``. The noise
 levels are checked against k-diffusion's formulas (``get_sigmas_karras``, ``get_sigmas_exponential``).
+The few-step samplers: A1111's "LCM" (``modules/sd_samplers_lcm.py``: a denoiser over the 50 levels of the
+LCM grid, t = 20 j + 19) and "TCD" (ComfyUI-TCD, SD.Next; diffusers' ``TCDScheduler`` spaces its steps as
+k-diffusion's ``sgm_uniform``); their timesteps are recomputed here the way A1111's denoiser gets them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ A1111_SAMPLERS = {
     "DDIM": ("compvis ddim", None),
     "PLMS": ("compvis plms", None),
     "UniPC": ("compvis unipc", None),
+    "LCM": ("sample_lcm", "Uniform"),
+    "TCD": ("sample_tcd", "SGM Uniform"),
 }
 # Names from A1111 before 1.9 (schedule in the name), and diffusers' name for PLMS.
 LEGACY_NAMES = {
@@ -57,7 +62,10 @@ DIFFUSERS_EQUIVALENT = {
     "compvis ddim": ("DDIMScheduler", {}),
     "compvis plms": ("PNDMScheduler", {"skip_prk_steps": True}),
     "compvis unipc": ("UniPCMultistepScheduler", {}),
+    "sample_lcm": ("LCMScheduler", {}),
+    "sample_tcd": ("TCDScheduler", {}),
 }
+CONSISTENCY = {"sample_lcm", "sample_tcd"}
 SECOND_ORDER = {"sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_sde"}
 
 
@@ -83,6 +91,22 @@ def _expected_sigmas(schedule: str, n: int) -> np.ndarray:
         return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     assert schedule == "Exponential"
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def _a1111_lcm_timesteps(schedule: str, n: int) -> list[int]:
+    """A1111's LCMCompVisDenoiser: points evenly spaced in t from 999 to 19 ("SGM Uniform": n + 1 of them,
+    the last dropped), t -> sigma interpolated in log-sigma over the 50 grid levels, sigma -> the nearest
+    grid level (argmin: ties go to the lower one)."""
+    grid = np.arange(50) * 20 + 19
+    log_sigmas = np.log(_model_sigmas()[grid])  # ascending
+    ts = np.linspace(999, 19, n) if schedule == "Uniform" else np.linspace(999, 19, n + 1)[:-1]
+    out = []
+    for t in ts:
+        position = np.clip((t - 19) / 20, 0, 49)
+        low, high = int(np.floor(position)), int(np.ceil(position))
+        log_sigma = (1 - (position - low)) * log_sigmas[low] + (position - low) * log_sigmas[high]
+        out.append(int(grid[np.argmin(np.abs(log_sigma - log_sigmas))]))
+    return out
 
 
 def _distinct_levels(sigmas: torch.Tensor) -> np.ndarray:
@@ -129,7 +153,12 @@ def test_sampler_name_means_what_a1111_means(name):
     evaluations = 2 * steps - 1 if function in SECOND_ORDER else steps
     if class_name != "PNDMScheduler":  # PLMS runs one warm-up evaluation more than its steps
         assert len(scheduler.timesteps) == evaluations
-    if schedule in ("Karras", "Exponential"):
+    if function in CONSISTENCY:
+        assert scheduler.timesteps.tolist() == _a1111_lcm_timesteps(schedule, steps)
+        for n in (1, 2, 3, 4, 6, 8):
+            scheduler.set_timesteps(n)
+            assert scheduler.timesteps.tolist() == _a1111_lcm_timesteps(schedule, n), n
+    elif schedule in ("Karras", "Exponential"):
         assert np.allclose(_distinct_levels(scheduler.sigmas), _expected_sigmas(schedule, steps), rtol=1e-4)
     elif schedule == "Uniform":  # the model's own levels at (near) evenly spaced training timesteps
         levels = _distinct_levels(scheduler.sigmas)
@@ -150,6 +179,27 @@ def test_api_schedule_types_combine_with_sampler_names():
         resolve_sampler("DDIM", "Karras")
     with pytest.raises(ValueError, match="names schedule Karras"):
         resolve_sampler("DPM++ 2M Karras", "Exponential")
+    assert resolve_sampler("LCM", "SGM Uniform").label == "LCM SGM Uniform"
+    assert resolve_sampler("lcm sgm uniform").schedule == "SGM Uniform"
+    assert resolve_sampler("LCM", "sgm_uniform").schedule == "SGM Uniform"  # A1111's scheduler name
+    with pytest.raises(ValueError, match="'LCM' does not take schedule 'Karras'.*Automatic, Uniform, SGM Uniform"):
+        resolve_sampler("LCM", "Karras")
+    with pytest.raises(ValueError, match="'Euler' does not take schedule 'SGM Uniform'"):
+        resolve_sampler("Euler", "SGM Uniform")
+
+
+def test_sgm_uniform_on_the_grid_is_about_diffusers_own_lcm_and_tcd_spacing():
+    import diffusers
+
+    config = read_scheduler_config(SD1_CONFIG_DIR)
+    for name, plain_class in (("LCM SGM Uniform", "LCMScheduler"), ("TCD", "TCDScheduler")):
+        ours = build_scheduler(name, config)
+        plain = getattr(diffusers, plain_class).from_config(config)
+        for n in range(1, 13):  # the same for 1-4, 6 and 8 steps; otherwise at most one grid level apart
+            ours.set_timesteps(n)
+            plain.set_timesteps(n)
+            gap = (ours.timesteps - plain.timesteps).abs().max().item()
+            assert gap == 0 if n in (1, 2, 3, 4, 6, 8) else gap <= 20, (name, n, gap)
 
 
 def _run(pipe, sampler: str, steps: int, **settings) -> tuple[list, list]:

@@ -166,8 +166,11 @@ class DenoisingRun:
         kwargs: dict[str, Any] = {}
         if self._takes_generator:
             kwargs["generator"] = self.generators if len(self.generators) > 1 else self.generators[0]
-        if self._takes_eta:
-            kwargs["eta"] = 0.0
+        if self._takes_eta:  # DDIM's eta, TCD's gamma: the request's, else the sampler's own default
+            from pipelines.generation.schedulers import resolve_sampler
+
+            eta = self.request.eta
+            kwargs["eta"] = resolve_sampler(self.request.sampler).spec.eta if eta is None else eta
         return kwargs
 
     def run(

@@ -48,6 +48,8 @@ class GenerationRequest:
     guidance for the last fraction f of the steps.
     Image ``i`` of the request uses seed ``seed + i`` (A1111's convention), each from its own
     CPU ``torch.Generator``, so a seed gives the same picture at any batch size.
+    ``eta`` sets the fresh noise of a stochastic sampler's step: TCD's gamma (default 0.3, Zheng et al.
+    2024), DDIM's eta (default 0).
     ``image`` makes it img2img or inpainting (``ImageConditioning``); ``hires`` adds A1111's hires fix
     to text-to-image (``HiresFix``); width and height are the size generated at (the first pass's).
     ``prune_to`` M and ``prune_at`` K (early pruning, ``pipelines.rerank.early_pruning``): all n
@@ -70,6 +72,7 @@ class GenerationRequest:
     hires: HiresFix | None = None
     prune_to: int = 0  # early pruning: finish only the best M of the n candidates (0 = off)
     prune_at: int = 0  # ... scored on their predicted clean image after step K (1 <= K < steps)
+    eta: float | None = None  # the sampler's step noise (TCD's gamma, DDIM's eta); None: the sampler's default
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,7 +100,13 @@ class GenerationRequest:
         cutoff = self.guidance_cutoff
         if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff < 1:
             raise ValueError(f"guidance_cutoff must be a fraction in [0, 1), got {cutoff!r}")
-        resolve_sampler(self.sampler)
+        sampler = resolve_sampler(self.sampler)
+        if sampler.spec.few_step and self.steps > 50:
+            raise ValueError(f"steps must be between 1 and 50 for the {sampler.name} sampler (its timesteps are the "
+                             f"50 levels of the distillation grid), got {self.steps}")
+        eta = self.eta
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1):
+            raise ValueError(f"eta must be a number in [0, 1] or None, got {eta!r}")
         if self.image is not None and not isinstance(self.image, ImageConditioning):
             raise ValueError(f"image must be an ImageConditioning, got {type(self.image).__name__}")
         if self.hires is not None:
@@ -157,6 +166,8 @@ class GenerationRequest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly settings; ``image`` and ``hires`` only when set (images by size and pixel digest)."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        if settings["eta"] is None:
+            del settings["eta"]  # the sampler's default: settings read as they did before eta existed
         for name in ("image", "hires"):
             if settings[name] is None:
                 del settings[name]  # text-to-image settings read as they always did (batch job ids)

@@ -8,6 +8,15 @@ schedule in the sampler name ("DPM++ 2M Karras") and are still accepted. The dif
 algorithm follows the diffusers documentation's table "A1111/k-diffusion -> diffusers"
 (https://huggingface.co/docs/diffusers/api/schedulers/overview). The PNG metadata writes sampler and
 schedule apart, as A1111 does (``Sampler: DPM++ 2M, Schedule type: Karras``).
+
+The few-step samplers of consistency-distilled models run on the 50-point grid of the distillation's
+teacher solver, t = 20 k + 19 (:mod:`pipelines.generation.consistency_schedules`): "LCM" (A1111 1.8+
+``modules/sd_samplers_lcm.py``, ComfyUI ``lcm``; diffusers ``LCMScheduler``, Luo et al. 2023) and "TCD"
+(Zheng et al. 2024, "Trajectory Consistency Distillation"; diffusers ``TCDScheduler``, ComfyUI-TCD; its
+``eta``, the paper's gamma, 0.3 by default, sets how much fresh noise each step takes). Their schedule
+types are "Uniform" (A1111's own LCM spacing: n grid points evenly from t = 999 to 19) and "SGM Uniform"
+(n + 1 evenly from 999 to 19, the last dropped: about diffusers' and ComfyUI's spacing). Both want CFG 1-2 and
+4-8 steps (:func:`few_step_defaults`, :func:`guidance_warning`).
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
 }
-SCHEDULES = (AUTOMATIC, *SCHEDULE_OPTIONS)
+SGM_UNIFORM = "SGM Uniform"  # only on the consistency grid (LCM, TCD)
+SCHEDULES = (AUTOMATIC, *SCHEDULE_OPTIONS, SGM_UNIFORM)
 SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # Every schedule type A1111 offers; the ones not in SCHEDULES are refused by name.
 A1111_SCHEDULES = (
-    *SCHEDULES, "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta",
+    *SCHEDULES, "Polyexponential", "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta",
 )
 
 
@@ -44,6 +54,9 @@ class SamplerSpec:
     default_schedule: str | None = UNIFORM  # what "Automatic" means; None: no schedule choice (CompVis samplers)
     second_order: bool = False  # two model evaluations per step (A1111 counts steps, not evaluations)
     brownian_noise: bool = False  # noise from a Brownian tree seeded per image (k-diffusion's SDE samplers)
+    schedules: tuple[str, ...] | None = None  # the schedule types it takes; None: every one of SCHEDULE_OPTIONS
+    eta: float = 0.0  # the stochasticity passed to the scheduler's step when it takes one (TCD's gamma)
+    few_step: bool = False  # made for consistency-distilled models (an LCM-LoRA): 4-8 steps, CFG 1-2
 
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
@@ -66,6 +79,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("DDIM", "DDIMScheduler", {}, None),
         SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, None),
         SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, None),
+        SamplerSpec("LCM", "LCMScheduler", {}, UNIFORM, schedules=(UNIFORM, SGM_UNIFORM), few_step=True),
+        SamplerSpec("TCD", "TCDScheduler", {}, SGM_UNIFORM, schedules=(SGM_UNIFORM, UNIFORM), eta=0.3, few_step=True),
     ]
 }
 SAMPLER_ALIASES = {"PNDM": "PLMS"}  # diffusers' name for PLMS
@@ -105,7 +120,27 @@ class Sampler:
 
 
 def _schedules_for(spec: SamplerSpec) -> tuple[str, ...]:
-    return tuple(SCHEDULE_OPTIONS) if spec.default_schedule is not None else (AUTOMATIC,)
+    if spec.default_schedule is None:
+        return (AUTOMATIC,)
+    return spec.schedules or tuple(SCHEDULE_OPTIONS)
+
+
+FEW_STEP_STEPS, FEW_STEP_CFG, FEW_STEP_MAX_CFG = 4, 1.0, 2.0
+
+
+def few_step_defaults(name: str) -> tuple[int, float] | None:
+    """(steps, CFG scale) to use when the user gave none: (4, 1) for LCM and TCD, None for the others."""
+    return (FEW_STEP_STEPS, FEW_STEP_CFG) if resolve_sampler(name).spec.few_step else None
+
+
+def guidance_warning(name: str, cfg_scale: float) -> str | None:
+    """A warning when a few-step sampler runs with CFG above 2: distilled models bake guidance in, and
+    more burns the picture (LCM-LoRA's authors recommend 1-2). None when there is nothing to say."""
+    spec = resolve_sampler(name).spec
+    if spec.few_step and cfg_scale > FEW_STEP_MAX_CFG:
+        return (f"{spec.name} is made for CFG 1-2 (guidance is distilled into the LCM-LoRA); CFG {cfg_scale:g} "
+                "will over-saturate the picture")
+    return None
 
 
 def sampler_names() -> list[str]:
@@ -133,7 +168,7 @@ def resolve_schedule(schedule: str | None) -> str:
         return AUTOMATIC
     if not isinstance(schedule, str):
         raise ValueError(f"scheduler must be a string, got {schedule!r}")
-    known = _match(schedule, SCHEDULES)
+    known = _match(schedule.replace("_", " "), SCHEDULES)  # A1111's names too: "sgm_uniform"
     if known is not None:
         return known
     what = "is an A1111 schedule type we do not implement" if _match(schedule, A1111_SCHEDULES) else "is unknown"
@@ -152,11 +187,12 @@ def resolve_sampler(name: str, schedule: str | None = None) -> Sampler:
     named_schedule = None
     sampler_name = _match(text, list(SAMPLERS) + list(SAMPLER_ALIASES))
     if sampler_name is None:
-        for suffix in SCHEDULE_OPTIONS:
+        for suffix in sorted((*SCHEDULE_OPTIONS, SGM_UNIFORM), key=len, reverse=True):  # "SGM Uniform" first
             if text.casefold().endswith(" " + suffix.casefold()):
                 sampler_name = _match(text[: -len(suffix) - 1], list(SAMPLERS) + list(SAMPLER_ALIASES))
                 named_schedule = suffix
-                break
+                if sampler_name is not None:
+                    break
     if sampler_name is None:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
     spec = SAMPLERS[SAMPLER_ALIASES.get(sampler_name, sampler_name)]
@@ -170,7 +206,13 @@ def resolve_sampler(name: str, schedule: str | None = None) -> Sampler:
                 f"sampler {spec.name!r} has no schedule choice; scheduler must be Automatic, got {wanted!r}"
             )
         return Sampler(spec, AUTOMATIC)
-    return Sampler(spec, spec.default_schedule if wanted == AUTOMATIC else wanted)
+    chosen = spec.default_schedule if wanted == AUTOMATIC else wanted
+    if chosen not in _schedules_for(spec):
+        raise ValueError(
+            f"sampler {spec.name!r} does not take schedule {chosen!r}; choose one of: "
+            f"{', '.join((AUTOMATIC, *_schedules_for(spec)))}"
+        )
+    return Sampler(spec, chosen)
 
 
 def build_scheduler(
@@ -194,6 +236,10 @@ def build_scheduler(
     options.update(sampler.options)
     if sampler.spec.brownian_noise:
         options["noise_sampler_seed"] = list(noise_seeds) if noise_seeds else None
+    if sampler.spec.schedules and SGM_UNIFORM in sampler.spec.schedules:
+        from pipelines.generation.consistency_schedules import on_consistency_grid
+
+        return on_consistency_grid(scheduler_class.from_config(dict(base_config)), sampler.schedule == SGM_UNIFORM)
     if sampler.scheduler_class == "EulerAncestralDiscreteScheduler" and sampler.schedule != UNIFORM:
         from pipelines.generation.sigma_schedules import with_sigma_schedule
 
@@ -210,5 +256,7 @@ def sampler_for_config(config: dict[str, Any]) -> str:
             config.get(key) == value for key, value in spec.options.items()
         ):
             chosen = schedule if spec.default_schedule is not None else AUTOMATIC
+            if spec.schedules:  # a consistency sampler: its config has no schedule flags
+                chosen = spec.default_schedule
             return Sampler(spec, chosen).label
     return DEFAULT_SAMPLER

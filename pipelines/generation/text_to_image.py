@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from pipelines.generation.denoising import GenerationCancelled, StepCallback, St
 from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest
-from pipelines.generation.schedulers import build_scheduler
+from pipelines.generation.schedulers import build_scheduler, guidance_warning
 
 if TYPE_CHECKING:
     import torch
@@ -122,6 +123,9 @@ class TextToImagePipeline:
             raise ValueError("early pruning (prune_to) needs a scorer: run it with pipelines.rerank.best_of.best_of_n")
         request = request.resolved()
         seeds = request.seeds()
+        warning = guidance_warning(request.sampler, request.cfg_scale)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         first_pass = counting_steps(on_step, 0, request.total_steps)
         with self.generating():
             # 2. Encode prompt and negative prompt (classifier-free guidance needs both), the prompt's LoRAs merged.
