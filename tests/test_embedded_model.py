@@ -109,9 +109,13 @@ def test_embedded_reranker_shares_the_text_encoder_and_reads_drawings():
 
     scorer = ClipScorer.load("embedded", device="cpu")
     text_encoder = load_file(str(EMBEDDED_MODEL_DIR / "text_encoder" / "model.safetensors"))
+    own = load_file(str(EMBEDDED_MODEL_DIR / "clip" / "model.safetensors"))  # its fine-tuned text layers
     clip_text = scorer.model.text_model.state_dict()
+    assert "text_model.embeddings.token_embedding.weight" not in own  # shared, stored once
     for key, tensor in text_encoder.items():
-        assert torch.equal(clip_text[key.removeprefix("text_model.")], tensor.float()), key
+        key = key.removeprefix("text_model.")
+        expected = own.get(f"text_model.{key}", tensor)
+        assert torch.equal(clip_text[key], expected.float()), key
     truth = shapes.ShapeAttributes("triangle", "yellow", "purple")
     rows = scorer.zero_shot(shapes.draw(truth), shapes.all_captions())
     assert rows[0].text == shapes.caption(truth)
