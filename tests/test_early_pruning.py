@@ -189,8 +189,8 @@ def test_ui_prunes_and_says_which(live_server):
 
     client = Client(live_server.url, verbose=False, analytics_enabled=False)
     # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix (5), clip skip,
-    # early pruning: finish only the best M, scored after step K
-    args = ("a red circle", "", "Euler a", 3, 7, 64, 64, 30, 3, "clip", False, 2, "Latent", 0, 0.7, 1)
+    # scorers, minimum score, extra rounds; early pruning: finish only the best M, scored after step K
+    args = ("a red circle", "", "Euler a", 3, 7, 64, 64, 30, 3, "clip", False, 2, "Latent", 0, 0.7, 1, "", "", 3)
     status, _, gallery, parameters, _ = client.predict(*args, 1, 2, api_name="/generate")
     assert status.startswith("Done: 1 image(s)") and "pruned at step 2: seed " in status and len(gallery) == 1
     assert "Early pruning: 3 to 1 at step 2" in parameters

@@ -99,7 +99,7 @@ def best_of_n(
     images: list[Image.Image] = []
     seeds: list[int] = []
     made: list[int] = []  # generation index of each image
-    model_hash = pipe.components.model_hash
+    model_hash: str | None = None
     extra: dict[str, str] = {}
     pruned: list[PrunedCandidate] = []
     early: dict[int, dict[str, float]] = {}  # generation index -> early score, for the kept ones
@@ -114,6 +114,7 @@ def best_of_n(
         seeds = [request.seeds()[i] for i in made]
         pruned = pruned_candidates(request, ranking)
         early = {i: {"Early score": ranking.scores[i]} for i in made}
+        model_hash = pipe.components.model_hash
     else:
         parts = range(0, request.n, batch_size)
         for part_index, start in enumerate(parts):
