@@ -146,25 +146,26 @@ class Engine:
         On a bad name or a failed load the previous selection stays (ModelLoadError / ValueError).
         """
         with self._use_lock:
-            previous = (self.model, self.vae)
-            if checkpoint is not None:
-                self.model = checkpoint
-            if vae is not None:
-                self.vae = vae
+            previous = self._select(checkpoint, vae)
             try:
                 return self.pipeline()
             except BaseException:
                 self.model, self.vae = previous
                 raise
 
-    @contextlib.contextmanager
-    def _selected(self, checkpoint: str | None, vae: str | None) -> Iterator[None]:
-        """``model``/``vae`` set for the block (None: unchanged), then set back."""
+    def _select(self, checkpoint: str | None, vae: str | None) -> tuple[str, str | None]:
+        """Set ``model``/``vae`` (None: unchanged); returns the previous pair."""
         previous = (self.model, self.vae)
         if checkpoint is not None:
             self.model = checkpoint
         if vae is not None:
             self.vae = vae
+        return previous
+
+    @contextlib.contextmanager
+    def _selected(self, checkpoint: str | None, vae: str | None) -> Iterator[None]:
+        """``model``/``vae`` set for the block (None: unchanged), then set back."""
+        previous = self._select(checkpoint, vae)
         try:
             yield
         finally:

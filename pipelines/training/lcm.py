@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pipelines.models.lora_keys import kohya_name
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR
 from pipelines.training import common, data, shapes
-from pipelines.training.lora import LoraLayer, encoded_latents, load_lora_state, save_run, tokenize
+from pipelines.training.lora import LoraLayer, encoded_latents, resume_lora_run, save_run, tokenize
 from pipelines.training.unet import EMPTY, SCHEDULE, oracle_fidelity, weights_id
 
 WORLD_SEED = data.TRAIN_SEED + 29  # drawings whose latents the distillation starts from
@@ -230,13 +230,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
     layers = inject_everywhere(unet, args.rank, args.alpha)
     params = [p for layer in layers.values() for p in (layer.down.weight, layer.up.weight)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start = 0
-    if args.resume and (args.out / "ckpt").exists():
-        from safetensors.torch import load_file
-
-        load_lora_state(layers, load_file(str(args.out / "ckpt" / "lora.safetensors")))
-        common.load_optimizer(optimizer, args.out / "ckpt" / "optimizer.safetensors")
-        start = common.read_state(args.out)["step"]
+    start = resume_lora_run(args, layers, optimizer)
     n_params = sum(p.numel() for p in params)
 
     world = shapes.dataset(WORLD_SEED + args.seed, args.n_latents)

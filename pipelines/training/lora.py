@@ -111,6 +111,19 @@ def load_lora_state(layers: dict[str, LoraLayer], state: dict[str, torch.Tensor]
             layer.up.weight.copy_(state[f"{name}.lora_up.weight"])
 
 
+def resume_lora_run(args: argparse.Namespace, layers: dict[str, LoraLayer],
+                    optimizer: torch.optim.Optimizer) -> int:
+    """With ``--resume`` and a checkpoint in ``args.out``: load the LoRA layers and the optimizer, and
+    return the step reached; else 0."""
+    if not (args.resume and (args.out / "ckpt").exists()):
+        return 0
+    from safetensors.torch import load_file
+
+    load_lora_state(layers, load_file(str(args.out / "ckpt" / "lora.safetensors")))
+    common.load_optimizer(optimizer, args.out / "ckpt" / "optimizer.safetensors")
+    return common.read_state(args.out)["step"]
+
+
 def kohya_metadata(args: argparse.Namespace, step: int, base_hash: str) -> dict[str, str]:
     """kohya's ``ss_*`` training keys (strings, as sd-scripts writes them)."""
     return {
@@ -197,13 +210,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         layers.update(inject(text_encoder, "text_encoder", TE_TARGETS, args.rank, 0, args.alpha))
     params = [p for layer in layers.values() for p in (layer.down.weight, layer.up.weight)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start = 0
-    if args.resume and (args.out / "ckpt").exists():
-        from safetensors.torch import load_file
-
-        load_lora_state(layers, load_file(str(args.out / "ckpt" / "lora.safetensors")))
-        common.load_optimizer(optimizer, args.out / "ckpt" / "optimizer.safetensors")
-        start = common.read_state(args.out)["step"]
+    start = resume_lora_run(args, layers, optimizer)
 
     vae_id = weights_id(EMBEDDED_MODEL_DIR / "vae")
     concept = concept_attributes(args.concept, args.n_concept, CONCEPT_SEED + args.seed)
