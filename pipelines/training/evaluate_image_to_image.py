@@ -12,6 +12,9 @@ Each case is a drawing or prompt of the shapes world (``shapes.dataset(CASE_SEED
   masked content "fill", strength 1), prompting another shape kind in the same colours. Right when the
   oracle sees the new kind, colour and background, at least 90% of that shape lies inside the mask,
   and outside the blurred mask every pixel is the drawing's.
+- with ``--best-of N``: the recolour and inpaint rows again, each case as N candidates (seeds ``1000 k``
+  ... ``1000 k + N - 1``) ranked by the shipped reranker CLIP, the first judged; "some candidate right"
+  says how often any of the N was.
 - hires fix: the caption at 768 and 1024 px drawn directly, and drawn at 512 then hires-fixed (x1.5,
   x2; Latent upscaler, denoising 0.6, as many steps again); 512 drawn directly is the control. Right
   when the oracle's verdict is right and there is one shape ("a"): one region of the shape colour
@@ -64,12 +67,34 @@ def disc_mask(attrs: shapes.ShapeAttributes, side: int, scale: float) -> object:
     return mask
 
 
-def recolour(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, steps: int, strength: float) -> Row:
+def _candidates(pipe: object, request: object, scorer: object | None, best_of: int) -> list[object]:
+    """The request's picture, or ``best_of`` candidates best first by ``scorer`` (the reranker CLIP)."""
+    if scorer is None:
+        return pipe(request).images[:1]
+    from pipelines.rerank.best_of import best_of_n
+
+    output = best_of_n(pipe, replace(request, n=best_of), scorer, batch_size=best_of)
+    return [candidate.image for candidate in output.candidates]
+
+
+def _recolour_checks(image: object, attrs: shapes.ShapeAttributes, target: shapes.ShapeAttributes) -> dict[str, bool]:
+    verdict = shapes.judge(image, target)
+    centre = shapes.shape_centre(image, target.shape_colour)
+    kept = centre is not None and np.hypot(centre[0] - attrs.cx, centre[1] - attrs.cy) <= CENTRE_TOLERANCE
+    return {"all right": verdict.all_ok and kept, "new colour": verdict.shape_colour_ok,
+            "shape kept": verdict.shape_ok, "background": verdict.background_ok, "centre kept": kept}
+
+
+def recolour(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, steps: int, strength: float,
+             scorer: object | None = None, best_of: int = 1) -> Row:
+    """Recolour rows; with ``scorer`` each case is ``best_of`` candidates and the CLIP's first is judged."""
     from pipelines.generation.conditioning import ImageConditioning
     from pipelines.generation.request import GenerationRequest
 
     checks: dict[str, list[bool]] = {"all right": [], "new colour": [], "shape kept": [], "background": [],
                                      "centre kept": []}
+    if scorer is not None:
+        checks["some candidate right"] = []
     seconds = []
     for k, attrs in enumerate(tqdm(cases, desc="recolour", mininterval=10)):
         new_colour = next(c for c in shapes.COLOURS[k % 6:] + shapes.COLOURS[: k % 6]
@@ -80,27 +105,39 @@ def recolour(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, st
             image=ImageConditioning(shapes.draw(attrs, 512), strength=strength),
         )
         start = time.perf_counter()
-        image = pipe(request).images[0]
-        seconds.append(time.perf_counter() - start)
-        verdict = shapes.judge(image, target)
-        centre = shapes.shape_centre(image, new_colour)
-        kept = centre is not None and np.hypot(centre[0] - attrs.cx, centre[1] - attrs.cy) <= CENTRE_TOLERANCE
-        checks["new colour"].append(verdict.shape_colour_ok)
-        checks["shape kept"].append(verdict.shape_ok)
-        checks["background"].append(verdict.background_ok)
-        checks["centre kept"].append(kept)
-        checks["all right"].append(verdict.all_ok and kept)
+        images = _candidates(pipe, request, scorer, best_of)
+        seconds.append((time.perf_counter() - start) / len(images))
+        for key, value in _recolour_checks(images[0], attrs, target).items():
+            checks[key].append(value)
+        if scorer is not None:
+            checks["some candidate right"].append(any(_recolour_checks(i, attrs, target)["all right"] for i in images))
     name = f"recolour: img2img to another shape colour, strength {strength:g}"
+    if scorer is not None:
+        name += f", best of {best_of} by CLIP"
     return Row(name, {key: _rate(v) for key, v in checks.items()}, float(np.median(seconds)))
 
 
-def inpaint(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, steps: int) -> Row:
+def _inpaint_checks(image: object, drawing: object, mask: object, outside: np.ndarray,
+                    target: shapes.ShapeAttributes) -> dict[str, bool]:
+    verdict = shapes.judge(image, target)
+    unchanged = bool((np.asarray(image) == np.asarray(drawing))[outside].all())  # outside: (H, W) bool
+    inside = shapes.region_inside(image, target.shape_colour, mask) >= INSIDE_FRACTION
+    return {"all right": verdict.all_ok and inside and unchanged, "new shape": verdict.shape_ok,
+            "colours": verdict.shape_colour_ok and verdict.background_ok, "inside mask": inside,
+            "outside unchanged": unchanged}
+
+
+def inpaint(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, steps: int,
+            scorer: object | None = None, best_of: int = 1) -> Row:
+    """Inpaint rows; with ``scorer`` each case is ``best_of`` candidates and the CLIP's first is judged."""
     from pipelines.generation.conditioning import ImageConditioning
     from pipelines.generation.masks import processed_mask
     from pipelines.generation.request import GenerationRequest
 
     checks: dict[str, list[bool]] = {"all right": [], "new shape": [], "colours": [], "inside mask": [],
                                      "outside unchanged": []}
+    if scorer is not None:
+        checks["some candidate right"] = []
     seconds = []
     for k, attrs in enumerate(tqdm(cases, desc="inpaint", mininterval=10)):
         new_shape = shapes.SHAPES[(shapes.SHAPES.index(attrs.shape) + 1 + k % 3) % len(shapes.SHAPES)]
@@ -111,18 +148,17 @@ def inpaint(pipe: object, cases: list[shapes.ShapeAttributes], sampler: str, ste
         request = GenerationRequest(prompt=shapes.caption(target), steps=steps, cfg_scale=7.0, seed=1000 * k,
                                     sampler=sampler, image=settings)
         start = time.perf_counter()
-        image = pipe(request).images[0]
-        seconds.append(time.perf_counter() - start)
-        verdict = shapes.judge(image, target)
+        images = _candidates(pipe, request, scorer, best_of)
+        seconds.append((time.perf_counter() - start) / len(images))
         outside = np.asarray(processed_mask(mask, False, 4)) == 0
-        unchanged = bool((np.asarray(image) == np.asarray(drawing))[outside].all())
-        inside = shapes.region_inside(image, attrs.shape_colour, mask) >= INSIDE_FRACTION
-        checks["new shape"].append(verdict.shape_ok)
-        checks["colours"].append(verdict.shape_colour_ok and verdict.background_ok)
-        checks["inside mask"].append(inside)
-        checks["outside unchanged"].append(unchanged)
-        checks["all right"].append(verdict.all_ok and inside and unchanged)
+        judged = [_inpaint_checks(image, drawing, mask, outside, target) for image in images]
+        for key, value in judged[0].items():
+            checks[key].append(value)
+        if scorer is not None:
+            checks["some candidate right"].append(any(j["all right"] for j in judged))
     name = "inpaint: the shape masked, another shape kind prompted"
+    if scorer is not None:
+        name += f", best of {best_of} by CLIP"
     return Row(name, {key: _rate(v) for key, v in checks.items()}, float(np.median(seconds)))
 
 
@@ -183,8 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strengths", default=RECOLOUR_STRENGTHS, help="recolour denoising strengths")
     parser.add_argument("--hires-sizes", default="512,768,1024", help="hires fix targets (512: the control)")
     parser.add_argument("--hires-ways", default="direct,hires", help="direct (txt2img at the size), hires (fix)")
+    parser.add_argument("--best-of", type=int, default=1,
+                        help="N > 1: recolour and inpaint again as N candidates ranked by the reranker CLIP")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.best_of < 1:
+        parser.error(f"--best-of must be at least 1, got {args.best_of}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     pipe = load_pipeline(args.model)
@@ -198,11 +238,20 @@ def main(argv: list[str] | None = None) -> None:
         for row in new:
             print(format_table([row], args.cases, args.steps, torch.get_num_threads()).splitlines()[2], flush=True)
 
+    scorer = None
+    if args.best_of > 1:
+        from pipelines.rerank.clip_scorer import ClipScorer
+
+        scorer = ClipScorer.load(args.model / "clip", device="cpu")
     if "recolour" in parts:
         for strength in args.strengths.split(","):
             done(recolour(pipe, cases, sampler, args.steps, float(strength)))
+            if scorer is not None:
+                done(recolour(pipe, cases, sampler, args.steps, float(strength), scorer, args.best_of))
     if "inpaint" in parts:
         done(inpaint(pipe, cases, sampler, args.steps))
+        if scorer is not None:
+            done(inpaint(pipe, cases, sampler, args.steps, scorer, args.best_of))
     if "hires" in parts:
         for size in args.hires_sizes.split(","):
             done(*hires(pipe, cases, sampler, args.steps, int(size), tuple(args.hires_ways.split(","))))
