@@ -121,6 +121,18 @@ def main(argv: list[str] | None = None) -> None:
     train(args, runtime)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                   model: torch.nn.Module) -> None:
+    """Backward, gradients clipped to norm 1, one step, and CLIP's logit scale kept in [0, ln 100]
+    (temperature clipped at 100, as Radford et al. 2021 do)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100.0))
+
+
 def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
     from transformers import CLIPModel
 
@@ -168,12 +180,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
             txt = F.normalize(text_features(model, caption_ids[unique]), dim=-1)  # (U, D)
         targets = torch.from_numpy(inverse).to(runtime.device)  # (B,) index into the batch's captions
         loss = contrastive_loss(img, txt, targets, model.logit_scale, bias)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100.0))
+        optimizer_step(loss, optimizer, params, model)
         scale = model.logit_scale.exp().item()
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale:.1f}", refresh=False)
         done = step + 1

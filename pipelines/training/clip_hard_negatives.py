@@ -18,7 +18,6 @@ is untouched.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.training import common, data, hard_negatives, shapes
-from pipelines.training.clip import contrastive_loss, image_features, text_features, tokenize
+from pipelines.training.clip import contrastive_loss, image_features, optimizer_step, text_features, tokenize
 
 HARD_NEGATIVE_SEED = 77  # base drawings of the training batches: rng(HARD_NEGATIVE_SEED + seed, step)
 
@@ -170,12 +169,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
                 txt = bank.features(list(unique))  # (U, D)
         targets = torch.from_numpy(inverse).to(runtime.device)  # (B,)
         loss = contrastive_loss(img, txt, targets, model.logit_scale, None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100.0))
+        optimizer_step(loss, optimizer, params, model)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
         if done % 25 == 0:
