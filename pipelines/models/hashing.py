@@ -13,3 +13,10 @@ def file_hash(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]
+
+
+def safetensors_data_sha256(data: bytes) -> str:
+    """kohya's ``sshs_model_hash`` (sd-webui-additional-networks' hash, which A1111 also computes for LoRA
+    files): the SHA-256 of a safetensors file's bytes after its header, so editing the metadata keeps it."""
+    header_length = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header_length:]).hexdigest()

@@ -40,7 +40,14 @@ from tqdm import tqdm
 from pipelines.models.lora_keys import kohya_name
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR
 from pipelines.training import common, data, shapes
-from pipelines.training.lora import LoraLayer, encoded_latents, resume_lora_run, save_run, tokenize
+from pipelines.training.lora import (
+    LoraLayer,
+    encoded_latents,
+    resume_lora_run,
+    save_lora_file,
+    save_run,
+    tokenize,
+)
 from pipelines.training.unet import EMPTY, SCHEDULE, oracle_fidelity, weights_id
 
 WORLD_SEED = data.TRAIN_SEED + 29  # drawings whose latents the distillation starts from
@@ -201,20 +208,16 @@ def kohya_metadata(args: argparse.Namespace, step: int, base_hash: str) -> dict[
 
 def export(run: Path, out: Path, fp16: bool = True) -> Path:
     """The run's last checkpoint as an LCM-LoRA file (lcm-lora-sdv1-5 key layout, fp16 by default)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from pipelines.models.hashing import file_hash
 
     state = common.read_state(run)
     tensors = load_file(str(run / "ckpt" / "lora.safetensors"))
-    if fp16:
-        tensors = {k: v.half().contiguous() for k, v in tensors.items()}
     args = argparse.Namespace(**{k: state[k] for k in ("rank", "alpha", "res", "batch", "lr", "seed", "w_min",
                                                        "w_max", "ddim_steps")})
     base_hash = file_hash(EMBEDDED_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=kohya_metadata(args, state["step"], base_hash))
-    return out
+    return save_lora_file(tensors, out, kohya_metadata(args, state["step"], base_hash), fp16)
 
 
 def train(args: argparse.Namespace, runtime: common.Runtime) -> None:

@@ -145,7 +145,6 @@ def kohya_metadata(args: argparse.Namespace, step: int, base_hash: str) -> dict[
         "ss_min_snr_gamma": "5",
         "ss_seed": str(args.seed),
         "ss_training_comment": f"sd-app pipelines.training.lora: teaches '{args.concept}' to the embedded model",
-        "sshs_model_hash": "",
     }
 
 
@@ -288,22 +287,32 @@ def monitor_fidelity(unet: torch.nn.Module, text_encoder: torch.nn.Module, vae: 
             "world": oracle_fidelity(images[half:], monitor[half:])}
 
 
+def save_lora_file(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], fp16: bool = True) -> Path:
+    """Write a trained LoRA (fp16 by default) with ``metadata`` and kohya's ``sshs_model_hash`` of its tensors."""
+    from safetensors.torch import save, save_file
+
+    from pipelines.models.hashing import safetensors_data_sha256
+
+    if fp16:
+        tensors = {k: v.half().contiguous() for k, v in tensors.items()}
+    metadata = {**metadata, "sshs_model_hash": safetensors_data_sha256(save(tensors))}  # tensor bytes only
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
 def export(run: Path, out: Path, fp16: bool = True) -> Path:
     """The run's last checkpoint as a kohya-format LoRA file (fp16 by default) with ``ss_*`` metadata."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from pipelines.models.hashing import file_hash
 
     state = common.read_state(run)
     tensors = {canonical_key(k): v for k, v in load_file(str(run / "ckpt" / "lora.safetensors")).items()}
-    if fp16:
-        tensors = {k: v.half().contiguous() for k, v in tensors.items()}
     args = argparse.Namespace(**{k: state[k] for k in ("rank", "alpha", "conv_rank", "concept", "res", "batch",
                                                        "lr", "te", "seed")})
     base_hash = file_hash(EMBEDDED_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=kohya_metadata(args, state["step"], base_hash))
-    return out
+    return save_lora_file(tensors, out, kohya_metadata(args, state["step"], base_hash), fp16)
 
 
 def main(argv: list[str] | None = None) -> None:
