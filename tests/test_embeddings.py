@@ -101,7 +101,7 @@ def test_an_embedding_is_never_cut_across_chunks(pipe):
 def test_ti_hashes_in_the_infotext_and_negative_prompts(pipe):
     output = pipe(GenerationRequest(prompt="a shiny-style circle", negative_prompt="one", **REQUEST))
     library = pipe.extra_networks.library
-    expected = {name: library.short_hash(library.find("embedding", name)) for name in ("shiny-style", "one")}
+    expected = {name: library.network_hash(library.find("embedding", name)) for name in ("shiny-style", "one")}
     assert output.extra["TI hashes"] == f"shiny-style: {expected['shiny-style']}, one: {expected['one']}"
     text = format_parameters(output.request, output.seeds[0], "tiny", None, output.extra)
     assert parse_parameters(text)["TI hashes"] == output.extra["TI hashes"]

@@ -159,6 +159,25 @@ def test_hash_cache_keys_on_path_mtime_and_size(tmp_path, monkeypatch):
     assert cache.cached(tmp_path / "absent") is None
 
 
+def test_network_hashes_are_what_a1111_writes_in_the_infotext(a1111, tmp_path):
+    """A1111 (extensions-builtin/Lora/network.py, textual_inversion.py): shorthash = hash[0:12], where a
+    .safetensors LoRA's hash is its header's sshs_model_hash or else the SHA-256 of the bytes after the header
+    (use_addnet_hash), and an embedding's is the file's SHA-256."""
+    library = ModelLibrary([a1111], shipped=False, hashes=HashCache(None))
+    ink = library.find("lora", "ink")
+    data = ink.path.read_bytes()
+    after_header = data[8 + int.from_bytes(data[:8], "little"):]
+    assert library.network_hash(ink) == hashlib.sha256(after_header).hexdigest()[:12]
+    assert library.network_hash(ink) != hashlib.sha256(data).hexdigest()[:12]  # not the file's AutoV2
+    emb = library.find("embedding", "bad-hands")
+    assert library.network_hash(emb) == hashlib.sha256(emb.path.read_bytes()).hexdigest()[:12]
+    legacy = next(e for e in library.files("lora") if e.stem == "legacy")
+    assert legacy.refused and library.network_hash(legacy) is None  # a refused pickle is never read
+    _file(a1111 / "models" / "Lora" / "kohya.safetensors", {"lora_unet_x.lora_down.weight": torch.zeros(4, 768)},
+          {"sshs_model_hash": "0123456789abcdef" * 4})
+    assert library.network_hash(ModelLibrary([a1111], shipped=False).find("lora", "kohya")) == "0123456789ab"
+
+
 def test_cli_models_lists_the_folders(a1111, capsys):
     from sd_app.cli import main
 

@@ -159,7 +159,7 @@ def test_weight_zero_is_the_base_model_pixel_for_pixel(pipe):
     one = pipe(GenerationRequest(prompt="a red circle <lora:kohya:1>", **REQUEST))
     assert np.array_equal(np.asarray(zero.images[0]), np.asarray(base))
     assert not np.array_equal(np.asarray(one.images[0]), np.asarray(base))
-    assert one.extra["Lora hashes"].startswith("kohya: ") and len(one.extra["Lora hashes"]) == len("kohya: ") + 10
+    assert one.extra["Lora hashes"].startswith("kohya: ") and len(one.extra["Lora hashes"]) == len("kohya: ") + 12
     again = pipe(GenerationRequest(prompt="a red circle", **REQUEST)).images[0]  # next request: LoRA gone
     assert np.array_equal(np.asarray(again), np.asarray(base))
 
@@ -287,7 +287,7 @@ def test_lora_hashes_in_the_png_and_png_info_reads_them_back(pipe, tiny_model, m
     prompt = "a red circle <lora:kohya:0.5> <lora:second:1:-1>"
     result = engine.generate(GenerationRequest(prompt=prompt, **REQUEST), rerank=False)
     library = engine.library()
-    expected = {name: library.short_hash(library.find("lora", name)) for name in ("kohya", "second")}
+    expected = {name: library.network_hash(library.find("lora", name)) for name in ("kohya", "second")}
     text, fields = UiHandlers.png_info(str(result.candidates[0].path))
     assert fields["Lora hashes"] == f"kohya: {expected['kohya']}, second: {expected['second']}"
     assert parse_hashes_text(fields["Lora hashes"]) == expected

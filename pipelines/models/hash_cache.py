@@ -12,7 +12,10 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+from pipelines.models.hashing import safetensors_tensors_sha256
 
 SHORT_HASH_DIGITS = 10
 
@@ -54,16 +57,26 @@ class HashCache:
 
     def sha256(self, path: Path) -> str:
         """The file's SHA-256, from the cache when its mtime and size are those recorded."""
+        return self._digest(path, "sha256", sha256_file)
+
+    def tensors_sha256(self, path: Path) -> str:
+        """A .safetensors file's SHA-256 of the bytes after its header (kohya's ``sshs_model_hash``,
+        sd-webui-additional-networks' hash, Civitai's AutoV3), cached like :meth:`sha256`."""
+        return self._digest(path, "tensors_sha256", safetensors_tensors_sha256)
+
+    def _digest(self, path: Path, field: str, compute: Callable[[Path], str]) -> str:
         resolved = path.resolve()
         stat = resolved.stat()
         key = str(resolved)
         with self._lock:
             entry = self._entries.get(key)
-        if entry and entry.get("mtime_ns") == stat.st_mtime_ns and entry.get("size") == stat.st_size:
-            return str(entry["sha256"])
-        digest = sha256_file(resolved)
+        same_file = bool(entry) and entry.get("mtime_ns") == stat.st_mtime_ns and entry.get("size") == stat.st_size
+        if same_file and field in entry:
+            return str(entry[field])
+        digest = compute(resolved)
         with self._lock:
-            self._entries[key] = {"mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "sha256": digest}
+            fresh = {"mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
+            self._entries[key] = {**(entry if same_file else fresh), field: digest}
             self._write()
         return digest
 
@@ -81,7 +94,8 @@ class HashCache:
         with self._lock:
             entry = self._entries.get(str(resolved))
         if entry and entry.get("mtime_ns") == stat.st_mtime_ns and entry.get("size") == stat.st_size:
-            return str(entry["sha256"])
+            digest = entry.get("sha256")
+            return str(digest) if digest else None
         return None
 
     def _write(self) -> None:

@@ -37,6 +37,7 @@ FOLDERS: dict[str, tuple[str, ...]] = {
 }
 IMAGE_EMBEDDINGS = {".png", ".webp", ".jxl", ".avif"}  # A1111 hides pickled embeddings in images
 MAX_HEADER_BYTES = 100_000_000
+NETWORK_HASH_DIGITS = 12  # A1111's Network.shorthash / Embedding.shorthash: hash[0:12]
 EMBEDDED_NAME = EMBEDDED_MODEL_DIR.name
 
 
@@ -309,6 +310,18 @@ class ModelLibrary:
         if entry.refused:
             return None
         return self.hashes.short_hash(entry.weights)
+
+    def network_hash(self, entry: ModelFile) -> str | None:
+        """The short hash A1111 writes in ``Lora hashes`` and ``TI hashes`` (its ``shorthash``): 12 hex digits of,
+        for a .safetensors LoRA, its header's ``sshs_model_hash`` or else the SHA-256 of its tensor bytes (A1111's
+        ``use_addnet_hash``, Civitai's AutoV3); for an embedding, the file's SHA-256. None for refused pickles."""
+        if entry.refused:
+            return None
+        if entry.kind == "lora" and entry.format == "safetensors":
+            digest = read_header(entry.path).metadata.get("sshs_model_hash") or self.hashes.tensors_sha256(entry.path)
+        else:
+            digest = self.hashes.sha256(entry.weights)
+        return digest[:NETWORK_HASH_DIGITS]
 
     def describe(self, entry: ModelFile, hashes: bool = True) -> dict[str, Any]:
         """A listing row: name, kind, format, size, short hash, base model and the header's metadata."""

@@ -69,7 +69,7 @@ class LibraryNetworks:
     def lora(self, name: str) -> LoraFile:
         """The parsed LoRA ``name`` (A1111's name or file stem); ModelLoadError if missing or unreadable."""
         entry = self.library.find("lora", name)
-        return self._cached(entry, "lora", lambda: read_lora(entry.path, name, self.library.short_hash(entry) or ""))
+        return self._cached(entry, "lora", lambda: read_lora(entry.path, name, self.library.network_hash(entry) or ""))
 
     def activate(self, tags: Sequence[NetworkTag]) -> dict[str, str]:
         """Merge exactly the tagged LoRAs (no tags: restore the base model); ``Lora hashes`` infotext."""
@@ -92,6 +92,6 @@ class LibraryNetworks:
             found[name] = self._cached(
                 entry, "embedding",
                 lambda entry=entry, name=name: read_embedding(entry.path, name, self.width,
-                                                              self.library.short_hash(entry) or ""),
+                                                              self.library.network_hash(entry) or ""),
             )
         return found
