@@ -172,19 +172,24 @@ class ClipScorer:
 
     # ---- scoring ----------------------------------------------------------------------------
 
-    def score(self, images: Sequence[Image.Image], prompt: str) -> ScoreResult:
-        """CLIP score of each image against ``prompt``; the prompt is encoded once."""
+    def prompt_cosines(self, images: Sequence[Image.Image], prompt: str) -> tuple[torch.Tensor, bool]:
+        """Cosine of each image with ``prompt`` (encoded once), on the CPU, and whether the prompt was cut
+        to CLIP's 77 positions; ValueError unless ``prompt`` is a string."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         image_feats = self.image_features(images)  # [N, D]
         text_feats, truncated = self.text_features([prompt])  # [1, D]
-        cosines = (image_feats @ text_feats[0]).cpu()  # [N]
+        return (image_feats @ text_feats[0]).cpu(), truncated[0]  # [N]
+
+    def score(self, images: Sequence[Image.Image], prompt: str) -> ScoreResult:
+        """CLIP score of each image against ``prompt``; the prompt is encoded once."""
+        cosines, truncated = self.prompt_cosines(images, prompt)  # [N]
         scores = torch.clamp(100.0 * cosines, min=0.0)
         return ScoreResult(
             prompt=prompt,
             scores=tuple(float(s) for s in scores),
             cosines=tuple(float(c) for c in cosines),
-            truncated=truncated[0],
+            truncated=truncated,
             reranker=self.name,
         )
 

@@ -40,18 +40,15 @@ class PreferenceScorer:
         """Per image: PickScore's score; details: the softmax preference probability among ``images`` (0-100)."""
         import torch
 
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        image_feats = self.clip.image_features(images)  # [N, D] unit vectors
-        text_feats, truncated = self.clip.text_features([prompt])  # [1, D]
-        cosines = (image_feats @ text_feats[0]).cpu().double()  # [N]
+        cosines, truncated = self.clip.prompt_cosines(images, prompt)  # [N]
+        cosines = cosines.double()
         scores = self.clip.logit_scale * cosines  # [N]
         preference = torch.softmax(scores, dim=0) * 100.0  # [N], PickScore's calc_probs
         return ScoreResult(
             prompt=prompt,
             scores=tuple(float(s) for s in scores),
             cosines=tuple(float(c) for c in cosines),
-            truncated=truncated[0],
+            truncated=truncated,
             reranker=self.name,
             label=self.label,
             details=tuple({"Preference probability": float(p)} for p in preference),
