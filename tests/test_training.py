@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -71,3 +72,44 @@ def test_lora_trainer_layers_save_a_kohya_file_our_merge_reproduces(tiny_model, 
     with torch.no_grad():
         base = unet(latents, t, encoder_hidden_states=text_encoder(ids)[0]).sample
     assert not torch.allclose(merged, base, atol=1e-2)  # the LoRA does change the output
+
+
+def test_fine_tuned_unet_export_replaces_only_the_unet_of_the_model_it_started_from(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from pipelines.training.export import export_unet_only
+    from pipelines.training.unet import freeze_from_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    frozen_provenance = {"clip_run": "runs/clip", "clip_step": 3, "vae_run": "runs/vae", "vae_step": 4}
+    (model / "provenance.json").write_text(json.dumps({"unet": {"step": 11}, "frozen": frozen_provenance}))
+    run = tmp_path / "run"
+    freeze_from_model(model, run / "frozen")
+    assert json.loads((run / "frozen" / "state.json").read_text())["unet_step"] == 11
+    unet = UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.25)
+    unet.save_pretrained(str(run / "ckpt" / "unet_ema"))
+    (run / "ckpt" / "state.json").write_text(json.dumps({"step": 5}))
+    others = {p: p.read_bytes() for p in model.rglob("*") if p.is_file() and "unet" not in p.parts}
+
+    provenance = export_unet_only(run, model)
+
+    exported = UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor.half().float()), name
+    assert all(p.read_bytes() == data for p, data in others.items() if p.name != "provenance.json")
+    assert (provenance["unet"]["step"], provenance["unet_before_fine_tune"]["step"]) == (5, 11)
+
+    vae_file = run / "frozen" / "vae" / "diffusion_pytorch_model.safetensors"
+    vae = load_file(str(vae_file))
+    first = sorted(vae)[0]
+    save_file({**vae, first: vae[first] + 1}, str(vae_file))
+    with pytest.raises(SystemExit, match="vae"):
+        export_unet_only(run, model)

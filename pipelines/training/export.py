@@ -172,6 +172,37 @@ def export_clip_only(clip_run: Path, out: Path) -> dict:
     return provenance
 
 
+def same_frozen_parts(frozen: Path, model: Path) -> None:
+    """Raise unless ``frozen``'s text encoder and VAE are ``model``'s (up to the fp16 it ships in)."""
+    from safetensors.torch import load_file
+
+    for part, name in (("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+        trained_against, shipped = load_file(str(frozen / part / name)), load_file(str(model / part / name))
+        if trained_against.keys() != shipped.keys() or any(
+                not torch.equal(trained_against[k].to(shipped[k].dtype), shipped[k]) for k in shipped):
+            raise SystemExit(f"{frozen / part} is not {model / part}: the U-Net was trained against another "
+                             f"{part}; export the whole model instead")
+
+
+def export_unet_only(unet_run: Path, out: Path) -> dict:
+    """Replace only ``out/unet`` by the EMA U-Net of a run fine-tuned from this very model
+    (``unet --init-from``); the text encoder, VAE and reranker stay as they are."""
+    from diffusers import UNet2DConditionModel
+
+    same_frozen_parts(unet_run / "frozen", out)
+    tmp = out / "unet.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet = UNet2DConditionModel.from_pretrained(str(unet_run / "ckpt" / "unet_ema"), torch_dtype=torch.float16)
+    unet.save_pretrained(str(tmp))
+    shutil.rmtree(out / "unet")
+    tmp.rename(out / "unet")
+    provenance = json.loads((out / "provenance.json").read_text())
+    provenance["unet_before_fine_tune"] = provenance.get("unet_before_fine_tune", provenance["unet"])
+    provenance["unet"] = common.read_state(unet_run)
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    return provenance
+
+
 def file_table(folder: Path) -> tuple[list[tuple[str, int, str]], int]:
     """(relative path, bytes, sha256) of every file, and the total size."""
     rows = []
@@ -200,7 +231,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--clip-only", action="store_true",
                         help="replace only clip/ (a CLIP run sharing the shipped text encoder)")
+    parser.add_argument("--unet-only", action="store_true",
+                        help="replace only unet/ (a U-Net run fine-tuned with --init-from this model)")
     args = parser.parse_args(argv)
+    if args.unet_only:
+        provenance = export_unet_only(args.unet, args.out)
+        for name, size, digest in file_table(args.out / "unet")[0]:
+            print(f"| `{args.out.name}/unet/{name}` | {size} | {digest} |")
+        print(f"unet step {provenance['unet']['step']} (from step {provenance['unet_before_fine_tune']['step']})")
+        if not args.no_check:
+            check_loads(args.out)
+        return
     if args.clip_only:
         export_clip_only(args.clip, args.out)
         for name, size, digest in file_table(args.out / "clip")[0]:

@@ -12,6 +12,9 @@ as Stable Diffusion itself was trained.
     python -m pipelines.training.unet --res 256 --n-latents 6000 --batch 32 --steps 8000 --out runs/unet
     python -m pipelines.training.unet --res 512 --n-latents 2000 --batch 8 --steps 11000 --lr 5e-4 \
         --out runs/unet --resume
+
+``--init-from pipelines/embedded/shapes-tiny`` fine-tunes the shipped model instead (its U-Net, and
+the text encoder and VAE it was trained against) when the original runs are gone.
 """
 
 from __future__ import annotations
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--p-flip", type=float, default=0.5,
                         help="horizontal flips (captions stay true: triangles and stars stay upright)")
     parser.add_argument("--monitor", type=int, default=16, help="prompts sampled and judged per checkpoint")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="an exported model folder to fine-tune (its unet/, text_encoder/ and vae/) "
+                             "instead of a fresh U-Net on --clip/--vae")
     args = parser.parse_args(argv)
     train(args, common.setup(args))
 
@@ -158,6 +164,21 @@ def freeze(clip_run: Path, vae_run: Path, frozen: Path) -> None:
     AutoencoderKL.from_pretrained(str(vae_run / "ckpt" / "vae")).save_pretrained(frozen / "vae")
     state = {"clip_run": str(clip_run), "clip_step": common.read_state(clip_run)["step"],
              "vae_run": str(vae_run), "vae_step": common.read_state(vae_run)["step"]}
+    (frozen / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def freeze_from_model(model: Path, frozen: Path) -> None:
+    """Copy an exported model's text encoder and VAE (as fp32) into ``frozen``, with their provenance."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    CLIPTextModel.from_pretrained(str(model / "text_encoder"), dtype=torch.float32).save_pretrained(
+        frozen / "text_encoder")
+    AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32).save_pretrained(frozen / "vae")
+    provenance = json.loads((model / "provenance.json").read_text())
+    state = {"init_from": str(model), "clip_step": provenance["frozen"]["clip_step"],
+             "vae_step": provenance["frozen"]["vae_step"], "clip_run": provenance["frozen"]["clip_run"],
+             "vae_run": provenance["frozen"]["vae_run"], "unet_step": provenance["unet"]["step"]}
     (frozen / "state.json").write_text(json.dumps(state, indent=1))
 
 
@@ -181,7 +202,10 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
 
     frozen = args.out / "frozen"  # the text encoder and VAE this U-Net is trained against
     if not (frozen / "state.json").exists():
-        freeze(args.clip, args.vae, frozen)
+        if args.init_from:
+            freeze_from_model(args.init_from, frozen)
+        else:
+            freeze(args.clip, args.vae, frozen)
     text_model = CLIPTextModel.from_pretrained(str(frozen / "text_encoder")).to(runtime.device).eval()
     vae = AutoencoderKL.from_pretrained(str(frozen / "vae")).to(runtime.device).eval()
     vae.requires_grad_(False)
@@ -199,6 +223,9 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         unet = UNet2DConditionModel.from_pretrained(str(args.out / "ckpt" / "unet"))
         ema = UNet2DConditionModel.from_pretrained(str(args.out / "ckpt" / "unet_ema"))
         start = common.read_state(args.out)["step"]
+    elif args.init_from:
+        unet = UNet2DConditionModel.from_pretrained(str(args.init_from / "unet"), torch_dtype=torch.float32)
+        ema = copy.deepcopy(unet)
     else:
         unet = UNet2DConditionModel(**unet_config(states.shape[-1]))
         ema = copy.deepcopy(unet)
@@ -249,6 +276,9 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
                     "n_latents": args.n_latents, "snr_gamma": args.snr_gamma, "p_flip": args.p_flip,
                     "loss_ema": running, "vae_step": vae_step,
                     "clip_step": frozen_state["clip_step"]}
+            if "init_from" in frozen_state:
+                save["init_from"] = frozen_state["init_from"]
+                save["init_unet_step"] = frozen_state["unet_step"]
             if args.monitor:
                 empty = states[empty_index : empty_index + 1]  # (1, 77, D)
                 images = sample(ema, vae, monitor_states, empty, runtime, args.res)
