@@ -120,6 +120,12 @@ def build_demo(
                                 )
                         clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
                                               label="Clip skip", elem_id="clip-skip")
+                        with gr.Accordion("LoRA and embeddings", open=False):
+                            with gr.Row():
+                                network = gr.Dropdown(handlers.network_choices(), value=None, label="Add to the prompt",
+                                                      elem_id="network", scale=3)
+                                network_weight = gr.Slider(-1, 2, value=1, step=0.05, label="LoRA weight", scale=2)
+                                add_network = gr.Button("➕ Add", size="sm", elem_id="add-network", scale=0)
                         with gr.Accordion("Scorers and minimum score", open=bool(engine.scorers)):
                             scorer_text = gr.Textbox(
                                 value=default_scorers, label="Scorers, name:weight (overrides Rerank by)",
@@ -367,7 +373,9 @@ def build_demo(
         png_file.change(handlers.png_info, png_file, [png_text, png_fields], api_name="png_info")
         gr.on([checkpoint.input, vae.input], handlers.switch_model, [checkpoint, vae], [status, checkpoint, vae],
               api_name="switch_model", concurrency_id=MODEL_GROUP)
-        refresh_models.click(handlers.refresh_models, None, [checkpoint, vae], api_name="refresh_models")
+        refresh_models.click(handlers.refresh_models, None, [checkpoint, vae, network], api_name="refresh_models")
+        add_network.click(handlers.add_network, [prompt, network, network_weight], prompt, queue=False,
+                          api_name="add_network")
         send_button.click(
             handlers.send_to_generate,
             png_text,

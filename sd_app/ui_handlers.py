@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -529,11 +530,41 @@ class UiHandlers:
         return (f"Loaded {self.checkpoint_value()} (VAE {self.engine.vae or 'Automatic'}) in "
                 f"{time.monotonic() - started:.1f} s", gr.update(), gr.update())
 
-    def refresh_models(self) -> tuple[Any, Any]:
+    def refresh_models(self) -> tuple[Any, Any, Any]:
         """Rescan the model folders for the dropdowns (A1111's refresh button)."""
         self.engine.library().refresh()
         return (gr.update(choices=self.checkpoint_choices(), value=self.checkpoint_value()),
-                gr.update(choices=self.vae_choices()))
+                gr.update(choices=self.vae_choices()), gr.update(choices=self.network_choices(), value=None))
+
+    # ---- LoRA and embeddings ----------------------------------------------------------------
+
+    def network_choices(self) -> list[tuple[str, str]]:
+        """(label, value) of every usable LoRA and embedding in the model folders, shipped LoRAs first."""
+        library = self.engine.library()
+        return [(f"{label}: {entry.name}", f"{kind}:{entry.name}")
+                for kind, label in (("lora", "LoRA"), ("embedding", "Embedding"))
+                for entry in library.files(kind) if entry.refused is None]
+
+    @staticmethod
+    def add_network(prompt: str | None, choice: str | None, weight: float) -> str:
+        """The prompt with the chosen LoRA's ``<lora:NAME:W>`` tag (its weight replaced when the tag is already
+        there) or the embedding's name (A1111 ``extra_networks``: the tag or the name is what the prompt holds)."""
+        text = (prompt or "").rstrip()
+        if not choice:
+            raise user_error("Choose a LoRA or an embedding first")
+        kind, _, name = choice.partition(":")
+        if kind == "lora":
+            try:
+                tag = f"<lora:{name}:{number('LoRA weight', weight):g}>"
+            except ValueError as error:
+                raise user_error(str(error)) from None
+            existing = re.compile(rf"<lora:{re.escape(name)}(?::[^>]*)?>")
+            if existing.search(text):
+                return existing.sub(lambda _: tag, text, count=1)
+            return f"{text} {tag}".lstrip()
+        if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text):
+            return text  # the embedding is already in the prompt
+        return f"{text} {name}".lstrip()
 
     # ---- Inspect ----------------------------------------------------------------------------
 

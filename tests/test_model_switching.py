@@ -215,6 +215,22 @@ def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server)
                                                  api_name="/generate")
     params = parse_parameters(parameters)
     assert params["Model hash"] == known["tiny-b"] and params["Clip skip"] == "2"
-    checkpoints, vaes = client.predict(api_name="/refresh_models")
+    checkpoints, vaes, networks = client.predict(api_name="/refresh_models")
     assert checkpoints["value"] == "tiny-b" and ["tiny-a", "tiny-a"] in checkpoints["choices"]
+    choices = [value for _, value in networks["choices"]]
+    assert {"lora:ink", "lora:hexagon", "embedding:fits", "embedding:wide"} <= set(choices)
+    assert not any("old" in value for value in choices)  # the refused pickle is not offered
+    prompt = client.predict("a red circle", "lora:ink", 0.5, api_name="/add_network")
+    assert prompt == "a red circle <lora:ink:0.5>"
+    prompt = client.predict(prompt, "lora:ink", 1.25, api_name="/add_network")  # the weight is replaced
+    assert prompt == "a red circle <lora:ink:1.25>"
+    prompt = client.predict(prompt, "embedding:fits", 1, api_name="/add_network")
+    assert prompt == "a red circle <lora:ink:1.25> fits"
+    assert client.predict(prompt, "embedding:fits", 1, api_name="/add_network") == prompt  # already there
+    with pytest.raises(AppError, match="Choose a LoRA or an embedding"):
+        client.predict(prompt, None, 1, api_name="/add_network")
+    _, _, _, parameters, _ = client.predict(prompt, "", "Euler", 2, 7, 64, 64, 3, 1, "off", *hires_off, 1,
+                                            api_name="/generate")
+    params = parse_parameters(parameters)
+    assert params["Lora hashes"].startswith("ink: ") and params["TI hashes"].startswith("fits: ")
     assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
