@@ -113,3 +113,20 @@ def test_fine_tuned_unet_export_replaces_only_the_unet_of_the_model_it_started_f
     save_file({**vae, first: vae[first] + 1}, str(vae_file))
     with pytest.raises(SystemExit, match="vae"):
         export_unet_only(run, model)
+
+
+def test_candidate_cache_serves_a_longer_run_and_refuses_other_settings(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from pipelines.training.evaluate import CandidateCache
+
+    settings = {"model": "m", "pairs": 96, "candidates": 4, "steps": 20}
+    (tmp_path / "manifest.json").write_text(json.dumps(settings))  # as earlier versions wrote it
+    CandidateCache(tmp_path, settings).put("fast", 3, 1, Image.new("RGB", (8, 8), (255, 0, 0)))
+    longer = CandidateCache(tmp_path, {**settings, "pairs": 192})  # pair 3 is the same prompt and seeds
+    assert longer.get("fast", 3, 1).getpixel((0, 0)) == (255, 0, 0)
+    assert longer.get("fast", 100, 0) is None
+    with pytest.raises(SystemExit, match="choose another"):
+        CandidateCache(tmp_path, {**settings, "steps": 8})

@@ -91,14 +91,19 @@ def composition(scorer: ClipScorer, n: int) -> dict[str, float]:
 class CandidateCache:
     """Generated candidates as PNGs under ``folder/<mode>/<pair>-<candidate>.png``, so that rerankers can be
     compared (or a new CLIP scored) on the same pictures without generating them again. A manifest holds
-    the settings; a folder made with other settings is refused rather than mixed in."""
+    the settings; a folder made with other settings is refused rather than mixed in. The pair count is not
+    one of them: pair k is the same prompt and seeds in a run of any length (``shapes.dataset`` draws the
+    prompts in order), so a longer run reuses a shorter one's candidates."""
 
     def __init__(self, folder: Path | None, settings: dict) -> None:
+        settings = {k: v for k, v in settings.items() if k != "pairs"}
         self.folder, self.settings = folder, settings
         if folder is None:
             return
         manifest = folder / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()) != settings:
+        stored = json.loads(manifest.read_text()) if manifest.is_file() else dict(settings)
+        stored.pop("pairs", None)  # written by earlier versions
+        if stored != settings:
             raise SystemExit(f"{folder} holds candidates made with {manifest.read_text().strip()}, not {settings}: "
                              "choose another --candidates-dir")
         folder.mkdir(parents=True, exist_ok=True)
