@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipelines.generation.request import VAE_DECODERS
+
 # Never change the picture (saving, bookkeeping), or only matter with a switch that is off by default.
 IGNORED = frozenset(
     {
@@ -72,7 +74,7 @@ def check_fields(extra: Mapping[str, Any], sampler_name: str, known: set[str]) -
 
 
 # A1111 options sd-app honours (POST /sdapi/v1/options, a request's override_settings); the rest are refused.
-OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "sd_vae_decode_method")
 NO_OP_OPTIONS = {"samples_format": ("png",)}
 
 
@@ -95,6 +97,11 @@ def check_options(options: Any, field: str = "options") -> dict[str, Any]:
     skip = wanted.get("CLIP_stop_at_last_layers")
     if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 12):
         raise ValueError(f"{field}: CLIP_stop_at_last_layers must be an integer from 1 to 12, got {_short(skip)}")
+    decoder = wanted.get("sd_vae_decode_method")
+    if decoder is not None and decoder not in VAE_DECODERS:
+        raise ValueError(
+            f"{field}: sd_vae_decode_method must be one of {', '.join(VAE_DECODERS)}, got {_short(decoder)}"
+        )
     return wanted
 
 

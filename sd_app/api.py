@@ -95,7 +95,8 @@ class GenerationFields(BaseModel):
     # regenerate with new seeds until a candidate reaches it: a number (the one scorer) or {"aesthetic": 5.5}
     min_score: float | dict[str, float] | None = None
     extra_rounds: int = Field(3, ge=0, le=10)  # with min_score: at most this many more rounds
-    override_settings: dict[str, Any] | None = None  # sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers
+    override_settings: dict[str, Any] | None = None  # sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers,
+    # sd_vae_decode_method
     override_settings_restore_afterwards: bool = True
 
 
@@ -175,9 +176,9 @@ def _refuse_unsupported(body: GenerationFields) -> None:
             raise ValueError(f"{field} is not supported by sd-app (got {value!r}); leave it unset")
 
 
-def _common_settings(body: GenerationFields, clip_skip: int = 1) -> dict[str, Any]:
-    """The settings txt2img and img2img share. ``clip_skip``: the server's default, unless
-    ``override_settings`` says ``CLIP_stop_at_last_layers``."""
+def _common_settings(body: GenerationFields, clip_skip: int = 1, vae_decoder: str = "Full") -> dict[str, Any]:
+    """The settings txt2img and img2img share. ``clip_skip`` and ``vae_decoder``: the server's defaults,
+    unless ``override_settings`` says ``CLIP_stop_at_last_layers`` / ``sd_vae_decode_method``."""
     from sd_app.a1111_fields import check_fields, check_options
 
     overrides = check_options(body.override_settings or {}, "override_settings")
@@ -196,13 +197,14 @@ def _common_settings(body: GenerationFields, clip_skip: int = 1) -> dict[str, An
         "height": body.height,
         "n": n,
         "clip_skip": overrides.get("CLIP_stop_at_last_layers", clip_skip),
+        "vae_decoder": overrides.get("sd_vae_decode_method", vae_decoder),
         "sampler": sampler,
         # A1111's eta is TCD's gamma there; the other samplers' eta is checked by check_fields above.
         "eta": (body.model_extra or {}).get("eta") if resolve_sampler(sampler).spec.eta else None,
     }
 
 
-def to_generation_request(body: Txt2ImgRequest, clip_skip: int = 1) -> GenerationRequest:
+def to_generation_request(body: Txt2ImgRequest, clip_skip: int = 1, vae_decoder: str = "Full") -> GenerationRequest:
     """Validate and convert; ValueError names the A1111 field at fault."""
     from pipelines.generation.conditioning import HiresFix
 
@@ -217,7 +219,7 @@ def to_generation_request(body: Txt2ImgRequest, clip_skip: int = 1) -> Generatio
             resize_x=body.hr_resize_x,
             resize_y=body.hr_resize_y,
         )
-    return GenerationRequest(**_common_settings(body, clip_skip), hires=hires, prune_to=body.prune_to,
+    return GenerationRequest(**_common_settings(body, clip_skip, vae_decoder), hires=hires, prune_to=body.prune_to,
                              prune_at=body.prune_at)
 
 
@@ -228,7 +230,8 @@ def _a1111_choice(field: str, value: int, choices: tuple[str, ...]) -> str:
     return choices[value]
 
 
-def to_image_request(body: Img2ImgRequest, clip_skip: int = 1) -> tuple[GenerationRequest, list[str]]:
+def to_image_request(body: Img2ImgRequest, clip_skip: int = 1,
+                     vae_decoder: str = "Full") -> tuple[GenerationRequest, list[str]]:
     """The img2img / inpaint request and notes (a mask resized to the image); ValueError names the field."""
     from pipelines.generation.masks import image_conditioning
     from sd_app.images import decode_image
@@ -256,7 +259,7 @@ def to_image_request(body: Img2ImgRequest, clip_skip: int = 1) -> tuple[Generati
         invert_mask=bool(body.inpainting_mask_invert),
         resize_mode=_a1111_choice("resize_mode", body.resize_mode, tuple(RESIZE_MODES)),
     )
-    return GenerationRequest(**_common_settings(body, clip_skip), image=image), notes
+    return GenerationRequest(**_common_settings(body, clip_skip, vae_decoder), image=image), notes
 
 
 def png_base64(image: Image.Image, parameters: str | None) -> str:
@@ -460,7 +463,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     @router.post("/txt2img")
     async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
         try:
-            request = to_generation_request(body, engine.clip_skip)
+            request = to_generation_request(body, engine.clip_skip, engine.vae_decoder)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         return await run(body, request, [], http)
@@ -468,7 +471,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     @router.post("/img2img")
     async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
         try:
-            request, notes = to_image_request(body, engine.clip_skip)
+            request, notes = to_image_request(body, engine.clip_skip, engine.vae_decoder)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         return await run(body, request, notes, http)

@@ -2,7 +2,8 @@
 
 ``GET /sdapi/v1/sd-models | sd-vae | loras | embeddings | options``, ``POST /sdapi/v1/options`` and
 ``POST /sdapi/v1/refresh-checkpoints | refresh-vae | refresh-loras | refresh-embeddings``, in A1111's
-shapes. ``POST /options`` takes ``sd_model_checkpoint``, ``sd_vae`` and ``CLIP_stop_at_last_layers``;
+shapes. ``POST /options`` takes ``sd_model_checkpoint``, ``sd_vae``, ``CLIP_stop_at_last_layers`` and
+``sd_vae_decode_method`` (``Full`` or ``TAESD``, the default of requests that do not say);
 any other option is refused by name (422), nothing is set then. A switch waits for the running job.
 Entries add sd-app's own fields (``size``, ``base_model``, ``refused``: pickles are listed, never loaded).
 """
@@ -58,6 +59,7 @@ def options_payload(engine: Engine) -> dict[str, Any]:
         "sd_model_checkpoint": selected_title(engine),
         "sd_vae": engine.vae or "Automatic",
         "CLIP_stop_at_last_layers": engine.clip_skip,
+        "sd_vae_decode_method": engine.vae_decoder,
         "sd_checkpoints_limit": engine.max_loaded,
         "samples_format": "png",
     }
@@ -155,11 +157,14 @@ def build_models_router(engine: Engine) -> APIRouter:
 
 
 def apply_options(engine: Engine, wanted: Mapping[str, Any]) -> dict[str, Any]:
-    """Switch checkpoint / VAE (after the running job) and set the default clip skip; the options after."""
+    """Switch checkpoint / VAE (after the running job) and set the default clip skip and VAE decoder; the
+    options after."""
     if "sd_model_checkpoint" in wanted or "sd_vae" in wanted:
         engine.switch(checkpoint=wanted.get("sd_model_checkpoint"), vae=wanted.get("sd_vae"))
     if "CLIP_stop_at_last_layers" in wanted:
         engine.clip_skip = wanted["CLIP_stop_at_last_layers"]
+    if "sd_vae_decode_method" in wanted:
+        engine.vae_decoder = wanted["sd_vae_decode_method"]
     return options_payload(engine)
 
 

@@ -29,6 +29,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1, help="number of images / candidates (1-16)")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
+    add_decoder_argument(parser)
     add_library_arguments(parser)
     parser.add_argument("--reranker", default="embedded", help="CLIP model folder used to score candidates")
     parser.add_argument("--no-rerank", action="store_true", help="keep generation order, no CLIP scores")
@@ -170,6 +171,7 @@ def request_and_notes(args: argparse.Namespace, prompt: str) -> tuple[Generation
         hires=hires,
         prune_to=args.prune_to,
         prune_at=args.prune_at,
+        vae_decoder=args.vae_decoder,
     )
     return request, notes
 
@@ -226,6 +228,13 @@ def hires_from_args(args: argparse.Namespace):  # noqa: ANN201 - HiresFix | None
         resize_x=resize_x,
         resize_y=resize_y,
     )
+
+
+def add_decoder_argument(parser: argparse.ArgumentParser) -> None:
+    """``--vae-decoder``: A1111's "VAE type for decode" (``sd_vae_decode_method``)."""
+    parser.add_argument("--vae-decoder", default="Full", type=str.strip, metavar="{Full,TAESD}",
+                        help="Full: the model's VAE decoder; TAESD: its tiny decoder, several times faster and "
+                             "slightly softer (A1111's 'VAE type for decode')")
 
 
 def add_library_arguments(parser: argparse.ArgumentParser) -> None:

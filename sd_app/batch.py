@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.jsonl"
 LOCK = "manifest.lock"
 CLAIMS = ".claims"  # one lock file per job being generated
-OVERRIDES = ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "n", "sampler", "clip_skip")
+OVERRIDES = ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "n", "sampler", "clip_skip",
+             "vae_decoder")
 
 
 @dataclass(frozen=True)

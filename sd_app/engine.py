@@ -91,6 +91,7 @@ class Engine:
     models_dirs: Sequence[Path] = ()  # A1111 / ComfyUI folders: checkpoints, VAEs, LoRAs, embeddings
     max_loaded: int = 1  # checkpoints kept in memory (least recently used freed first)
     clip_skip: int = 1  # the default for requests that do not say (A1111's CLIP_stop_at_last_layers option)
+    vae_decoder: str = "Full"  # the same for A1111's sd_vae_decode_method ("Full" or "TAESD")
     scorers: Sequence[ScorerSpec] = ()  # preference scorers beside the reranker CLIP, and their default weights
     _library: ModelLibrary | None = field(default=None, init=False, repr=False)
     _pipelines: PipelineCache | None = field(default=None, init=False, repr=False)

@@ -49,6 +49,8 @@ def format_parameters(
         pairs["CFG cutoff"] = f"{request.guidance_cutoff:g}"
     if request.eta is not None:
         pairs["Eta"] = f"{request.eta:g}"  # A1111 writes the eta it ran with when it is not the default
+    if request.vae_decoder != "Full":
+        pairs["VAE Decoder"] = request.vae_decoder  # A1111 writes its sd_vae_decode_method when not Full
     pairs.update(image_pairs(request))
     if model_hash:
         pairs["Model hash"] = model_hash
@@ -180,6 +182,7 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
             cache_interval=int(params.get("DeepCache interval", 1)),
             guidance_cutoff=float(params.get("CFG cutoff", 0.0)),
             eta=float(params["Eta"]) if "Eta" in params else None,
+            vae_decoder=str(params.get("VAE Decoder", "Full")),
             hires=hires_from_parameters(params),
         )
     except (TypeError, ValueError) as error:

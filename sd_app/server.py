@@ -171,9 +171,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder or a .safetensors")
     parser.add_argument("--vae", default=None, help="separate VAE .safetensors")
-    from sd_app.arguments import add_library_arguments, add_scorer_arguments
+    from sd_app.arguments import add_decoder_argument, add_library_arguments, add_scorer_arguments
 
     add_library_arguments(parser)
+    add_decoder_argument(parser)
     add_scorer_arguments(parser)
     parser.add_argument("--max-loaded", type=int, default=1,
                         help="checkpoints kept in memory when switching (least recently used freed; default 1)")
@@ -246,9 +247,13 @@ def run_serve(args: argparse.Namespace) -> int:
     reranker = None if str(args.reranker).lower() == "none" else args.reranker
     if args.max_loaded < 1:
         raise ValueError(f"--max-loaded must be at least 1, got {args.max_loaded}")
+    from pipelines.generation.request import GenerationRequest
+
+    vae_decoder = GenerationRequest(vae_decoder=args.vae_decoder).vae_decoder  # A1111's name, or a clear error
     engine = Engine(
         model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits,
         models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip, scorers=scorer_specs(args),
+        vae_decoder=vae_decoder,
     )
     engine.library()  # a missing --models-dir fails now, with its name
     tracker = JobTracker(max_waiting=args.max_queue, max_waiting_per_client=args.max_waiting_per_client)

@@ -16,7 +16,7 @@ from pipelines.generation.conditioning import (
     HiresFix,
     ImageConditioning,
 )
-from pipelines.generation.request import LIMITS, GenerationRequest
+from pipelines.generation.request import LIMITS, VAE_DECODERS, GenerationRequest
 from pipelines.generation.schedulers import sampler_names
 
 if TYPE_CHECKING:
@@ -118,8 +118,11 @@ def build_demo(
                                     0, 1, value=hires_defaults.denoising_strength, step=0.01,
                                     label="Denoising strength",
                                 )
-                        clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
-                                              label="Clip skip", elem_id="clip-skip")
+                        with gr.Row():
+                            clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
+                                                  label="Clip skip", elem_id="clip-skip")
+                            vae_decoder = gr.Radio(list(VAE_DECODERS), value=engine.vae_decoder, elem_id="vae-decoder",
+                                                   label="VAE decoder (TAESD: the fast tiny one)")
                         with gr.Accordion("LoRA and embeddings", open=False):
                             with gr.Row():
                                 network = gr.Dropdown(handlers.network_choices(), value=None, label="Add to the prompt",
@@ -306,7 +309,7 @@ def build_demo(
         hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
         generate_inputs = [
             prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip,
-            scorer_text, min_score, extra_rounds, session, prune_to, prune_at,
+            scorer_text, min_score, extra_rounds, session, prune_to, prune_at, vae_decoder,
         ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
@@ -379,7 +382,7 @@ def build_demo(
         send_button.click(
             handlers.send_to_generate,
             png_text,
-            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, clip_skip, tabs],
+            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, clip_skip, vae_decoder, tabs],
             api_name=False,
         )
     demo.queue(default_concurrency_limit=1, max_size=max_queue)

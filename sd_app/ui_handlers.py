@@ -199,6 +199,7 @@ class UiHandlers:
         hires: tuple[Any, ...] | None = None,
         clip_skip: Any = 1,
         pruning: tuple[Any, Any] = (0, 0),
+        vae_decoder: str = "Full",
     ) -> GenerationRequest:
         """The validated request for the Generate view's fields; ValueError names the bad one.
 
@@ -208,6 +209,7 @@ class UiHandlers:
         settings = cls.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
         settings["clip_skip"] = integer("clip_skip", clip_skip)
         settings["prune_to"], settings["prune_at"] = integer("prune_to", pruning[0]), integer("prune_at", pruning[1])
+        settings["vae_decoder"] = vae_decoder or "Full"
         if hires is not None and hires[0]:
             from pipelines.generation.conditioning import HiresFix
 
@@ -244,6 +246,7 @@ class UiHandlers:
         session: UserSession | None = None,
         prune_to: Any = 0,
         prune_at: Any = 0,
+        vae_decoder: str = "Full",
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
@@ -259,7 +262,8 @@ class UiHandlers:
         hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
         try:
             request = self.build_request(
-                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip, (prune_to, prune_at)
+                prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip, (prune_to, prune_at),
+                vae_decoder,
             )
             if rerank_by not in RERANK_CHOICES.values():
                 raise ValueError(f"rerank must be one of {', '.join(RERANK_CHOICES.values())}, got {rerank!r}")
@@ -679,6 +683,7 @@ class UiHandlers:
             hires.steps,
             hires.denoising_strength,
             request.clip_skip,
+            request.vae_decoder,
             gr.Tabs(selected="generate"),
         )
 

@@ -48,6 +48,7 @@ def test_random_seed_is_written_into_metadata(tiny_model, tmp_path):
         (["--n", "17"], "n must be between 1 and 16, got 17"),
         (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: DPM++ 2M, DPM++ 2M Uniform"),
         (["--model", "/no/such/model"], "model not found: /no/such/model"),
+        (["--vae-decoder", "fast"], "vae_decoder must be one of Full, TAESD, got 'fast'"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def test_shipped_as_safetensors_within_40_mb_with_registered_hashes():
     files = [p for p in EMBEDDED_MODEL_DIR.rglob("*") if p.is_file()]
     assert (EMBEDDED_MODEL_DIR / "model_index.json") in files
     weights = [p for p in files if p.suffix == ".safetensors"]
-    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder", "clip"}
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder", "clip", "vae_decoder_tiny"}
     assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
     assert sum(p.stat().st_size for p in files) <= 40_000_000
     registered = dict(re.findall(r"\| `shapes-tiny/([\w/.]+\.safetensors)` \| \d+ \| ([0-9a-f]{64}) \|",
@@ -83,6 +84,17 @@ def test_golden_image(fp32_pipe):
     # The same prompt at other seeds scores 11-14 dB; 30 dB leaves room for other CPUs' float rounding, which moves a
     # few pixels along this model's hard edges (our fp32 and plain diffusers' differ by 38-40 dB).
     assert psnr(image, Image.open(GOLDEN).convert("RGB")) >= 30
+
+
+def test_shipped_tiny_decoder_draws_the_full_decoders_picture(fp32_pipe):
+    """The same latents through the tiny decoder (vae_decoder TAESD) and the VAE's: the picture the prompt
+    asks for, close to the full decode (other seeds' pictures of the same prompt score 11-14 dB)."""
+    full = fp32_pipe(GOLDEN_REQUEST).images[0]
+    tiny = fp32_pipe(replace(GOLDEN_REQUEST, vae_decoder="TAESD")).images[0]
+    assert tiny.size == full.size == (512, 512)
+    verdict = _judged(tiny, GOLDEN_REQUEST.prompt)
+    assert verdict.all_ok, verdict
+    assert psnr(tiny, full) >= 25
 
 
 def test_default_path_draws_what_the_prompts_say():

@@ -82,7 +82,7 @@ def hires_fix(
     if hires.latent:
         upscaled = upscale_latents(latents, hires.upscaler, cover, final, pipe.vae_scale_factor)
     else:
-        images = upscale_pixels(pipe.decode(latents), hires.upscaler, cover, final)
+        images = upscale_pixels(pipe.decode(latents, request.vae_decoder), hires.upscaler, cover, final)
         upscaled = encode(pipe, to_pixels(images), generators)
     if run == 0:
         return upscaled

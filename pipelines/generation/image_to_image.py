@@ -162,4 +162,4 @@ def image_to_image(
             scheduler, latents, text_states, request, generators, on_step, cancel, progress,
             timesteps=timesteps, total=run, extra_channels=extra, after_step=after_step,
         )
-    return [prepared.paste_back(image) for image in pipe.decode(latents)]
+    return [prepared.paste_back(image) for image in pipe.decode(latents, request.vae_decoder)]

@@ -24,6 +24,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "cache_interval": (1, 10),
     "clip_skip": (1, 12),
 }
+VAE_DECODERS = ("Full", "TAESD")  # A1111's "VAE type for decode" (sd_vae_decode_method)
 
 
 def _require_int(name: str, value: object) -> int:
@@ -54,6 +55,8 @@ class GenerationRequest:
     to text-to-image (``HiresFix``); width and height are the size generated at (the first pass's).
     ``prune_to`` M and ``prune_at`` K (early pruning, ``pipelines.rerank.early_pruning``): all n
     candidates run K steps, the M whose predicted clean images score best are finished.
+    ``vae_decoder`` "TAESD" decodes with the model's tiny decoder instead of the full VAE decoder
+    (A1111's "VAE type for decode"): several times faster, slightly softer.
     """
 
     prompt: str = ""
@@ -73,8 +76,13 @@ class GenerationRequest:
     prune_to: int = 0  # early pruning: finish only the best M of the n candidates (0 = off)
     prune_at: int = 0  # ... scored on their predicted clean image after step K (1 <= K < steps)
     eta: float | None = None  # the sampler's step noise (TCD's gamma, DDIM's eta); None: the sampler's default
+    vae_decoder: str = "Full"  # "TAESD": the model's tiny decoder (pipelines.models.tiny_decoder)
 
     def __post_init__(self) -> None:
+        decoder = self.vae_decoder
+        if isinstance(decoder, str):  # A1111's names in any case
+            decoder = next((d for d in VAE_DECODERS if d.lower() == decoder.strip().lower()), decoder)
+            object.__setattr__(self, "vae_decoder", decoder)
         self.validate()
 
     def validate(self) -> None:
@@ -107,6 +115,8 @@ class GenerationRequest:
         eta = self.eta
         if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1):
             raise ValueError(f"eta must be a number in [0, 1] or None, got {eta!r}")
+        if self.vae_decoder not in VAE_DECODERS:
+            raise ValueError(f"vae_decoder must be one of {', '.join(VAE_DECODERS)}, got {self.vae_decoder!r}")
         if self.image is not None and not isinstance(self.image, ImageConditioning):
             raise ValueError(f"image must be an ImageConditioning, got {type(self.image).__name__}")
         if self.hires is not None:
@@ -176,4 +186,6 @@ class GenerationRequest:
         for name in ("prune_to", "prune_at"):
             if not settings[name]:
                 del settings[name]  # likewise without early pruning
+        if settings["vae_decoder"] == "Full":
+            del settings["vae_decoder"]  # likewise with the full VAE decoder
         return settings

@@ -122,6 +122,7 @@ class TextToImagePipeline:
         if request.prune_to:
             raise ValueError("early pruning (prune_to) needs a scorer: run it with pipelines.rerank.best_of.best_of_n")
         request = request.resolved()
+        self.check_decoder(request.vae_decoder)
         seeds = request.seeds()
         warning = guidance_warning(request.sampler, request.cfg_scale)
         if warning:
@@ -151,7 +152,7 @@ class TextToImagePipeline:
                     second_pass = counting_steps(on_step, request.steps, request.total_steps)
                     latents = hires_fix(self, request, seeds, latents, text_states, second_pass, cancel, progress)
                 # 6. Decode.
-                images = self.decode(latents)
+                images = self.decode(latents, request.vae_decoder)
         return TextToImageOutput(
             images=images,
             seeds=seeds,
@@ -303,8 +304,17 @@ class TextToImagePipeline:
         )
         return run.run(on_step=on_step, cancel=cancel, progress=progress)
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """VAE-decode latents one image at a time (bounded memory) to 8-bit RGB PIL images.
+    def check_decoder(self, vae_decoder: str) -> None:
+        """ValueError if ``vae_decoder`` is "TAESD" and this model has no tiny decoder."""
+        if vae_decoder == "TAESD" and self.components.tiny_decoder is None:  # found by pipelines.models.tiny_decoder
+            raise ValueError(
+                f"vae_decoder TAESD: {self.components.name} has no tiny decoder (for a Stable Diffusion 1.x model put "
+                "TAESD's taesd_decoder.safetensors in a models folder's VAE-approx/ or vae_approx/)"
+            )
+
+    def decode(self, latents: torch.Tensor, vae_decoder: str = "Full") -> list[Image.Image]:
+        """Decode latents one image at a time (bounded memory) to 8-bit RGB PIL images, with the full VAE
+        decoder or (``vae_decoder`` "TAESD") the model's tiny decoder.
 
         A reduced-precision decode that overflows (NaN/inf) is redone in fp32, never written black
         (``pipelines.speed.vae_precision``).
@@ -313,9 +323,11 @@ class TextToImagePipeline:
 
         from pipelines.speed.vae_precision import decode_latents
 
+        self.check_decoder(vae_decoder)
+        decoder = self.components.tiny_decoder if vae_decoder == "TAESD" else self.components.vae
         images = []
         for latent in latents.split(1):  # [1, C, h, w]
-            pixels = decode_latents(self.components.vae, latent)  # [1, 3, H, W], fp32
+            pixels = decode_latents(decoder, latent)  # [1, 3, H, W], fp32
             pixels = (pixels / 2 + 0.5).clamp(0, 1)
             array = pixels.permute(0, 2, 3, 1).cpu().numpy()  # [1, H, W, 3]
             images.extend(VaeImageProcessor.numpy_to_pil(array))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
 
@@ -22,3 +22,4 @@ class SDComponents:
     name: str = "model"
     model_hash: str | None = None
     source: str = ""
+    tiny_decoder: AutoencoderTiny | None = None  # A1111's "VAE type for decode: TAESD" (pipelines.models.tiny_decoder)

@@ -111,7 +111,15 @@ def load_pipeline(
             components.vae = load_vae_file(Path(vae), vae_config, dtypes["model"])
     if str(spec).strip() == "embedded":
         components.name = EMBEDDED_MODEL_DIR.name
-    for module in (components.unet, components.vae, components.text_encoder):
+    from pipelines.models.tiny_decoder import find_tiny_decoder, load_tiny_decoder
+
+    roots = library.roots if library is not None else ()
+    tiny = find_tiny_decoder(path if path.is_dir() else None, roots, float(components.vae.config.scaling_factor))
+    if tiny is not None:
+        components.tiny_decoder = load_tiny_decoder(tiny, dtypes["model"])
+    for module in (components.unet, components.vae, components.text_encoder, components.tiny_decoder):
+        if module is None:
+            continue
         if module.device.type != device.split(":")[0]:
             module.to(device)
         module.eval().requires_grad_(False)

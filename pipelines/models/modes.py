@@ -41,7 +41,10 @@ GPU_MODES = [
     Mode("ours fast + torch.compile (CUDA graphs)", "compiled", key="compiled"),
 ]
 # Chosen by key only: what one part of the default fast path is worth.
-ABLATION_MODES = [Mode("ours fast, PyTorch SDPA attention", "fast-sdpa", key="fast-sdpa")]
+ABLATION_MODES = [
+    Mode("ours fast, PyTorch SDPA attention", "fast-sdpa", key="fast-sdpa"),
+    Mode("ours fast + TAESD decoder", "fast", {"vae_decoder": "TAESD"}, key="taesd"),  # a model with a tiny decoder
+]
 
 
 def modes_by_key(keys: list[str]) -> list[Mode]:

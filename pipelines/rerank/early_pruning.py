@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # How x0 becomes a picture: the linear latent -> RGB map, the VAE on x0 at half size (a quarter of the
 # decode), or the full VAE.
-EARLY_DECODERS = ("preview", "vae-half", "vae")
+EARLY_DECODERS = ("preview", "vae-half", "taesd", "vae")
 DEFAULT_EARLY_DECODER = "preview"
 PREVIEW_SIZE = 224  # the preview (h/8 x w/8 pixels) is upscaled to CLIP's input size
 
@@ -58,13 +58,15 @@ class EarlyRanking:
 def decode_clean(pipe: TextToImagePipeline, clean: torch.Tensor, decoder: str = DEFAULT_EARLY_DECODER
                  ) -> list[Image.Image]:
     """Pictures of predicted clean latents [n, C, h, w]: ``preview`` (linear map, upscaled), ``vae-half``
-    (latents area-downsampled 2x, then the VAE) or ``vae``."""
+    (latents area-downsampled 2x, then the VAE), ``taesd`` (the model's tiny decoder) or ``vae``."""
     if decoder == "preview":
         return pipe.preview_latents(clean, size=PREVIEW_SIZE)
     if decoder == "vae-half":
         import torch
 
         return pipe.decode(torch.nn.functional.avg_pool2d(clean, 2))  # [n, C, h/2, w/2] -> H/2 x W/2 images
+    if decoder == "taesd":
+        return pipe.decode(clean, "TAESD")
     if decoder == "vae":
         return pipe.decode(clean)
     raise ValueError(f"decoder must be one of {', '.join(EARLY_DECODERS)}, got {decoder!r}")
@@ -108,6 +110,7 @@ def early_pruned_images(
     """
     import torch
 
+    pipe.check_decoder(request.vae_decoder)
     n, keep, at = request.n, request.prune_to, request.prune_at
     total = n * at + keep * (request.steps - at)
     done = [0]
@@ -130,7 +133,7 @@ def early_pruned_images(
             run.keep(rows)
             latents = run.run(on_step=_counting(on_step, done, len(rows), total), cancel=cancel, progress=progress)
             finished.update({start + row: latent for row, latent in zip(rows, latents, strict=True)})
-        images = pipe.decode(torch.stack([finished[i] for i in sorted(finished)]))  # [M, C, h, w] -> M images
+        images = pipe.decode(torch.stack([finished[i] for i in sorted(finished)]), request.vae_decoder)  # M images
     return images, ranking, extra
 
 

@@ -76,6 +76,8 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
     if vae_needs_fp32(components.vae):
         components.vae.to(torch.float32)
     components.unet = speed_up(components.unet, options, components.vae)
+    if components.tiny_decoder is not None and options.channels_last:
+        components.tiny_decoder.to(memory_format=torch.channels_last)
 
 
 def speed_up(unet: torch.nn.Module, options: SpeedOptions, vae: torch.nn.Module | None = None) -> torch.nn.Module:

@@ -9,8 +9,10 @@ without the LoRA, then each ``--few-step`` setting (sampler:steps, CFG 1) with i
 fidelity (:func:`pipelines.training.shapes.judge`) of candidate 0 and of the best of ``candidates`` by
 CLIP score (one batched request of ``candidates`` images, as ``--n`` runs them), the median seconds of a
 single image (a request of 1, on the first ``--timed`` pairs) and of a whole best-of-N request
-(generation and scoring). Targets (issue 16): 4 steps >= 90% of the 20-step fidelity at <= 0.3 s per
-512x512 image on this 2-core CPU; best-of-4 at 4 steps beats single at 20 steps in fidelity and time.
+(generation and scoring). ``--decoders Full,TAESD`` runs every row with each VAE decoder (the tiny
+decoder of ``pipelines.models.tiny_decoder``). Targets (issue 16): 4 steps >= 90% of the 20-step
+fidelity at <= 0.3 s per 512x512 image on this 2-core CPU; best-of-4 at 4 steps beats single at 20
+steps in fidelity and time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,7 @@ class Setting:
     steps: int
     cfg: float
     tag: str  # prepended to the prompt
+    decoder: str = "Full"  # the request's vae_decoder
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def run_setting(pipe: TextToImagePipeline, scorer: ClipScorer, setting: Setting,
     for k, attrs in enumerate(tqdm(prompts, desc=setting.label, mininterval=20)):
         prompt = shapes.caption(attrs)
         settings = dict(prompt=setting.tag + prompt, steps=setting.steps, cfg_scale=setting.cfg, seed=1000 * k,
-                        sampler=setting.sampler)
+                        sampler=setting.sampler, vae_decoder=setting.decoder)
         if k < timed:
             start = time.perf_counter()
             pipe(GenerationRequest(n=1, **settings))
@@ -78,6 +81,12 @@ def run_setting(pipe: TextToImagePipeline, scorer: ClipScorer, setting: Setting,
         best.append(verdicts[order[0]])
     return Row(setting, shapes.fidelity(first), shapes.fidelity(best), float(np.median(single_s)),
                float(np.median(best_s)))
+
+
+def with_decoders(settings: list[Setting], decoders: list[str]) -> list[Setting]:
+    """Each setting once per VAE decoder ("Full" keeps its label; others say so)."""
+    return [replace(s, decoder=d, label=s.label if d == "Full" else f"{s.label}, {d} decoder")
+            for s in settings for d in decoders]
 
 
 def few_step_settings(spec: str) -> list[Setting]:
@@ -128,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timed", type=int, default=8, help="pairs whose single-image request is timed")
     parser.add_argument("--few-step", default="LCM:4", help="sampler:steps[:CFG] rows with the LoRA, comma-separated")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 20-step row")
+    parser.add_argument("--decoders", default="Full", help="VAE decoders of every row, comma-separated: Full, TAESD")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_baseline:
             sampler = sampler_for_config(read_scheduler_config(EMBEDDED_MODEL_DIR))
             settings.insert(0, Setting(f"{sampler} 20 steps, CFG 7 (default)", sampler, 20, 7.0, ""))
+        settings = with_decoders(settings, [d.strip() for d in args.decoders.split(",") if d.strip()])
         for setting in settings:  # first-call costs (attention traced per batch shape) are not the model's
             for n in (1, args.candidates):
                 pipe(warmup_request(setting, n))
@@ -154,7 +165,7 @@ def warmup_request(setting: Setting, n: int):  # noqa: ANN201 - a GenerationRequ
     from pipelines.generation.request import GenerationRequest
 
     return GenerationRequest(prompt=setting.tag + "a red circle", steps=2, cfg_scale=setting.cfg, seed=0, n=n,
-                             sampler=setting.sampler)
+                             sampler=setting.sampler, vae_decoder=setting.decoder)
 
 
 if __name__ == "__main__":

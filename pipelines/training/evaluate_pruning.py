@@ -6,7 +6,8 @@
 Per prompt x seed pair (prompts ``shapes.dataset(PROMPT_SEED, pairs)``, candidate ``c`` of pair ``k`` with
 seed ``1000 k + c``, as in :mod:`pipelines.training.evaluate`), the 8 candidates are generated once, as one
 batch, with the app's default pipeline and sampler; the scheduler's x0 prediction is kept after each
-pruning step K. Every row is derived from these trajectories: the pruned path finishes its kept
+pruning step K (decoded for scoring by the linear preview, the VAE at half size and, where the model
+has one, its TAESD tiny decoder). Every row is derived from these trajectories: the pruned path finishes its kept
 candidates exactly as their full trajectories (tests/test_early_pruning.py), so "best of 8 pruned to 2 at
 K" is the final-score best of the 2 candidates whose x0 previews scored highest after step K. Rows:
 candidate 0; best of the first 2, 4, 8 by the default reranker (CLIP score); pruned 8 -> M at each K,
@@ -55,8 +56,9 @@ def evaluate_pair(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, index: 
         started = time.perf_counter()
         images = pipe.decode(latents)
         decode_seconds = (time.perf_counter() - started) / candidates
-        early: dict[str, dict[str, list[int]]] = {"preview": {}, "vae-half": {}}  # K -> candidates best first
-        spent: dict[str, list[float]] = {"preview": [], "vae-half": []}
+        decoders = ["preview", "vae-half"] + (["taesd"] if pipe.components.tiny_decoder is not None else [])
+        early: dict[str, dict[str, list[int]]] = {d: {} for d in decoders}  # K -> candidates best first
+        spent: dict[str, list[float]] = {d: [] for d in decoders}
         for k, x0 in clean.items():
             for decoder in early:
                 if decoder != "preview" and k not in vae_at:
@@ -82,8 +84,8 @@ def _best(order: list[int], among: list[int]) -> int:
 
 def table(records: list[dict[str, Any]], candidates: int, keep: int, steps: int, prune_at: list[int]) -> str:
     """Markdown: per row, all right over the pairs, U-Net steps and decodes, compute vs full best of N."""
-    seconds = {key: float(np.median([r["seconds"][key] for r in records if key in r["seconds"]]))
-               for key in ("step", "decode", "preview", "vae-half")}
+    seconds = {key: float(np.median([r["seconds"][key] for r in records if key in r["seconds"]] or [np.nan]))
+               for key in ("step", "decode", "preview", "vae-half", "taesd")}
     full = candidates * steps * seconds["step"] + candidates * seconds["decode"]
     lines = ["| generation | all right | best of 8's pick kept | U-Net steps | VAE decodes | U-Net steps vs best of 8 "
              "| seconds vs best of 8 |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -97,14 +99,16 @@ def table(records: list[dict[str, Any]], candidates: int, keep: int, steps: int,
     for m in (2, 4, candidates):
         add(f"best of {m} by CLIP score", [_best(r["final"], list(range(m))) for r in records], m * steps, str(m),
             m * (steps * seconds["step"] + seconds["decode"]))
-    for decoder, label in (("preview", "x0 as linear latent->RGB preview"), ("vae-half", "x0 half-size VAE")):
+    for decoder, label in (("preview", "x0 as linear latent->RGB preview"), ("vae-half", "x0 half-size VAE"),
+                           ("taesd", "x0 TAESD decoder")):
         for k in prune_at:
             if not all(str(k) in r["early"].get(decoder, {}) for r in records):
                 continue
             kept = [r["early"][decoder][str(k)][:keep] for r in records]
             unet_steps = candidates * k + keep * (steps - k)
             spent = unet_steps * seconds["step"] + keep * seconds["decode"] + candidates * seconds[decoder]
-            decodes = f"{keep}" + (f" + {candidates} at half size" if decoder == "vae-half" else "")
+            decodes = f"{keep}" + {"vae-half": f" + {candidates} at half size",
+                                   "taesd": f" + {candidates} TAESD"}.get(decoder, "")
             pick_kept = np.mean([r["final"][0] in ks for r, ks in zip(records, kept, strict=True)])
             add(f"best of {candidates} pruned to {keep} at step {k}, {label}",
                 [_best(r["final"], ks) for r, ks in zip(records, kept, strict=True)], unet_steps, decodes, spent,
@@ -113,7 +117,9 @@ def table(records: list[dict[str, Any]], candidates: int, keep: int, steps: int,
     lines.append(f"| (some candidate of {candidates} right) | {np.mean(oracle):.1%} | | | | | |")
     lines.append(f"\n{len(records)} prompt x seed pairs, {steps} steps; medians: U-Net step {seconds['step']:.3f} s "
                  f"per candidate, VAE decode {seconds['decode']:.2f} s, x0 preview {seconds['preview'] * 1000:.1f} ms, "
-                 f"x0 half-size VAE decode {seconds['vae-half']:.2f} s (per candidate; CPU shared with other jobs).")
+                 f"x0 half-size VAE decode {seconds['vae-half']:.2f} s"
+                 + (f", x0 TAESD decode {seconds['taesd']:.3f} s" if not np.isnan(seconds["taesd"]) else "")
+                 + " (per candidate; CPU shared with other jobs).")
     return "\n".join(lines)
 
 

@@ -14,6 +14,11 @@ projections, proj_in/out, resnet convs, time-embedding projections, down/up-samp
 4. target: f(z_{t_n}, t_n) by the student itself without gradient (LCM-LoRA uses no separate EMA net);
 5. pseudo-Huber loss sqrt((f - target)^2 + c^2) - c, c = 0.001.
 
+``--ema D`` keeps an exponential moving average of the LoRA weights (the LCM paper's EMA, here of the
+exported weights rather than the target net): the monitor samples with it and the export writes it.
+``--init-lora FILE`` starts from an earlier LCM-LoRA file of the same rank (a re-distillation after the
+teacher was fine-tuned).
+
 Clean latents are the shipped VAE's encodings of drawings of the shapes world, with their captions
 (:mod:`pipelines.training.data`, :mod:`pipelines.training.shapes`). The LoRA file is written in the layout
 of ``latent-consistency/lcm-lora-sdv1-5`` (``pytorch_lora_weights.safetensors``: kohya-style
@@ -43,6 +48,8 @@ from pipelines.training import common, data, shapes
 from pipelines.training.lora import (
     LoraLayer,
     encoded_latents,
+    load_lora_state,
+    lora_state,
     resume_lora_run,
     save_lora_file,
     save_run,
@@ -184,6 +191,38 @@ def lcm_sample(unet: torch.nn.Module, vae: torch.nn.Module, states: torch.Tensor
     return torch.cat(images)
 
 
+class LoraEma:
+    """An exponential moving average of the LoRA layers' weights, swapped in to sample or save."""
+
+    def __init__(self, layers: dict[str, SwitchableLora], decay: float) -> None:
+        self.layers, self.decay = layers, decay
+        self.shadow = {name: (layer.down.weight.detach().clone(), layer.up.weight.detach().clone())
+                       for name, layer in layers.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, layer in self.layers.items():
+            down, up = self.shadow[name]
+            down.lerp_(layer.down.weight, 1 - self.decay)
+            up.lerp_(layer.up.weight, 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The layers hold the average inside the block and their trained weights again after it."""
+        with torch.no_grad():
+            live = {name: (layer.down.weight.clone(), layer.up.weight.clone()) for name, layer in self.layers.items()}
+            for name, layer in self.layers.items():
+                layer.down.weight.copy_(self.shadow[name][0])
+                layer.up.weight.copy_(self.shadow[name][1])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, layer in self.layers.items():
+                    layer.down.weight.copy_(live[name][0])
+                    layer.up.weight.copy_(live[name][1])
+
+
 def kohya_metadata(args: argparse.Namespace, step: int, base_hash: str) -> dict[str, str]:
     """``ss_*`` keys as kohya writes them, so library views and A1111 show what the file is."""
     return {
@@ -213,7 +252,8 @@ def export(run: Path, out: Path, fp16: bool = True) -> Path:
     from pipelines.models.hashing import file_hash
 
     state = common.read_state(run)
-    tensors = load_file(str(run / "ckpt" / "lora.safetensors"))
+    ema = run / "ckpt" / "lora_ema.safetensors"
+    tensors = load_file(str(ema if ema.exists() else run / "ckpt" / "lora.safetensors"))
     args = argparse.Namespace(**{k: state[k] for k in ("rank", "alpha", "res", "batch", "lr", "seed", "w_min",
                                                        "w_max", "ddim_steps")})
     base_hash = file_hash(EMBEDDED_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
@@ -234,6 +274,19 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
     params = [p for layer in layers.values() for p in (layer.down.weight, layer.up.weight)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = resume_lora_run(args, layers, optimizer)
+    if start == 0 and args.init_lora is not None:
+        from safetensors.torch import load_file
+
+        load_lora_state(layers, load_file(str(args.init_lora)))
+    ema = LoraEma(layers, args.ema) if args.ema else None
+    ema_file = args.out / "ckpt" / "lora_ema.safetensors"
+    if ema is not None and start and ema_file.exists():
+        from safetensors.torch import load_file
+
+        saved = load_file(str(ema_file))
+        for name in layers:
+            ema.shadow[name][0].copy_(saved[f"{name}.lora_down.weight"])
+            ema.shadow[name][1].copy_(saved[f"{name}.lora_up.weight"])
     n_params = sum(p.numel() for p in params)
 
     world = shapes.dataset(WORLD_SEED + args.seed, args.n_latents)
@@ -273,6 +326,8 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if ema is not None:
+            ema.update()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.5f}", refresh=False)
         done = step + 1
@@ -283,11 +338,17 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
                      "lora_params": n_params,
                      **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
             if args.monitor:
-                images = lcm_sample(unet, vae, monitor_states, runtime, args.monitor_res, steps=4, seed=done)
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                    images = lcm_sample(unet, vae, monitor_states, runtime, args.monitor_res, steps=4, seed=done)
                 state["monitor_4step"] = oracle_fidelity(images, monitor)
                 log.write(step=done, **{f"monitor_{k}": v for k, v in state["monitor_4step"].items()})
                 tqdm.write(f"step {done}: loss {running:.5f} 4-step {json.dumps(state['monitor_4step'])}")
             save_run(args.out, layers, optimizer, state)
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                with ema.swapped_in():
+                    save_file(lora_state(layers), str(ema_file))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--monitor", type=int, default=16, help="prompts sampled in 4 steps and judged per checkpoint")
     parser.add_argument("--monitor-res", type=int, default=512, help="image side of the monitor's samples")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the LoRA weights (0: off); "
+                        "the monitor and the export use the average")
+    parser.add_argument("--init-lora", type=Path, default=None, help="an LCM-LoRA file to start from (same rank)")
     parser.add_argument("--export", type=Path, default=None, help="write the run's LCM-LoRA (fp16) here and stop")
     parser.add_argument("--fp32", action="store_true", help="export in fp32")
     args = parser.parse_args(argv)
