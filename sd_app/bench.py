@@ -23,9 +23,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--startup", action="store_true", help="also time `sd-app generate` start to PNG")
     parser.add_argument("--modes", default=None,
-                        help="comma-separated modes (default: all but fast-sdpa): diffusers, fp32, fast, deepcache3, "
-                             "cfg-cutoff, diffusers-half and compiled (CUDA: diffusers fp16; ours with torch.compile "
-                             "and CUDA graphs), fast-sdpa (the fast path with PyTorch's attention)")
+                        help="comma-separated modes (default: all but fast-sdpa and taesd): diffusers, fp32, fast, "
+                             "deepcache3, cfg-cutoff, diffusers-half and compiled (CUDA: diffusers fp16; ours with "
+                             "torch.compile and CUDA graphs), fast-sdpa (the fast path with PyTorch's attention), "
+                             "taesd (the fast path decoding with the model's tiny decoder)")
 
 
 def _model_path(spec: str, workdir: Path) -> str:
