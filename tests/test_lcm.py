@@ -266,3 +266,21 @@ def test_trainer_lora_is_the_teacher_when_off_and_saves_the_published_layout(tin
     loss.backward()
     assert loss.item() > 0 and all(layer.down.weight.grad is not None for layer in layers.values())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_lora_ema_averages_the_trained_weights_and_swaps_them_in_only_inside_the_block():
+    from pipelines.training.lcm import LoraEma, SwitchableLora
+
+    layer = SwitchableLora(torch.nn.Linear(3, 2), rank=2, alpha=2.0)
+    start_down, start_up = layer.down.weight.detach().clone(), layer.up.weight.detach().clone()
+    ema = LoraEma({"l": layer}, decay=0.9)
+    with torch.no_grad():
+        layer.up.weight.fill_(1.0)
+        layer.down.weight.add_(1.0)
+    ema.update()
+    expected_up = 0.9 * start_up + 0.1 * torch.ones_like(start_up)  # shadow <- decay shadow + (1 - decay) live
+    expected_down = 0.9 * start_down + 0.1 * (start_down + 1.0)
+    with ema.swapped_in():
+        assert torch.allclose(layer.up.weight, expected_up) and torch.allclose(layer.down.weight, expected_down)
+    assert torch.equal(layer.up.weight, torch.ones_like(start_up))  # the trained weights are back
+    assert torch.allclose(layer.down.weight, start_down + 1.0)
