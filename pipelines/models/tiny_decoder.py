@@ -68,22 +68,26 @@ def taesd_to_diffusers_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def build_decoder(config: dict, decoder_state: dict[str, torch.Tensor], source: Path,
                   dtype: torch.dtype) -> AutoencoderTiny:
-    """An ``AutoencoderTiny`` of ``config`` with ``decoder.*`` weights loaded strictly (the encoder unused)."""
+    """An ``AutoencoderTiny`` of ``config`` with ``decoder.*`` weights loaded strictly; decode only (its
+    encoder is not built)."""
     import torch
     from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
 
     try:
-        model = AutoencoderTiny.from_config(config)
+        with torch.device("meta"):  # no random initialisation: every decoder weight comes from the file
+            model = AutoencoderTiny.from_config(config)
     except (TypeError, ValueError) as error:
         raise ModelLoadError(f"{source}: not an AutoencoderTiny config ({error})") from error
+    model.encoder = torch.nn.Identity()  # decode only: no encoder weights ship with a tiny decoder
     expected = {f"decoder.{key}" for key in model.decoder.state_dict()}
     got = set(decoder_state)
     if got != expected:
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         raise ModelLoadError(f"{source}: not this tiny decoder's weights (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+    state = {k.removeprefix("decoder."): v for k, v in decoder_state.items()}
     try:
-        model.decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in decoder_state.items()})
+        model.decoder.load_state_dict(state, assign=True)
     except RuntimeError as error:
         raise ModelLoadError(f"{source}: tensor shapes do not fit the tiny decoder ({error})") from error
     # nn.Module's own cast: diffusers' ModelMixin.to warns about fp32-only modules, and this decoder has none
