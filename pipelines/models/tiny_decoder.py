@@ -36,7 +36,6 @@ MODEL_SUBFOLDER = "vae_decoder_tiny"
 APPROX_FOLDERS = ("VAE-approx", "vae_approx")
 TAESD_DECODER_FILE = "taesd_decoder.safetensors"
 SD1_SCALING_FACTOR = 0.18215
-DECODERS = ("Full", "TAESD")  # A1111's sd_vae_decode_method choices
 
 # TAESD's published decoder: 64 channels, 3/3/3/1 blocks (its config in diffusers' madebyollin/taesd).
 TAESD_CONFIG = {
@@ -45,14 +44,6 @@ TAESD_CONFIG = {
     "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1],
     "upsampling_scaling_factor": 2, "latent_magnitude": 3, "latent_shift": 0.5, "scaling_factor": 1.0,
 }
-
-
-def decoder_name(name: str) -> str:
-    """``name`` as one of :data:`DECODERS` (any case); ValueError naming the choices otherwise."""
-    for choice in DECODERS:
-        if isinstance(name, str) and name.strip().lower() == choice.lower():
-            return choice
-    raise ValueError(f"vae_decoder must be one of {', '.join(DECODERS)}, got {name!r}")
 
 
 def taesd_to_diffusers_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
