@@ -59,6 +59,12 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def unit_psnr(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of [-1, 1] images (B, 3, H, W) against ``target``; ``decoded`` clamped to [-1, 1]."""
+    mse = ((decoded.float().clamp(-1, 1) - target) / 2).pow(2).mean((1, 2, 3))  # (B,)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
 def clip_normalize(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] (B, 3, H, W) -> CLIP-normalized pixel values."""
     mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)

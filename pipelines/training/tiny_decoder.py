@@ -43,12 +43,6 @@ def decoder_config(channels: int, blocks: tuple[int, ...]) -> dict:
     return {**TAESD_CONFIG, "decoder_block_out_channels": [channels] * len(blocks), "num_decoder_blocks": list(blocks)}
 
 
-def psnr(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of [-1, 1] images (B, 3, H, W)."""
-    mse = ((decoded.float().clamp(-1, 1) - target) / 2).pow(2).mean((1, 2, 3))  # (B,)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
 @torch.no_grad()
 def heldout_psnr(tiny: torch.nn.Module, vae: torch.nn.Module, runtime: common.Runtime) -> dict[str, float]:
     """Mean PSNR of held-out 512x512 drawings decoded from their scaled latents by the tiny decoder and the VAE."""
@@ -59,8 +53,8 @@ def heldout_psnr(tiny: torch.nn.Module, vae: torch.nn.Module, runtime: common.Ru
     for chunk in images.split(4):
         with runtime.autocast():
             latents = vae.encode(chunk).latent_dist.mean * vae.config.scaling_factor  # (b, 4, 64, 64)
-            out["tiny"].append(psnr(tiny(latents.float()), chunk).cpu())
-            out["vae"].append(psnr(vae.decode(latents / vae.config.scaling_factor).sample, chunk).cpu())
+            out["tiny"].append(data.unit_psnr(tiny(latents.float()), chunk).cpu())
+            out["vae"].append(data.unit_psnr(vae.decode(latents / vae.config.scaling_factor).sample, chunk).cpu())
     tiny.train()
     return {name: float(torch.cat(values).mean()) for name, values in out.items()}
 

@@ -63,8 +63,7 @@ def reconstruction_psnr(vae: torch.nn.Module, images: np.ndarray, runtime: commo
         x = data.to_unit(images[start : start + 8]).to(runtime.device)  # (b, 3, H, W)
         with runtime.autocast():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
-        mse = ((y.clamp(-1, 1) - x) / 2).pow(2).mean((1, 2, 3))  # (b,)
-        psnrs.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+        psnrs.append(data.unit_psnr(y, x))  # (b,)
     vae.train()
     return float(torch.cat(psnrs).mean())
 
