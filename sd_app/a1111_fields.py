@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.generation.request import VAE_DECODERS
+from pipelines.generation.request import VAE_DECODERS, canonical_decoder
 
 # Never change the picture (saving, bookkeeping), or only matter with a switch that is off by default.
 IGNORED = frozenset(
@@ -97,6 +97,8 @@ def check_options(options: Any, field: str = "options") -> dict[str, Any]:
     skip = wanted.get("CLIP_stop_at_last_layers")
     if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 12):
         raise ValueError(f"{field}: CLIP_stop_at_last_layers must be an integer from 1 to 12, got {_short(skip)}")
+    if "sd_vae_decode_method" in wanted:  # any case, as a request takes it
+        wanted["sd_vae_decode_method"] = canonical_decoder(wanted["sd_vae_decode_method"])
     decoder = wanted.get("sd_vae_decode_method")
     if decoder is not None and decoder not in VAE_DECODERS:
         raise ValueError(

@@ -284,3 +284,23 @@ def test_lora_ema_averages_the_trained_weights_and_swaps_them_in_only_inside_the
         assert torch.allclose(layer.up.weight, expected_up) and torch.allclose(layer.down.weight, expected_down)
     assert torch.equal(layer.up.weight, torch.ones_like(start_up))  # the trained weights are back
     assert torch.allclose(layer.down.weight, start_down + 1.0)
+
+
+def test_teacher_trajectories_start_from_the_seeds_noise_and_end_where_the_product_draws():
+    from pipelines.models.loading import load_pipeline
+    from pipelines.training.common import Runtime
+    from pipelines.training.teacher_trajectories import STEPS, sample_trajectories
+
+    pipe = load_pipeline("embedded", device="cpu", dtype=torch.float32)
+    request = GenerationRequest(prompt="a red circle on a blue background", n=2, seed=7, steps=STEPS, cfg_scale=7.0,
+                                sampler="DPM++ 2M Uniform", width=128, height=128).resolved()  # the model's own
+    with pipe.generating():
+        run, _ = pipe.start(request)
+        noise = run.latents.clone()  # (2, 4, 16, 16)
+        product = run.run()  # (2, 4, 16, 16)
+        states = pipe.encode_prompt(request.prompt, "", 1, True)  # (2, 77, D): empty, prompt
+    points, timesteps, ends = sample_trajectories(pipe.components.unet, states[1:].expand(2, -1, -1), states[:1],
+                                                  Runtime(torch.device("cpu"), False), 128, seed=7)
+    assert points.shape == (2, STEPS, 4, 16, 16) and timesteps.tolist()[:2] == [999, 949]
+    assert torch.equal(points[:, 0], noise)
+    assert torch.allclose(ends, product, atol=1e-4)

@@ -143,3 +143,36 @@ def test_png_parameters_and_http_overrides_carry_the_decoder():
     assert to_generation_request(Txt2ImgRequest(prompt="a"), vae_decoder="TAESD").vae_decoder == "TAESD"  # default
     with pytest.raises(ValueError, match="sd_vae_decode_method must be one of Full, TAESD"):
         to_generation_request(Txt2ImgRequest(prompt="a", override_settings={"sd_vae_decode_method": "Fast"}))
+
+
+def test_options_take_the_decoder_in_any_case_as_a_request_does():
+    from sd_app.a1111_fields import check_options
+
+    assert GenerationRequest(prompt="a", vae_decoder=" taesd").vae_decoder == "TAESD"
+    assert check_options({"sd_vae_decode_method": "taesd"}, "options") == {"sd_vae_decode_method": "TAESD"}
+    assert check_options({"sd_vae_decode_method": "FULL"}, "options") == {"sd_vae_decode_method": "Full"}
+    with pytest.raises(ValueError, match="must be one of Full, TAESD, got 'fast'"):
+        check_options({"sd_vae_decode_method": "fast"}, "options")
+
+
+def test_trainer_starts_from_a_tiny_decoder_folder_and_scores_it_against_the_vae_pictures(tmp_path):
+    from pipelines.training.common import Runtime
+    from pipelines.training.generated_latents import generated_set
+    from pipelines.training.tiny_decoder import generated_psnr, initial_decoder
+
+    source = random_tiny(SMALL, seed=5)
+    folder = save_tiny_decoder(source, tmp_path / MODEL_SUBFOLDER)
+    start = initial_decoder(folder)  # trainable, every decoder weight from the folder (fp16 there)
+    assert all(p.requires_grad for p in start.decoder.parameters())
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))  # (N, 4, h, w)
+    with torch.no_grad():
+        pictures = source.decoder(latents)  # (N, 3, 8h, 8w)
+        assert torch.allclose(start.decoder(latents), pictures, atol=2e-2)
+        pictures = pictures.clamp(-1, 1)
+    as_uint8 = ((pictures / 2 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, 8h, 8w, 3)
+    runtime = Runtime(device=torch.device("cpu"), bf16=False)
+    assert generated_psnr(start.decoder, latents.numpy(), as_uint8, runtime) > 35  # fp16 weights, 8-bit target
+    other = random_tiny(SMALL, seed=6)
+    assert generated_psnr(other.decoder, latents.numpy(), as_uint8, runtime) < 25
+    with pytest.raises(ValueError, match="multiple of 8"):
+        generated_set(tmp_path, 12, seed=0)

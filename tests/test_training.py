@@ -130,3 +130,25 @@ def test_candidate_cache_serves_a_longer_run_and_refuses_other_settings(tmp_path
     assert longer.get("fast", 100, 0) is None
     with pytest.raises(SystemExit, match="choose another"):
         CandidateCache(tmp_path, {**settings, "steps": 8})
+
+
+def test_lcm_baseline_reads_the_embedded_models_20_step_candidates_and_refuses_others(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+    from pipelines.training.evaluate import CandidateCache
+    from pipelines.training.evaluate_lcm import baseline_cache, cached_candidate
+
+    settings = {"model": str(EMBEDDED_MODEL_DIR), "candidates": 4, "steps": 20, "cfg": 7.0,
+                "sampler": "DPM++ 2M Uniform", "size": 512}
+    CandidateCache(tmp_path, settings).put("taesd", 2, 3, Image.new("RGB", (8, 8), (0, 0, 255)))
+    cache = baseline_cache(tmp_path, 20, 7.0, "DPM++ 2M Uniform", 4)
+    assert cached_candidate(cache, "TAESD", 2, 3).getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(SystemExit, match="is missing"):
+        cached_candidate(cache, "Full", 2, 3)  # the Full decoder's pictures are the "fast" mode's
+    for other in ({"steps": 8}, {"candidates": 2}, {"model": "some/other/model"}, {"sampler": "Euler a"}):
+        (tmp_path / "manifest.json").write_text(json.dumps({**settings, **other}))
+        with pytest.raises(SystemExit, match="the baseline needs"):
+            baseline_cache(tmp_path, 20, 7.0, "DPM++ 2M Uniform", 4)

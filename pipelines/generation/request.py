@@ -27,6 +27,14 @@ LIMITS: dict[str, tuple[float, float]] = {
 VAE_DECODERS = ("Full", "TAESD")  # A1111's "VAE type for decode" (sd_vae_decode_method)
 
 
+def canonical_decoder(name: object) -> object:
+    """A1111's spelling of a VAE decoder name given in any case (``"taesd"`` -> ``"TAESD"``); anything else
+    unchanged, for validation to refuse."""
+    if isinstance(name, str):
+        return next((d for d in VAE_DECODERS if d.lower() == name.strip().lower()), name)
+    return name
+
+
 def _require_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -79,10 +87,7 @@ class GenerationRequest:
     vae_decoder: str = "Full"  # "TAESD": the model's tiny decoder (pipelines.models.tiny_decoder)
 
     def __post_init__(self) -> None:
-        decoder = self.vae_decoder
-        if isinstance(decoder, str):  # A1111's names in any case
-            decoder = next((d for d in VAE_DECODERS if d.lower() == decoder.strip().lower()), decoder)
-            object.__setattr__(self, "vae_decoder", decoder)
+        object.__setattr__(self, "vae_decoder", canonical_decoder(self.vae_decoder))
         self.validate()
 
     def validate(self) -> None:

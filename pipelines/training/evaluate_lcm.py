@@ -10,14 +10,17 @@ fidelity (:func:`pipelines.training.shapes.judge`) of candidate 0 and of the bes
 CLIP score (one batched request of ``candidates`` images, as ``--n`` runs them), the median seconds of a
 single image (a request of 1, on the first ``--timed`` pairs) and of a whole best-of-N request
 (generation and scoring). ``--decoders Full,TAESD`` runs every row with each VAE decoder (the tiny
-decoder of ``pipelines.models.tiny_decoder``). Targets (issue 16): 4 steps >= 90% of the 20-step
-fidelity at <= 0.3 s per 512x512 image on this 2-core CPU; best-of-4 at 4 steps beats single at 20
-steps in fidelity and time.
+decoder of ``pipelines.models.tiny_decoder``). ``--baseline-from DIR`` takes the 20-step row's pictures
+from a candidates folder of ``pipelines.training.evaluate`` (its ``--candidates-dir``: the same prompts and
+seeds; mode ``fast`` for the Full decoder, ``taesd`` for TAESD) and generates only its ``--timed``
+requests. Targets (issue 16): 4 steps >= 90% of the 20-step fidelity at <= 0.3 s per 512x512 image on
+this 2-core CPU; best-of-4 at 4 steps beats single at 20 steps in fidelity and time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -27,10 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from pipelines.training import shapes
-from pipelines.training.evaluate import PROMPT_SEED
+from pipelines.training.evaluate import PROMPT_SEED, CandidateCache
 
 if TYPE_CHECKING:
     from pipelines.generation.text_to_image import TextToImagePipeline
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 
 CHECKS = ("all", "count", "binding", "shape", "shape_colour", "background")
 LORA_NAME = "lcm-eval"
+CACHE_MODES = {"Full": "fast", "TAESD": "taesd"}  # request vae_decoder -> pipelines.training.evaluate mode key
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,9 @@ class Row:
 
 
 def run_setting(pipe: TextToImagePipeline, scorer: ClipScorer, setting: Setting,
-                prompts: list[shapes.ShapeAttributes], candidates: int, timed: int) -> Row:
+                prompts: list[shapes.ShapeAttributes], candidates: int, timed: int,
+                cache: CandidateCache | None = None) -> Row:
+    """One row; with ``cache`` (the baseline's pictures) only the first ``timed`` pairs' requests are generated."""
     from pipelines.generation.request import GenerationRequest
 
     first, best, single_s, best_s = [], [], [], []
@@ -72,15 +79,47 @@ def run_setting(pipe: TextToImagePipeline, scorer: ClipScorer, setting: Setting,
             start = time.perf_counter()
             pipe(GenerationRequest(n=1, **settings))
             single_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        images = pipe(GenerationRequest(n=candidates, **settings)).images
-        order = scorer.score(images, prompt).order()
-        best_s.append(time.perf_counter() - start)
+        if cache is None or k < timed:
+            start = time.perf_counter()
+            images = pipe(GenerationRequest(n=candidates, **settings)).images
+            order = scorer.score(images, prompt).order()
+            best_s.append(time.perf_counter() - start)
+        if cache is not None:
+            images = [cached_candidate(cache, setting.decoder, k, c) for c in range(candidates)]
+            order = scorer.score(images, prompt).order()
         verdicts = [shapes.judge(image, attrs) for image in images]
         first.append(verdicts[0])
         best.append(verdicts[order[0]])
-    return Row(setting, shapes.fidelity(first), shapes.fidelity(best), float(np.median(single_s)),
-               float(np.median(best_s)))
+    return Row(setting, shapes.fidelity(first), shapes.fidelity(best), median(single_s), median(best_s))
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def baseline_cache(folder: Path, steps: int, cfg: float, sampler: str, candidates: int) -> CandidateCache:
+    """The candidates folder of ``pipelines.training.evaluate`` holding the embedded model's 20-step pictures;
+    SystemExit when it was made with other settings."""
+    from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"{folder} has no manifest.json: not a --candidates-dir of pipelines.training.evaluate")
+    stored = json.loads(manifest.read_text())
+    wanted = {"steps": steps, "cfg": cfg, "sampler": sampler, "size": 512}
+    if (any(stored.get(key) != value for key, value in wanted.items()) or stored.get("candidates", 0) < candidates
+            or Path(stored.get("model", "")).resolve() != EMBEDDED_MODEL_DIR.resolve()):
+        raise SystemExit(f"{folder} holds candidates made with {json.dumps(stored)}; the baseline needs the embedded "
+                         f"model with {json.dumps(wanted)} and at least {candidates} candidates")
+    return CandidateCache(folder, stored)
+
+
+def cached_candidate(cache: CandidateCache, decoder: str, pair: int, candidate: int) -> Image.Image:
+    image = cache.get(CACHE_MODES[decoder], pair, candidate)
+    if image is None:
+        raise SystemExit(f"{cache.path(CACHE_MODES[decoder], pair, candidate)} is missing: run pipelines.training."
+                         f"evaluate with at least {pair + 1} pairs and mode {CACHE_MODES[decoder]} into that folder")
+    return image
 
 
 def with_decoders(settings: list[Setting], decoders: list[str]) -> list[Setting]:
@@ -137,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timed", type=int, default=8, help="pairs whose single-image request is timed")
     parser.add_argument("--few-step", default="LCM:4", help="sampler:steps[:CFG] rows with the LoRA, comma-separated")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 20-step row")
+    parser.add_argument("--baseline-from", type=Path, default=None,
+                        help="a --candidates-dir of pipelines.training.evaluate with the 20-step row's pictures")
     parser.add_argument("--decoders", default="Full", help="VAE decoders of every row, comma-separated: Full, TAESD")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -156,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         for setting in settings:  # first-call costs (attention traced per batch shape) are not the model's
             for n in (1, args.candidates):
                 pipe(warmup_request(setting, n))
-        rows = [run_setting(pipe, scorer, s, prompts, args.candidates, args.timed) for s in settings]
+        cache = None
+        if args.baseline_from is not None and not args.no_baseline:
+            cache = baseline_cache(args.baseline_from, 20, 7.0, settings[0].sampler, args.candidates)
+        rows = [run_setting(pipe, scorer, s, prompts, args.candidates, args.timed, cache if s.tag == "" else None)
+                for s in settings]
     print(format_table(rows, args.pairs, args.candidates))
     print(f"evaluation took {time.perf_counter() - started:.0f} s, {torch.get_num_threads()} CPU threads")
 

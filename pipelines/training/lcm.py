@@ -19,6 +19,11 @@ exported weights rather than the target net): the monitor samples with it and th
 ``--init-lora FILE`` starts from an earlier LCM-LoRA file of the same rank (a re-distillation after the
 teacher was fine-tuned).
 
+``--trajectories N`` adds a second term: N trajectories of the teacher's own 20-step sampler at CFG 7
+(:mod:`pipelines.training.teacher_trajectories`); the student's f at a point of one, at its timestep, is
+pulled to that trajectory's end (pseudo-Huber, weight ``--trajectory-weight``). The consistency loss alone
+learns the teacher's ODE one DDIM skip at a time; this term anchors f to the pictures the product draws.
+
 Clean latents are the shipped VAE's encodings of drawings of the shapes world, with their captions
 (:mod:`pipelines.training.data`, :mod:`pipelines.training.shapes`). The LoRA file is written in the layout
 of ``latent-consistency/lcm-lora-sdv1-5`` (``pytorch_lora_weights.safetensors``: kohya-style
@@ -59,6 +64,7 @@ from pipelines.training.unet import EMPTY, SCHEDULE, oracle_fidelity, weights_id
 
 WORLD_SEED = data.TRAIN_SEED + 29  # drawings whose latents the distillation starts from
 MONITOR_SEED = 515_151
+TRAJECTORY_SEED = data.TRAIN_SEED + 31  # captions of the teacher trajectories
 BLOCKS = ("down_blocks", "mid_block", "up_blocks")  # LCM-LoRA patches every Linear/Conv2d inside these
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0  # diffusers' LCMScheduler default
@@ -168,6 +174,18 @@ def distillation_loss(unet: torch.nn.Module, layers: dict[str, SwitchableLora], 
             eps_target = unet(z_end, t_end_d, encoder_hidden_states=cond).sample.float()
         target = c_skip_e * z_end + c_out_e * grid.x0(eps_target, z_end, t_end.clamp(min=0))
     return pseudo_huber(student, target, huber_c)
+
+
+def trajectory_loss(unet: torch.nn.Module, grid: DDIMGrid, z: torch.Tensor, t: torch.Tensor, end: torch.Tensor,
+                    cond: torch.Tensor, runtime: common.Runtime, huber_c: float) -> torch.Tensor:
+    """The student's f(z, t) against the end of the teacher trajectory through z; z, end (B, 4, h, w), t (B,)."""
+    dev = runtime.device
+    z, end = z.to(dev), end.to(dev)
+    c_skip, c_out = boundary_scalings(t)
+    with runtime.autocast():
+        eps = unet(z, t.to(dev), encoder_hidden_states=cond.to(dev)).sample.float()
+    student = c_skip.to(dev) * z + c_out.to(dev) * grid.x0(eps, z, t)
+    return pseudo_huber(student, end, huber_c)
 
 
 @torch.no_grad()
@@ -304,6 +322,15 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
     from diffusers import DDPMScheduler
 
     grid = DDIMGrid(DDPMScheduler(**SCHEDULE).alphas_cumprod, args.ddim_steps)
+    trajectories = None
+    if args.trajectories:
+        from pipelines.training.teacher_trajectories import trajectory_set
+
+        wanted = np.array([label[shapes.caption(a)] for a in shapes.dataset(TRAJECTORY_SEED + args.seed,
+                                                                              args.trajectories)])
+        with lora_off(layers):
+            trajectories = trajectory_set(data.DATA_DIR, unet, table, wanted, runtime, args.res, args.seed,
+                                          weights_id(EMBEDDED_MODEL_DIR / "unet"))
     monitor = shapes.dataset(MONITOR_SEED, args.monitor)
     monitor_states = table[[label[shapes.caption(a)] for a in monitor]]
     log = common.Log(args.out / "log.jsonl")
@@ -322,6 +349,14 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
             group["lr"] = common.warmup_lr(step, args.lr, args.warmup)
         loss = distillation_loss(unet, layers, grid, x0, table[labels[index]], uncond, w.to(runtime.device),
                                  generator, runtime, args.huber_c)
+        if trajectories is not None:
+            pick = rng.choice(len(trajectories.labels), args.batch)
+            at = rng.integers(0, len(trajectories.timesteps), args.batch)
+            z = torch.from_numpy(trajectories.points[pick, at]).float()  # (B, 4, h, w)
+            end = torch.from_numpy(trajectories.ends[pick]).float()  # (B, 4, h, w)
+            t = torch.from_numpy(trajectories.timesteps[at])  # (B,)
+            loss = loss + args.trajectory_weight * trajectory_loss(
+                unet, grid, z, t, end, table[trajectories.labels[pick]], runtime, args.huber_c)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -367,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the LoRA weights (0: off); "
                         "the monitor and the export use the average")
     parser.add_argument("--init-lora", type=Path, default=None, help="an LCM-LoRA file to start from (same rank)")
+    parser.add_argument("--trajectories", type=int, default=0,
+                        help="teacher 20-step trajectories for the trajectory term (0: consistency loss only)")
+    parser.add_argument("--trajectory-weight", type=float, default=1.0, help="weight of the trajectory term")
     parser.add_argument("--export", type=Path, default=None, help="write the run's LCM-LoRA (fp16) here and stop")
     parser.add_argument("--fp32", action="store_true", help="export in fp32")
     args = parser.parse_args(argv)
