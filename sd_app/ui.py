@@ -199,9 +199,13 @@ def build_demo(
                                 value=engine.reranker is not None, label="Rerank by CLIP score",
                                 interactive=engine.reranker is not None,
                             )
-                        resize_mode = gr.Radio(
-                            list(RESIZE_MODES), value=image_defaults.resize_mode, label="Resize mode"
-                        )
+                        with gr.Row():
+                            resize_mode = gr.Radio(
+                                list(RESIZE_MODES), value=image_defaults.resize_mode, label="Resize mode"
+                            )
+                            i_vae_decoder = gr.Radio(list(VAE_DECODERS), value=engine.vae_decoder,
+                                                     elem_id="img2img-vae-decoder",
+                                                     label="VAE decoder (TAESD: the fast tiny one)")
                         with gr.Accordion("Inpainting", open=True):
                             with gr.Row():
                                 mask_blur = gr.Slider(0, 64, value=image_defaults.mask_blur, step=1, label="Mask blur")
@@ -333,7 +337,7 @@ def build_demo(
         image_inputs = [
             editor, mask_upload, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_width, i_height, i_seed, i_n,
             i_rerank, strength, mask_blur, masked_content, inpaint_area, padding, mask_mode, resize_mode, outpaint,
-            sides, session,
+            sides, i_vae_decoder, session,
         ]
         gr.on(
             [i_generate.click, i_prompt.submit],

@@ -301,6 +301,7 @@ class UiHandlers:
         resize_mode: str,
         outpaint: Any,
         sides: list[str] | None,
+        vae_decoder: str,
         session: UserSession,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
@@ -309,6 +310,7 @@ class UiHandlers:
 
         try:
             base = self.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
+            base["vae_decoder"] = vae_decoder or "Full"
             request, notes = image_request(
                 base, editor, mask, number("denoising strength", strength), integer("mask blur", mask_blur),
                 masked_content, inpaint_area, integer("padding", padding), mask_mode, resize_mode,

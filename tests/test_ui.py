@@ -221,11 +221,11 @@ def _drawing(size=64):
 
 def image_args(editor, mask=None, prompt="a green circle", seed=21, n=1, strength=0.8, blur=4, content="original",
                area="Whole picture", padding=32, mode="Inpaint masked", resize="just resize", outpaint=0,
-               sides=("left", "right", "top", "bottom"), width=0, height=0):
+               sides=("left", "right", "top", "bottom"), width=0, height=0, decoder="Full"):
     # editor, mask, prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, strength, mask blur,
-    # masked content, inpaint area, padding, mask mode, resize mode, outpaint, sides
+    # masked content, inpaint area, padding, mask mode, resize mode, outpaint, sides, VAE decoder
     return (editor, mask, prompt, "", "Euler a", 4, 7, width, height, seed, n, True, strength, blur, content, area,
-            padding, mode, resize, outpaint, list(sides))
+            padding, mode, resize, outpaint, list(sides), decoder)
 
 
 def test_generate_with_the_hires_fix(client):
@@ -270,6 +270,8 @@ def test_img2img_outpaint_and_errors(client, tmp_path):
     Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
     with pytest.raises(AppError, match="mask is all black: nothing to repaint"):
         client.predict(*image_args(editor, mask=handle_file(str(tmp_path / "black.png"))), api_name="/img2img")
+    with pytest.raises(AppError, match="vae_decoder TAESD: .* has no tiny decoder"):  # the view's decoder is used
+        client.predict(*image_args(editor, decoder="TAESD"), api_name="/img2img")
 
 
 def test_editor_value_to_init_image_and_mask():
