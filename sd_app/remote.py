@@ -88,9 +88,9 @@ def txt2img_payload(
     if request.image is not None:
         raise ValueError("--server takes text-to-image requests; run img2img/inpainting locally (no --server)")
     sampler = resolve_sampler(request.sampler)
-    overrides: dict[str, Any] = {"CLIP_stop_at_last_layers": request.clip_skip}
-    if request.vae_decoder != "Full":
-        overrides["sd_vae_decode_method"] = request.vae_decoder
+    # Always both, so the server's own defaults (serve --clip-skip / --vae-decoder) never change the files.
+    overrides: dict[str, Any] = {"CLIP_stop_at_last_layers": request.clip_skip,
+                                 "sd_vae_decode_method": request.vae_decoder}
     if model is not None:
         overrides["sd_model_checkpoint"] = model
     if vae is not None:

@@ -46,6 +46,19 @@ def test_server_run_writes_the_files_of_a_local_run(live_server, tiny_model, tin
     assert _lines(remote_out, remote) == _lines(local_out, local)  # same paths, seeds and scores printed
 
 
+def test_the_servers_default_decoder_does_not_change_a_clients_files(live_server, tiny_model, tmp_path, capsys):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["generate", PROMPT, *SMALL, "--no-rerank", "--model", str(tiny_model)]
+    assert main([*common, "--device", "cpu", "--out", str(local)]) == 0  # the full VAE decoder, the default
+    live_server.engine.vae_decoder = "TAESD"  # as `sd-app serve --vae-decoder TAESD` starts it
+    try:
+        assert main([*common, "--server", live_server.url, "--out", str(remote)]) == 0
+    finally:
+        live_server.engine.vae_decoder = "Full"
+    capsys.readouterr()
+    assert _files(local) and _files(remote) == _files(local)
+
+
 def test_the_client_imports_no_torch(live_server, tiny_model, tmp_path):
     code = (
         "import json, sys; from sd_app.cli import main; "
