@@ -19,8 +19,8 @@ target, ``--generated-share`` of each batch; its last 16 are held out and report
 PSNR against the VAE decoder. ``--init DIR`` starts from a tiny decoder folder (e.g. the shipped one).
 
     python -m pipelines.training.tiny_decoder --steps 3000 --out runs/tiny-decoder [--resume]
-    python -m pipelines.training.tiny_decoder --init pipelines/embedded/shapes-tiny/vae_decoder_tiny \
-        --generated 512 --generated-lora runs/lcm-ft/lcm-shapes-ft-step1000.safetensors --steps 600 \
+    python -m pipelines.training.tiny_decoder --init pipelines/embedded/shapes-tiny/vae_decoder_tiny \\
+        --generated 512 --generated-lora runs/lcm-ft/lcm-shapes-ft-step1000.safetensors --steps 600 \\
         --lr 2e-4 --out runs/tiny-decoder-gen
     python -m pipelines.training.tiny_decoder --out runs/tiny-decoder \\
         --export pipelines/embedded/shapes-tiny/vae_decoder_tiny
