@@ -76,4 +76,6 @@ def trajectory_set(folder: Path, unet: torch.nn.Module, table: torch.Tensor, lab
                  labels=labels)
         tmp.replace(path)
     with np.load(path) as stored:
+        if not np.array_equal(stored["labels"], labels):
+            raise ValueError(f"{path} was made for other captions: delete it to make the trajectories again")
         return Trajectories(stored["points"], stored["timesteps"], stored["ends"], stored["labels"])
