@@ -159,7 +159,8 @@ def format_table(rows: list[Row], pairs: int, candidates: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Print the table; return its rows (the 20-step rows first, then each few-step setting, per decoder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                 for s in settings]
     print(format_table(rows, args.pairs, args.candidates))
     print(f"evaluation took {time.perf_counter() - started:.0f} s, {torch.get_num_threads()} CPU threads")
+    return rows
 
 
 def warmup_request(setting: Setting, n: int):  # noqa: ANN201 - a GenerationRequest (imported lazily)

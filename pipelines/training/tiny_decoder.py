@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generated-share", type=float, default=0.5, help="share of each batch from generated latents")
     parser.add_argument("--export", type=Path, default=None, help="write the run's tiny decoder folder here and stop")
     args = parser.parse_args(argv)
+    if args.generated and args.generated <= HELDOUT_GENERATED:
+        parser.error(f"--generated must be above the {HELDOUT_GENERATED} held-out latents, got {args.generated}")
     if args.export is not None:
         print(f"wrote {export(args.out, args.export)}")
         return
