@@ -143,7 +143,7 @@ def test_shipped_lcm_lora_draws_the_evaluation_prompts_in_4_steps():
 
 @pytest.mark.slow
 def test_shipped_lcm_lora_meets_the_few_step_fidelity_targets():
-    """The README's 96-pair evaluation without its candidates cache (about 15 min on 2 cores): 4 steps reach
+    """The README's 96-pair evaluation without its candidates cache (21 min on 2 cores): 4 steps reach
     >= 90% of the 20-step default's fidelity, and best of 4 at 4 steps with the tiny decoder beats one 20-step
     sample. The seconds are the README's (no timed assertions in tests)."""
     from pipelines.training.evaluate_lcm import main as evaluate
