@@ -5,10 +5,10 @@ A decoder trained on encoder latents alone (``pipelines.training.tiny_decoder``)
 manifold at generation time: faint second blobs that the VAE's decoder fades out and a small decoder draws
 as shapes. Distilling the VAE decoder on generated latents (TAESD's own recipe adds such a term) covers them.
 
-The pictures come from the product's default path (``pipelines.models.loading``): half from the model's own
-sampler at 20 steps and CFG 7, and, given an LCM-LoRA, half from ``LCM SGM Uniform`` at 4 steps and CFG 1.
-Prompts are training captions of the shapes world; seeds start at ``seed * 100000``, far from the
-evaluation's (``1000 k + c``). The set is cached under ``folder`` by its settings and the exact weights.
+The pictures come from the product's default path (``pipelines.models.loading``): half from a default
+request (DPM++ 2M, 20 steps, CFG 7), and, given an LCM-LoRA, half from ``LCM SGM Uniform`` at 4 steps
+and CFG 1. Prompts are training captions of the shapes world, seeds ``seed * 100000 + i``. The set is
+cached under ``folder`` by its settings and the exact weights.
 """
 
 from __future__ import annotations

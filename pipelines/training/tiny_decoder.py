@@ -13,10 +13,11 @@ A little Gaussian noise on the latents (``--latent-noise``) teaches it the U-Net
 latents too. Each checkpoint reports the PSNR of held-out drawings through the full VAE and through the
 tiny decoder, from the same latents.
 
-``--generated N`` adds latents the U-Net generated (:mod:`pipelines.training.generated_latents`: the model's
-20-step sampler and, with ``--generated-lora``, 4-step LCM) with the full VAE decoder's picture as the
-target, ``--generated-share`` of each batch; its last 16 are held out and reported as the tiny decoder's
-PSNR against the VAE decoder. ``--init DIR`` starts from a tiny decoder folder (e.g. the shipped one).
+``--generated N`` adds latents the U-Net generated (:mod:`pipelines.training.generated_latents`: a default
+20-step request and, with ``--generated-lora``, 4-step LCM) with the full VAE decoder's picture as the
+target, ``--generated-share`` of each batch; its last 16 (4-step ones with a LoRA) are held out and
+reported as the tiny decoder's PSNR against the VAE decoder. ``--init DIR`` starts from a tiny decoder
+folder (e.g. the shipped one).
 
     python -m pipelines.training.tiny_decoder --steps 3000 --out runs/tiny-decoder [--resume]
     python -m pipelines.training.tiny_decoder --init pipelines/embedded/shapes-tiny/vae_decoder_tiny \\
