@@ -97,6 +97,7 @@ class Engine:
     _pipelines: PipelineCache | None = field(default=None, init=False, repr=False)
     _scorer: ClipScorer | None = field(default=None, init=False, repr=False)
     _scorers: dict[ScorerSpec, Scorer] = field(default_factory=dict, init=False, repr=False)
+    _preview_scorers: dict[Path, ClipScorer] = field(default_factory=dict, init=False, repr=False)
     _load_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
     _use_lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
@@ -182,6 +183,26 @@ class Engine:
 
                 self._scorer = ClipScorer.load(self.reranker, device=self.device)
             return self._scorer
+
+    def preview_scorer(self) -> ClipScorer | None:
+        """The selected model's preview scorer for early pruning (``clip_preview/`` in its diffusers folder,
+        as the embedded model ships), loaded on first call; None when the model has none."""
+        from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+        from pipelines.rerank.early_pruning import preview_scorer_folder
+
+        checkpoint, _ = self.selection()
+        model_folder = EMBEDDED_MODEL_DIR if checkpoint == "embedded" else Path(checkpoint).expanduser()
+        folder = preview_scorer_folder(model_folder) if model_folder.is_dir() else None
+        if folder is None:
+            return None
+        with self._load_lock:
+            if folder not in self._preview_scorers:
+                from pipelines.rerank.clip_scorer import ClipScorer
+
+                scorer = ClipScorer.load(folder, device=self.device)
+                scorer.name = f"{model_folder.name}/{folder.name}"  # "shapes-tiny/clip_preview"
+                self._preview_scorers[folder] = scorer
+            return self._preview_scorers[folder]
 
     def available_scorers(self) -> dict[str, ScorerSpec]:
         """Scorers a request may name: clip / contrastive / mixed on the reranker CLIP (when there is one),
@@ -292,7 +313,9 @@ class Engine:
             )
             output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
         else:
-            output = best_of_n(pipe, request, reranker, keep=keep, on_step=on_step, cancel=cancel, progress=progress)
+            early_scorer = self.preview_scorer() if request.prune_to and reranker is not None else None
+            output = best_of_n(pipe, request, reranker, keep=keep, early_scorer=early_scorer, on_step=on_step,
+                               cancel=cancel, progress=progress)
         candidates = []
         for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
@@ -302,6 +325,7 @@ class Engine:
                 made = output.request
                 extra["Early pruning"] = f"{made.n} to {made.prune_to} at step {made.prune_at}"
                 extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
+                extra["Early scorer"] = output.early_scorer
             if ranked.score is not None:
                 extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})

@@ -210,3 +210,45 @@ def test_batch_manifest_lists_the_pruned(tiny_model, tmp_path):
     (record,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(record["files"]) == 1 and sorted([p["seed"] for p in record["pruned"]] + record["seeds"]) == [5, 6, 7]
     assert record["request"]["prune_to"] == 1 and all(p["at_step"] == 1 for p in record["pruned"])
+
+
+def test_an_early_scorer_ranks_the_previews_and_the_reranker_the_finished_images(tiny_pipe, scorer, tmp_path):
+    """``early_scorer`` (a model's preview scorer) decides what is pruned; ``scorer`` still ranks the kept."""
+    early_scorer = ClipScorer.load(tiny_clip_dir(tmp_path / "early", seed=5), device="cpu")
+    request = GenerationRequest(**{**BASE, "n": 4, "prune_to": 2, "prune_at": 2, "sampler": "DPM++ 2M"})
+    out = best_of_n(tiny_pipe, request, scorer, batch_size=4, early_scorer=early_scorer)
+    with tiny_pipe.generating():
+        run, _ = tiny_pipe.start(GenerationRequest(**{**BASE, "n": 4, "sampler": "DPM++ 2M"}), track_clean=True)
+        run.run(2)
+        previews = decode_clean(tiny_pipe, run.clean)
+    by_early = early_scorer.score(previews, "a red circle")
+    by_reranker = scorer.score(previews, "a red circle")
+    assert by_early.order()[:2] != by_reranker.order()[:2]  # the two scorers disagree: the test can tell them apart
+    assert {c.seed - 70 for c in out.candidates} == set(by_early.order()[:2])
+    pruned_early = sorted(by_early.scores[i] for i in by_early.order()[2:])
+    assert sorted(p.score for p in out.pruned) == pytest.approx(pruned_early, abs=1e-4)
+    assert out.early_scorer == early_scorer.name and out.reranker == scorer.name
+    finished = scorer.score([c.image for c in out.candidates], "a red circle").scores
+    assert [c.score for c in out.candidates] == pytest.approx(sorted(finished, reverse=True), abs=1e-4)
+
+
+def test_the_engine_prunes_with_the_models_preview_scorer_and_says_so(tiny_model, tmp_path):
+    import shutil
+
+    from sd_app.engine import Engine
+    from sd_app.metadata import parse_parameters
+
+    model = tmp_path / "with-preview"
+    shutil.copytree(tiny_model, model)
+    reranker = tiny_clip_dir(tmp_path / "reranker")
+    request = GenerationRequest(**{**BASE, "n": 3, "prune_to": 1, "prune_at": 2})
+    plain = Engine(model=str(model), reranker=str(reranker), output_dir=tmp_path / "out", device="cpu")
+    assert plain.preview_scorer() is None
+    params = parse_parameters(plain.generate(request).candidates[0].parameters)
+    assert params["Early scorer"] == "clip-tiny"  # the reranker, when the model ships no preview scorer
+    shutil.copytree(tiny_clip_dir(tmp_path / "preview", seed=5), model / "clip_preview")
+    engine = Engine(model=str(model), reranker=str(reranker), output_dir=tmp_path / "out", device="cpu")
+    assert engine.preview_scorer().name == "with-preview/clip_preview"
+    result = engine.generate(request)
+    params = parse_parameters(result.candidates[0].parameters)
+    assert params["Early scorer"] == "with-preview/clip_preview" and params["Reranker"] == "clip-tiny"

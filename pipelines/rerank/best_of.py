@@ -49,6 +49,7 @@ class BestOfOutput:
     score_label: str = "CLIP score"  # what the candidates' scores are
     extra: dict[str, str] = field(default_factory=dict)  # the pipeline's infotext pairs (Lora hashes, TI hashes)
     pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped by early pruning, best early score first
+    early_scorer: str | None = None  # what ranked the candidates for early pruning
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -76,6 +77,7 @@ def best_of_n(
     *,
     keep: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    early_scorer: ClipScorer | ContrastiveScorer | None = None,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
@@ -83,7 +85,8 @@ def best_of_n(
     """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``.
 
     With ``request.prune_to`` M the candidates are pruned early (:mod:`pipelines.rerank.early_pruning`):
-    only M are finished, ranked by their final score; ``pruned`` lists the others with their early score.
+    only M are finished, ranked by their final score; ``pruned`` lists the others with their early score
+    (by ``early_scorer`` when given, else by ``scorer``).
     """
     check_keep(keep, request.n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -107,8 +110,8 @@ def best_of_n(
         from pipelines.rerank.early_pruning import early_pruned_images, pruned_candidates
 
         images, ranking, extra = early_pruned_images(
-            pipe, request, scorer, plain_prompt, batch_size=batch_size, on_step=on_step, cancel=cancel,
-            progress=progress,
+            pipe, request, scorer, plain_prompt, batch_size=batch_size, early_scorer=early_scorer, on_step=on_step,
+            cancel=cancel, progress=progress,
         )
         made = sorted(ranking.kept)
         seeds = [request.seeds()[i] for i in made]
@@ -148,4 +151,5 @@ def best_of_n(
         score_label=label,
         extra=extra,
         pruned=pruned,
+        early_scorer=(early_scorer or scorer).name if request.prune_to and scorer is not None else None,
     )

@@ -125,7 +125,7 @@ class ClipScorer:
             with quiet_loading():
                 model = load_clip_model(folder)
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-                processor = _image_processor_class().from_pretrained(processor_folder, local_files_only=True)
+                processor = image_processor_class().from_pretrained(processor_folder, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - any library error becomes one message naming the folder
             raise ValueError(f"{folder}: cannot load the CLIP model: {err}") from err
         model = model.to(device=device, dtype=dtype)
@@ -416,7 +416,7 @@ def _mode_problem(mode: str) -> str:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _image_processor_class() -> Any:
+def image_processor_class() -> Any:
     """transformers >= 5 has a PIL backend (no torchvision); 4.x's CLIPImageProcessor is PIL/numpy."""
     try:
         from transformers import CLIPImageProcessorPil

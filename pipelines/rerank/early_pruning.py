@@ -5,7 +5,8 @@ After step K the scheduler's x0 prediction (``pipelines.generation.denoising.pre
 shows the composition the finished image will have (the coarse layout is settled in the first steps of
 sampling; Ho et al. 2020, Fig. 6). It is decoded cheaply, by default with the linear latent -> RGB map of
 the previews (no VAE: a VAE decode of the embedded model costs about 7 U-Net steps), and scored by the
-request's reranker. The kept candidates go on from where they are, so each is the very image its seed
+model's preview scorer where it ships one (a CLIP taught what finished images such previews become), else
+by the request's reranker. The kept candidates go on from where they are, so each is the very image its seed
 gives without pruning (tests/test_early_pruning.py). Compute: N K + M (steps - K) U-Net steps and M VAE
 decodes instead of N steps and N decodes.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.generation.request import GenerationRequest
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 EARLY_DECODERS = ("preview", "vae-half", "taesd", "vae")
 DEFAULT_EARLY_DECODER = "preview"
 PREVIEW_SIZE = 224  # the preview (h/8 x w/8 pixels) is upscaled to CLIP's input size
+PREVIEW_CLIP_FOLDER = "clip_preview"  # a model folder's preview scorer: a CLIP folder beside unet/, vae/ ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class EarlyRanking:
     details: list[dict[str, float]]
     kept: list[int]  # generation indices, best first
     pruned: list[int]  # generation indices, best first
+
+
+def preview_scorer_folder(model_folder: Path) -> Path | None:
+    """The preview scorer shipped inside a diffusers model folder (``clip_preview/``), or None."""
+    folder = model_folder / PREVIEW_CLIP_FOLDER
+    return folder if (folder / "config.json").is_file() else None
 
 
 def decode_clean(pipe: TextToImagePipeline, clean: torch.Tensor, decoder: str = DEFAULT_EARLY_DECODER
@@ -99,6 +108,7 @@ def early_pruned_images(
     *,
     batch_size: int,
     decoder: str = DEFAULT_EARLY_DECODER,
+    early_scorer: ClipScorer | ContrastiveScorer | None = None,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
@@ -106,7 +116,9 @@ def early_pruned_images(
     """Run ``request`` (seed resolved, ``prune_to`` M and ``prune_at`` K set) with pruning: the kept
     candidates' images in generation order, the ranking, the networks' infotext.
 
-    ``on_step`` counts candidate-steps: N K + M (steps - K) in all, monotonic.
+    ``early_scorer`` ranks the x0 pictures (default: ``scorer``), e.g. a model's preview scorer, a CLIP
+    fine-tuned on its own x0 previews (:mod:`pipelines.training.clip_previews`). ``on_step`` counts
+    candidate-steps: N K + M (steps - K) in all, monotonic.
     """
     import torch
 
@@ -124,7 +136,7 @@ def early_pruned_images(
             run.run(at, on_step=_counting(on_step, done, part.n, total), cancel=cancel, progress=progress)
             runs.append((start, run))
         clean = torch.cat([run.clean for _, run in runs])  # [N, C, h, w], x0 predicted at step K
-        ranking = rank_early(scorer.score(decode_clean(pipe, clean, decoder), prompt), keep)
+        ranking = rank_early((early_scorer or scorer).score(decode_clean(pipe, clean, decoder), prompt), keep)
         finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
         for start, run in runs:
             rows = [i - start for i in sorted(ranking.kept) if start <= i < start + run.n]

@@ -77,6 +77,28 @@ def evaluate_pair(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, index: 
     }
 
 
+def rescore(pipe: Any, scorer: Any, record: dict[str, Any], steps: int, cfg: float, prune_at: list[int]
+            ) -> dict[str, Any]:
+    """``record`` of an earlier run with ``early["preview-scorer"]`` added: its candidates re-run to each K
+    of ``prune_at`` only (same prompt and seeds; the rest of the record stays), their x0 previews ranked by
+    ``scorer`` (the preview scorer), exactly as :func:`pipelines.rerank.early_pruning.early_pruned_images`
+    ranks them."""
+    from pipelines.generation.request import GenerationRequest
+    from pipelines.rerank.early_pruning import decode_clean
+
+    request = GenerationRequest(prompt=record["prompt"], steps=steps, cfg_scale=cfg, seed=record["seeds"][0],
+                                n=len(record["seeds"]))
+    if request.seeds() != record["seeds"]:
+        raise ValueError(f"pair {record['pair']}: seeds {record['seeds']} are not consecutive")
+    orders: dict[str, list[int]] = {}
+    with pipe.generating():
+        run, _ = pipe.start(request, track_clean=True)
+        for k in sorted(prune_at):
+            run.run(k)
+            orders[str(k)] = scorer.score(decode_clean(pipe, run.clean, "preview"), record["prompt"]).order()
+    return {**record, "early": {**record["early"], "preview-scorer": orders}}
+
+
 def _best(order: list[int], among: list[int]) -> int:
     """The first of ``order`` (the reranker's, best first) that is in ``among``."""
     return next(i for i in order if i in among)
@@ -100,13 +122,14 @@ def table(records: list[dict[str, Any]], candidates: int, keep: int, steps: int,
         add(f"best of {m} by CLIP score", [_best(r["final"], list(range(m))) for r in records], m * steps, str(m),
             m * (steps * seconds["step"] + seconds["decode"]))
     for decoder, label in (("preview", "x0 as linear latent->RGB preview"), ("vae-half", "x0 half-size VAE"),
-                           ("taesd", "x0 TAESD decoder")):
+                           ("taesd", "x0 TAESD decoder"), ("preview-scorer", "x0 preview, preview scorer")):
         for k in prune_at:
             if not all(str(k) in r["early"].get(decoder, {}) for r in records):
                 continue
             kept = [r["early"][decoder][str(k)][:keep] for r in records]
             unet_steps = candidates * k + keep * (steps - k)
-            spent = unet_steps * seconds["step"] + keep * seconds["decode"] + candidates * seconds[decoder]
+            scoring = seconds["preview"] if decoder == "preview-scorer" else seconds[decoder]
+            spent = unet_steps * seconds["step"] + keep * seconds["decode"] + candidates * scoring
             decodes = f"{keep}" + {"vae-half": f" + {candidates} at half size",
                                    "taesd": f" + {candidates} TAESD"}.get(decoder, "")
             pick_kept = np.mean([r["final"][0] in ks for r, ks in zip(records, kept, strict=True)])
@@ -137,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log", type=Path, default=None, help="append each pair's record (JSON lines); resumes")
     parser.add_argument("--table-from", type=Path, default=None, help="print the table of a log and stop")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="a log of this script: re-run its pairs to the --prune-at steps only and add the "
+                             "early ranking of --early-scorer (written to --log)")
+    parser.add_argument("--early-scorer", type=Path, default=None,
+                        help="preview scorer CLIP folder for --rescore (default: the model's clip_preview/)")
     args = parser.parse_args(argv)
     prune_at = [int(k) for k in args.prune_at.split(",") if k]
     vae_at = [int(k) for k in args.vae_at.split(",") if k]
@@ -155,6 +183,22 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     pipe = load_pipeline(args.model, device="cpu")  # the app's default (fast) path
     scorer = reranker_for(ClipScorer.load(args.model / "clip", device="cpu"), "clip")  # `sd-app generate`'s default
+    if args.rescore is not None:
+        from pipelines.rerank.early_pruning import preview_scorer_folder
+
+        folder = args.early_scorer or preview_scorer_folder(args.model)
+        if folder is None or args.log is None:
+            raise SystemExit("--rescore needs --log and a preview scorer (--early-scorer or the model's clip_preview/)")
+        early_scorer = ClipScorer.load(folder, device="cpu")
+        done = len(args.log.read_text().splitlines()) if args.log.is_file() else 0
+        earlier = [json.loads(line) for line in args.rescore.read_text().splitlines() if line.strip()]
+        for record in tqdm(earlier[done:args.pairs], desc="pairs", mininterval=30):
+            with args.log.open("a") as log:
+                log.write(json.dumps(rescore(pipe, early_scorer, record, args.steps, args.cfg, prune_at)) + "\n")
+        records = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
+        print(f"preview scorer: {early_scorer.name} ({folder})")
+        print(table(records, args.candidates, args.keep, args.steps, prune_at))
+        return
     records = []
     if args.log is not None and args.log.is_file():
         records = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]

@@ -156,18 +156,22 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
     return provenance
 
 
-def export_clip_only(clip_run: Path, out: Path) -> dict:
-    """Replace only the reranker (``out/clip``) by a CLIP run sharing the shipped token embedding (e.g. the
-    hard-negative fine-tune); the U-Net, VAE and text encoder stay as they are."""
-    tmp = out / "clip.tmp"
+def export_clip_only(clip_run: Path, out: Path, name: str = "clip") -> dict:
+    """Replace only a CLIP folder of ``out`` by a CLIP run sharing the shipped token embedding: the reranker
+    (``clip``, e.g. the hard-negative fine-tune) or early pruning's preview scorer (``clip_preview``,
+    :mod:`pipelines.training.clip_previews`); the U-Net, VAE and text encoder stay as they are."""
+    tmp = out / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_clip(clip_run, tmp, out / "text_encoder")
-    shutil.rmtree(out / "clip")
-    tmp.rename(out / "clip")
+    shutil.rmtree(out / name, ignore_errors=True)
+    tmp.rename(out / name)
     provenance = json.loads((out / "provenance.json").read_text())
-    provenance["reranker_clip_before_fine_tune"] = provenance.get("reranker_clip_before_fine_tune",
-                                                                  provenance["reranker_clip"])
-    provenance["reranker_clip"] = common.read_state(clip_run)
+    if name == "clip":
+        provenance["reranker_clip_before_fine_tune"] = provenance.get("reranker_clip_before_fine_tune",
+                                                                      provenance["reranker_clip"])
+        provenance["reranker_clip"] = common.read_state(clip_run)
+    else:
+        provenance[name] = common.read_state(clip_run)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return provenance
 
@@ -231,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--clip-only", action="store_true",
                         help="replace only clip/ (a CLIP run sharing the shipped text encoder)")
+    parser.add_argument("--preview-clip", type=Path, default=None,
+                        help="replace only clip_preview/ (a pipelines.training.clip_previews run)")
     parser.add_argument("--unet-only", action="store_true",
                         help="replace only unet/ (a U-Net run fine-tuned with --init-from this model)")
     args = parser.parse_args(argv)
@@ -242,10 +248,15 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_check:
             check_loads(args.out)
         return
-    if args.clip_only:
-        export_clip_only(args.clip, args.out)
-        for name, size, digest in file_table(args.out / "clip")[0]:
-            print(f"| `{args.out.name}/clip/{name}` | {size} | {digest} |")
+    if args.clip_only or args.preview_clip is not None:
+        folder = "clip" if args.clip_only else "clip_preview"
+        export_clip_only(args.clip if args.clip_only else args.preview_clip, args.out, folder)
+        for name, size, digest in file_table(args.out / folder)[0]:
+            print(f"| `{args.out.name}/{folder}/{name}` | {size} | {digest} |")
+        total = file_table(args.out)[1]
+        print(f"{args.out} is {total / 2**20:.2f} MiB")
+        if total > MAX_BYTES:
+            raise SystemExit(f"{args.out} is {total} bytes, over the {MAX_BYTES} byte budget")
         return
     provenance = export(args.unet, args.clip, args.out)
     rows, total = file_table(args.out)

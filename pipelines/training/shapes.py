@@ -82,6 +82,7 @@ class Verdict:
     seen_background: str | None = None
     seen_count: int = 1  # shape-sized regions of non-background colour
     colour_purity: float = 1.0  # fraction of the shape's interior in the shape colour
+    seen_inner_colour: str | None = None  # the commonest other colour inside the shape (None: none)
 
     @property
     def all_ok(self) -> bool:
@@ -312,14 +313,20 @@ def _regions(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return labelled, [k for k in range(1, n + 1) if sizes[k] >= MIN_SHAPE_PIXELS]
 
 
-def _purity(region: np.ndarray, labels: np.ndarray, colour: int) -> float:
-    """Share of the region's interior (its outline shaved off) whose nearest palette colour is ``colour``."""
+def _interior(region: np.ndarray) -> np.ndarray:
+    """The region with its outline shaved off (the whole region when it is too thin to have an inside)."""
     from scipy import ndimage
 
     interior = ndimage.binary_erosion(region, iterations=_INTERIOR_MARGIN)
-    if interior.sum() < 8:  # too thin to have an inside: judge the whole region
-        interior = region
-    return float(np.mean(labels[interior] == colour))
+    return region if interior.sum() < 8 else interior
+
+
+def _purity(region: np.ndarray, labels: np.ndarray, colour: int) -> tuple[float, str | None]:
+    """Share of the region's interior whose nearest palette colour is ``colour``, and the commonest other
+    palette colour inside it (None when there is none)."""
+    inside = labels[_interior(region)]  # (pixels,) palette indices
+    others = np.bincount(inside[inside != colour], minlength=len(COLOURS))
+    return float(np.mean(inside == colour)), COLOURS[int(others.argmax())] if others.any() else None
 
 
 def judge(image: Image.Image, attrs: ShapeAttributes, known: tuple[str, ...] | None = None) -> Verdict:
@@ -340,7 +347,7 @@ def judge(image: Image.Image, attrs: ShapeAttributes, known: tuple[str, ...] | N
     foreground = _open(bg_dist > 60.0)
     seen_colour: str | None = None
     seen_shape: str | None = None
-    seen_count, purity = 0, 0.0
+    seen_count, purity, inner = 0, 0.0, None
     if foreground.sum() >= 16:
         core = foreground & (labels != bg) & (dist < 90.0)  # (S, S) pixels of some other palette colour
         counts = np.bincount(labels[core], minlength=len(COLOURS))
@@ -352,7 +359,7 @@ def judge(image: Image.Image, attrs: ShapeAttributes, known: tuple[str, ...] | N
             seen_count = len(shapes_seen)
             if shapes_seen:
                 largest = max(shapes_seen, key=lambda k: int((regions == k).sum()))
-                purity = _purity(regions == largest, labels, colour)
+                purity, inner = _purity(regions == largest, labels, colour)
             # ... and the kind is the geometry of the largest region nearest to the shape colour: halos
             # of in-between colours and stray specks elsewhere are not the shape.
             seen_shape = classify_shape(largest_component(_open(labels == colour)), known)
@@ -367,6 +374,7 @@ def judge(image: Image.Image, attrs: ShapeAttributes, known: tuple[str, ...] | N
         seen_background=COLOURS[bg],
         seen_count=seen_count,
         colour_purity=purity,
+        seen_inner_colour=inner,
     )
 
 

@@ -1,0 +1,50 @@
+"""The preview scorer's data: outcome captions from the oracle's verdict, previews exactly as early pruning sees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.training import hard_negatives, shapes
+from pipelines.training.clip_previews import counterfactual_captions, kept_right, outcome_caption
+
+ATTRS = shapes.ShapeAttributes("circle", "red", "blue", 0.3, 0.5, 0.5)
+
+
+def _caption_of(image: Image.Image) -> str:
+    return outcome_caption(ATTRS, shapes.judge(image, ATTRS))
+
+
+def test_outcome_captions_say_what_the_finished_image_shows():
+    rng = np.random.default_rng(3)
+    assert _caption_of(shapes.draw(ATTRS, 256)) == "a red circle on a blue background"
+    assert _caption_of(hard_negatives.draw_two(ATTRS, rng)) == "two red circles on a blue background"
+    mixed = hard_negatives.draw_mixed(ATTRS, "yellow", rng)
+    assert _caption_of(mixed) == "a red and yellow circle on a blue background"
+    assert _caption_of(shapes.draw(hard_negatives.swapped(ATTRS), 256)) == "a blue circle on a red background"
+    square = shapes.ShapeAttributes("square", "red", "blue", 0.3, 0.5, 0.5)
+    assert _caption_of(shapes.draw(square, 256)) == "a red square on a blue background"
+    assert _caption_of(Image.new("RGB", (256, 256), shapes.PALETTE["blue"])) == "a blue background"
+
+
+def test_counterfactuals_are_the_prompts_near_misses():
+    assert counterfactual_captions(ATTRS) == ["two red circles on a blue background",
+                                              "a red and blue circle on a blue background",
+                                              "a blue circle on a red background"]
+
+
+def test_kept_right_counts_pairs_whose_kept_hold_a_right_candidate():
+    right = np.array([[False, True, False], [False, False, False], [True, False, False]])
+    scores = np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [1.0, 3.0, 2.0]])
+    assert kept_right(scores, right, 1) == 0.0  # the second pair has no right candidate: not counted
+    assert kept_right(scores, right, 2) == 0.0
+    assert kept_right(scores, right, 3) == 1.0
+    assert kept_right(-scores, right, 1) == 1.0
+
+
+@pytest.mark.parametrize("inner", ["yellow", "green"])
+def test_the_oracle_reports_the_second_colour_inside_a_mottled_shape(inner):
+    verdict = shapes.judge(hard_negatives.draw_mixed(ATTRS, inner, np.random.default_rng(1)), ATTRS)
+    assert not verdict.binding_ok and verdict.seen_inner_colour == inner
+    assert shapes.judge(shapes.draw(ATTRS, 256), ATTRS).seen_inner_colour is None
