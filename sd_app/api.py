@@ -333,6 +333,7 @@ def build_info(
         "prune_at": request.prune_at or None,
         "pruned": [{"seed": c.seed, "score": c.score, "at_step": c.at_step, "details": c.details}
                    for c in result.pruned],  # dropped early, best early score first
+        "early_scorer": result.early_scorer,  # what scored them: the reranker or the model's preview scorer
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,

@@ -89,7 +89,8 @@ def run_generate(args: argparse.Namespace) -> int:
         passed = {True: "  passed", False: "  below the minimum", None: ""}[candidate.passed]
         print(f"{candidate.path}  seed {candidate.seed}{score}{passed}")
     for pruned in result.pruned:
-        print(f"pruned at step {pruned.at_step}  seed {pruned.seed}  early {result.score_label} {pruned.score:.2f}")
+        print(f"pruned at step {pruned.at_step}  seed {pruned.seed}  early {result.early_score_label} "
+              f"{pruned.score:.2f} by {result.early_scorer}")
     order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
     made = result.request
     width, height = result.candidates[0].image.size

@@ -60,6 +60,8 @@ class GenerationResult:
     inpainting_conditioning: bool = False  # the model is an SD inpainting model (9-channel U-Net)
     model_hash: str | None = None  # of the checkpoint that made the images
     pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped early (request.prune_to), best first
+    early_scorer: str | None = None  # what scored the candidates for early pruning (the reranker or a preview scorer)
+    early_score_label: str = "CLIP score"
     min_scores: dict[str, float] = field(default_factory=dict)  # label -> minimum asked ({} when none)
     rounds: int = 1  # rounds of candidates generated (more than 1 only to reach the minimum scores)
     max_rounds: int = 1
@@ -358,4 +360,6 @@ class Engine:
             rounds=rounds,
             max_rounds=max_rounds,
             pruned=output.pruned,
+            early_scorer=output.early_scorer,
+            early_score_label=output.early_score_label,
         )

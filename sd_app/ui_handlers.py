@@ -448,7 +448,7 @@ class UiHandlers:
             status += " · the reranker read only the first 77 tokens"
         if result.pruned:
             listed = ", ".join(f"seed {c.seed} ({c.score:.1f})" for c in result.pruned)
-            status += f" · pruned at step {result.pruned[0].at_step}: {listed}"
+            status += f" · pruned at step {result.pruned[0].at_step} by {result.early_scorer}: {listed}"
         for note in notes or []:
             status += f" · {note}"
         return status, gr.update(), items, best.parameters, files

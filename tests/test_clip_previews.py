@@ -48,3 +48,21 @@ def test_the_oracle_reports_the_second_colour_inside_a_mottled_shape(inner):
     verdict = shapes.judge(hard_negatives.draw_mixed(ATTRS, inner, np.random.default_rng(1)), ATTRS)
     assert not verdict.binding_ok and verdict.seen_inner_colour == inner
     assert shapes.judge(shapes.draw(ATTRS, 256), ATTRS).seen_inner_colour is None
+
+
+def test_rank_loss_wants_the_right_candidates_first_and_skips_undecided_pairs():
+    import torch
+
+    from pipelines.training.clip_previews import rank_loss
+
+    right = torch.tensor([[True, False, False], [True, True, True]])
+    prompts = torch.tensor([0, 1])
+    logits = torch.zeros(2, 3, 2)  # [P, N, U]
+    assert rank_loss(logits, prompts, right).item() == pytest.approx(-np.log(1 / 3))
+    logits[0, 0, 0] = 20.0  # the right candidate far ahead: almost no loss
+    assert rank_loss(logits, prompts, right).item() < 1e-6
+    logits[0, 0, 0], logits[0, 1, 0] = 0.0, 20.0  # a wrong one ahead: large
+    assert rank_loss(logits, prompts, right).item() > 10
+    logits[1, :, 1] = torch.tensor([5.0, -5.0, 0.0])  # an all-right pair never counts
+    assert rank_loss(logits, prompts, right).item() > 10
+    assert rank_loss(logits, prompts, torch.ones(2, 3, dtype=torch.bool)).item() == 0.0

@@ -150,7 +150,7 @@ def test_cli_lists_the_pruned_and_the_kept_images_name_them(tiny_model, tmp_path
     out = capsys.readouterr().out.strip().splitlines()
     kept = [line for line in out if not line.startswith("pruned")]
     pruned = [line for line in out if line.startswith("pruned at step 2  seed ")]
-    assert len(kept) == 2 and len(pruned) == 2
+    assert len(kept) == 2 and len(pruned) == 2 and all(line.endswith(" by clip-tiny") for line in pruned)
     pruned_seeds = {line.split("seed ")[1].split()[0] for line in pruned}
     params = parse_parameters(Image.open(kept[0].split()[0]).info["parameters"])
     assert params["Early pruning"] == "4 to 2 at step 2"
@@ -180,6 +180,7 @@ def test_api_prune_fields_and_info(live_server):
     assert len(response.json()["images"]) == 1 and (info["prune_to"], info["prune_at"]) == (1, 1)
     assert sorted([p["seed"] for p in info["pruned"]] + info["all_seeds"]) == [20, 21, 22, 23]
     assert all(p["score"] <= info["rerank_details"][0]["Early score"] for p in info["pruned"])
+    assert info["early_scorer"] == info["reranker"]  # the live server's model ships no preview scorer
     bad = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**body, "prune_at": 3}, timeout=120)
     assert bad.status_code == 422 and "prune_at must be a step between 1 and steps - 1 = 2" in bad.text
 
@@ -192,7 +193,8 @@ def test_ui_prunes_and_says_which(live_server):
     # scorers, minimum score, extra rounds; early pruning: finish only the best M, scored after step K
     args = ("a red circle", "", "Euler a", 3, 7, 64, 64, 30, 3, "clip", False, 2, "Latent", 0, 0.7, 1, "", "", 3)
     status, _, gallery, parameters, _ = client.predict(*args, 1, 2, api_name="/generate")
-    assert status.startswith("Done: 1 image(s)") and "pruned at step 2: seed " in status and len(gallery) == 1
+    assert status.startswith("Done: 1 image(s)") and len(gallery) == 1
+    assert "pruned at step 2 by clip-tiny: seed " in status  # the live server's model ships no preview scorer
     assert "Early pruning: 3 to 1 at step 2" in parameters
 
 

@@ -50,6 +50,7 @@ class BestOfOutput:
     extra: dict[str, str] = field(default_factory=dict)  # the pipeline's infotext pairs (Lora hashes, TI hashes)
     pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped by early pruning, best early score first
     early_scorer: str | None = None  # what ranked the candidates for early pruning
+    early_score_label: str = "CLIP score"  # what the early scores are
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -106,6 +107,7 @@ def best_of_n(
     extra: dict[str, str] = {}
     pruned: list[PrunedCandidate] = []
     early: dict[int, dict[str, float]] = {}  # generation index -> early score, for the kept ones
+    early_label = "CLIP score"
     if request.prune_to and scorer is not None:
         from pipelines.rerank.early_pruning import early_pruned_images, pruned_candidates
 
@@ -117,6 +119,7 @@ def best_of_n(
         seeds = [request.seeds()[i] for i in made]
         pruned = pruned_candidates(request, ranking)
         early = {i: {"Early score": ranking.scores[i]} for i in made}
+        early_label = ranking.label
         model_hash = pipe.components.model_hash
     else:
         parts = range(0, request.n, batch_size)
@@ -152,4 +155,5 @@ def best_of_n(
         extra=extra,
         pruned=pruned,
         early_scorer=(early_scorer or scorer).name if request.prune_to and scorer is not None else None,
+        early_score_label=early_label,
     )

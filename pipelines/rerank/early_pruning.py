@@ -56,6 +56,7 @@ class EarlyRanking:
     details: list[dict[str, float]]
     kept: list[int]  # generation indices, best first
     pruned: list[int]  # generation indices, best first
+    label: str = "CLIP score"  # what the early scores are
 
 
 def preview_scorer_folder(model_folder: Path) -> Path | None:
@@ -85,7 +86,7 @@ def rank_early(result: ScoreResult, keep: int) -> EarlyRanking:
     """Keep the ``keep`` best by the scorer's order (ties by input index), prune the rest."""
     order = result.order()
     details = [dict(d) for d in result.details] or [{} for _ in result.scores]
-    return EarlyRanking(list(result.scores), details, order[:keep], order[keep:])
+    return EarlyRanking(list(result.scores), details, order[:keep], order[keep:], result.label)
 
 
 def _counting(on_step: StepCallback | None, done: list[int], rows: int, total: int) -> StepCallback | None:

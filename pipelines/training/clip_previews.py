@@ -15,7 +15,9 @@ will be: each preview of :mod:`pipelines.training.preview_outcomes` (steps 1-4) 
 oracle's reading of its own finished image (:func:`outcome_caption`: the prompt when it is all right,
 else "two purple stars ...", "a purple and blue star ..." or the colours and kind it drew), next to the
 prompt's counterfactual captions (two, mixed, swapped) as extra negatives. Image -> text cross-entropy
-(Radford et al. 2021) over the batch's captions. This is learning a reward model from labelled samples of
+(Radford et al. 2021) over the batch's captions, plus (``--rank-weight``) a listwise loss on the decision
+itself: among one prompt's N candidates, the softmax of their logits with the prompt should sit on
+those that finish right. This is learning a reward model from labelled samples of
 the generator itself, as ImageReward (Xu et al. 2023) does from human labels, here on the x0 prediction
 of an early step (the coarse layout is settled early; Ho et al. 2020, Fig. 6).
 
@@ -132,6 +134,19 @@ def prompt_cosines(model: torch.nn.Module, pixels: torch.Tensor, prompts: list[s
     return (img.reshape(p, n, -1) * txt[:, None, :]).sum(-1)  # [P, N]
 
 
+def rank_loss(logits: torch.Tensor, prompts: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Listwise loss of the pruning decision: per pair, the softmax over its N candidates' logits with the
+    prompt should sit on the right ones (-log of their summed probability; ListNet-style, Cao et al. 2007).
+    logits [P, N, U], prompts [P] (caption index of each pair's prompt), right [P, N] bool. Pairs whose
+    candidates are all right or all wrong say nothing about the ranking and are skipped (0 if none)."""
+    with_prompt = logits.gather(2, prompts[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]  # [P, N]
+    mixed = right.any(dim=1) & ~right.all(dim=1)  # [P]
+    if not mixed.any():
+        return logits.new_zeros(())
+    log_p = F.log_softmax(with_prompt[mixed], dim=1)  # [M, N]
+    return -torch.logsumexp(log_p.masked_fill(~right[mixed], float("-inf")), dim=1).mean()
+
+
 def kept_right(scores: np.ndarray, right: np.ndarray, keep: int) -> float:
     """Among pairs where some candidate is right, the share whose ``keep`` best early scores hold one."""
     some = right.any(axis=1)
@@ -201,7 +216,12 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         with runtime.autocast():
             img = F.normalize(image_features(model, pixels), dim=-1)  # [B, D]
         txt = bank.features(unique)  # [U, D], frozen
-        loss = F.cross_entropy(model.logit_scale.exp() * img.float() @ txt.T, labels)
+        logits = model.logit_scale.exp() * img.float() @ txt.T  # [B, U]
+        loss = F.cross_entropy(logits, labels)
+        if args.rank_weight:
+            prompts = torch.tensor([unique.index(data.prompts[i]) for i in chosen], device=runtime.device)  # [b]
+            loss = loss + args.rank_weight * rank_loss(logits.reshape(per_batch, n, -1), prompts,
+                                                       torch.from_numpy(data.right[chosen]).to(runtime.device))
         optimizer_step(loss, optimizer, params, model)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
@@ -212,6 +232,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
             log.write(step=done, **metrics)
             tqdm.write(f"step {done}: loss {loss.item():.3f} held-out {metrics}")
             state = {"step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
+                     "rank_weight": args.rank_weight,
                      "data": str(args.data), "pairs": pairs, "holdout": args.holdout}
             common.save_checkpoint(args.out, {"clip": model}, optimizer, state)
 
@@ -256,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="preview_outcomes folder (training pairs)")
     parser.add_argument("--holdout", type=int, default=32, help="last pairs of --data kept for validation")
     parser.add_argument("--keep", type=int, default=2, help="M of 'pruned to M'")
+    parser.add_argument("--rank-weight", type=float, default=1.0,
+                        help="weight of the listwise pruning loss beside the outcome-caption loss")
     parser.add_argument("--judge-pruning", type=Path, default=None,
                         help="preview_outcomes --evaluation folder: print the pruning rows and stop")
     parser.add_argument("--log", type=Path, default=Path("runs/pruning-taesd/pruning.jsonl"),
