@@ -172,15 +172,12 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         optimizer_step(loss, optimizer, params, model)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
-        if done % 25 == 0:
-            log.write(step=done, loss=round(loss.item(), 4))
-        if done % args.ckpt_every == 0 or done == args.steps:
-            metrics = evaluate(model, runtime.device, args.n_eval)
-            log.write(step=done, **{f"eval_{k}": v for k, v in metrics.items()})
-            tqdm.write(f"step {done}: loss {loss.item():.3f} held-out {metrics}")
-            state = {"step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
-                     "tune_text_layers": args.tune_text_layers, "from_clip": str(args.from_clip or "embedded")}
-            common.save_checkpoint(args.out, {"clip": model}, optimizer, state)
+        common.finish_step(
+            args, log, done, loss.item(), lambda: evaluate(model, runtime.device, args.n_eval), {"clip": model},
+            optimizer, lambda metrics, done=done: {
+                "step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
+                "tune_text_layers": args.tune_text_layers, "from_clip": str(args.from_clip or "embedded")},
+            key_prefix="eval_")
 
 
 if __name__ == "__main__":

@@ -225,16 +225,11 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         optimizer_step(loss, optimizer, params, model)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
-        if done % 25 == 0:
-            log.write(step=done, loss=round(loss.item(), 4))
-        if done % args.ckpt_every == 0 or done == args.steps:
-            metrics = validate(model, data, holdout, bank, args.keep)
-            log.write(step=done, **metrics)
-            tqdm.write(f"step {done}: loss {loss.item():.3f} held-out {metrics}")
-            state = {"step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
-                     "rank_weight": args.rank_weight,
-                     "data": str(args.data), "pairs": pairs, "holdout": args.holdout}
-            common.save_checkpoint(args.out, {"clip": model}, optimizer, state)
+        common.finish_step(
+            args, log, done, loss.item(), lambda: validate(model, data, holdout, bank, args.keep), {"clip": model},
+            optimizer, lambda metrics, done=done: {
+                "step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
+                "rank_weight": args.rank_weight, "data": str(args.data), "pairs": pairs, "holdout": args.holdout})
 
 
 def judge_pruning(eval_dir: Path, log: Path, scorer_spec: str, keep: int) -> str:

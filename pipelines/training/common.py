@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +114,23 @@ def save_checkpoint(out: Path, models: dict[str, torch.nn.Module], optimizer: to
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_step(args: argparse.Namespace, log: Log, done: int, loss: float, evaluate: Callable[[], dict[str, float]],
+                models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                state: Callable[[dict[str, float]], dict], key_prefix: str = "") -> None:
+    """The tail of a CLIP stage's step ``done``: the loss logged every 25 steps; every ``--ckpt-every`` steps
+    and at the last, the held-out metrics of ``evaluate()`` logged and printed, and a checkpoint whose
+    state.json is ``state(metrics)``."""
+    from tqdm import tqdm
+
+    if done % 25 == 0:
+        log.write(step=done, loss=round(loss, 4))
+    if done % args.ckpt_every == 0 or done == args.steps:
+        metrics = evaluate()
+        log.write(step=done, **{f"{key_prefix}{k}": v for k, v in metrics.items()})
+        tqdm.write(f"step {done}: loss {loss:.3f} held-out {metrics}")
+        save_checkpoint(args.out, models, optimizer, state(metrics))
 
 
 def read_state(out: Path) -> dict:
