@@ -66,3 +66,13 @@ def test_rank_loss_wants_the_right_candidates_first_and_skips_undecided_pairs():
     logits[1, :, 1] = torch.tensor([5.0, -5.0, 0.0])  # an all-right pair never counts
     assert rank_loss(logits, prompts, right).item() > 10
     assert rank_loss(logits, prompts, torch.ones(2, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_pairwise_right_is_the_within_pair_auc():
+    from pipelines.training.clip_previews import pairwise_right
+
+    right = np.array([[True, False, False], [True, True, True]])
+    assert pairwise_right(np.array([[3.0, 1.0, 2.0], [0.0, 0.0, 0.0]]), right) == 1.0
+    assert pairwise_right(np.array([[1.5, 1.0, 2.0], [0.0, 0.0, 0.0]]), right) == 0.5
+    assert pairwise_right(np.array([[1.0, 1.0, 2.0], [0.0, 0.0, 0.0]]), right) == 0.25
+    assert np.isnan(pairwise_right(np.zeros((1, 3)), np.ones((1, 3), dtype=bool)))

@@ -2,10 +2,10 @@
 with what its finished image turned out to be.
 
     python -m pipelines.training.clip_previews --data runs/preview-outcomes --out runs/clip-previews
-        [--steps 600] [--resume]
+        [--steps 600] [--decoder taesd] [--resume]
+    python -m pipelines.training.export --preview-clip runs/clip-previews --out MODEL   # -> MODEL/clip_preview/
     python -m pipelines.training.clip_previews --judge-pruning runs/preview-outcomes-eval
-        --log runs/pruning-taesd/pruning.jsonl [--scorer runs/clip-previews/ckpt/clip] [--keep 2]
-    python -m pipelines.training.export --preview-clip runs/clip-previews     # -> the embedded clip_preview/
+        --log runs/pruning-taesd/pruning.jsonl [--scorer MODEL/clip_preview] [--decoder taesd] [--keep 2]
 
 Early pruning scores each candidate's predicted clean image after step K, decoded by the linear latent ->
 RGB preview (:mod:`pipelines.rerank.early_pruning`). The reranker's CLIP was trained on finished drawings:
@@ -20,6 +20,10 @@ itself: among one prompt's N candidates, the softmax of their logits with the pr
 those that finish right. This is learning a reward model from labelled samples of
 the generator itself, as ImageReward (Xu et al. 2023) does from human labels, here on the x0 prediction
 of an early step (the coarse layout is settled early; Ho et al. 2020, Fig. 6).
+
+Measured on the embedded model (README, "What the x0 of step K can know"): no gain over the reranker on
+the pruning evaluation, and a held-out within-pair AUC near chance, because which candidate ends
+mottled is decided after step 4; none is shipped.
 
 The text side is frozen (its token embedding is the U-Net's text encoder's, shipped once); the vision
 tower, its projection and the temperature learn. Training pairs are held apart from the evaluation's
@@ -74,14 +78,14 @@ def counterfactual_captions(attrs: shapes.ShapeAttributes) -> list[str]:
             shapes.caption(hard_negatives.swapped(attrs))]
 
 
-def preview_pixels(clean: np.ndarray, pipe: Any, processor: Any) -> torch.Tensor:
+def preview_pixels(clean: np.ndarray, pipe: Any, processor: Any, decoder: str = "preview") -> torch.Tensor:
     """Predicted clean latents [M, C, h, w] -> CLIP input [M, 3, S, S] (fp16), by the very code early pruning
-    feeds its scorer with (``decode_clean``'s preview of ``pipe``, then the CLIP image processor)."""
+    feeds its scorer with (``decode_clean`` of ``pipe`` with ``decoder``, then the CLIP image processor)."""
     from pipelines.rerank.early_pruning import decode_clean
 
     out = []
     for start in range(0, len(clean), 256):
-        images = decode_clean(pipe, torch.from_numpy(clean[start:start + 256]).float(), "preview")
+        images = decode_clean(pipe, torch.from_numpy(clean[start:start + 256]).float(), decoder)
         out.append(processor(images=images, return_tensors="pt")["pixel_values"].half())  # [m, 3, S, S]
     return torch.cat(out)
 
@@ -105,7 +109,7 @@ class OutcomeSet:
     at: list[int]
 
 
-def load_outcomes(folder: Path, processor: Any) -> OutcomeSet:
+def load_outcomes(folder: Path, processor: Any, decoder: str = "preview") -> OutcomeSet:
     """Read ``preview_outcomes`` shards, judge the finished images and render the previews."""
     arrays, meta = read_shards(folder)
     if "finished" not in arrays:
@@ -114,7 +118,8 @@ def load_outcomes(folder: Path, processor: Any) -> OutcomeSet:
     pairs = [attrs[int(i)] for i in arrays["pair"]]
     clean = arrays["clean"]  # [P, N, K, C, h, w]
     p, n, k = clean.shape[:3]
-    pixels = preview_pixels(clean.reshape(p * n * k, *clean.shape[3:]), _pipeline(Path(meta["model"])), processor)
+    pixels = preview_pixels(clean.reshape(p * n * k, *clean.shape[3:]), _pipeline(Path(meta["model"])), processor,
+                            decoder)
     outcomes, right = [], np.zeros((p, n), dtype=bool)
     for i, (a, finished) in enumerate(zip(pairs, arrays["finished"], strict=True)):
         verdicts = [shapes.judge(Image.fromarray(image), a) for image in finished]
@@ -155,14 +160,27 @@ def kept_right(scores: np.ndarray, right: np.ndarray, keep: int) -> float:
     return float(hold[some].mean()) if some.any() else float("nan")
 
 
+def pairwise_right(scores: np.ndarray, right: np.ndarray) -> float:
+    """Within each pair, the share of (right, wrong) candidate pairs that the scores order right first
+    (ties count half): the pruning decision's AUC, pooled over pairs."""
+    hits, total = 0.0, 0
+    for s, r in zip(scores, right, strict=True):
+        diff = s[r][:, None] - s[~r][None, :]  # [right, wrong]
+        hits += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        total += diff.size
+    return hits / total if total else float("nan")
+
+
 def validate(model: torch.nn.Module, data: OutcomeSet, pairs: np.ndarray, bank: TextBank, keep: int
              ) -> dict[str, float]:
-    """Per K: pairs whose kept ``keep`` hold a right candidate (of those where some is right)."""
+    """Per K: pairs whose kept ``keep`` hold a right candidate (of those where some is right), and the
+    within-pair AUC of right over wrong candidates."""
     model.eval()
     result = {}
     for j, k in enumerate(data.at):
         cos = prompt_cosines(model, data.pixels[pairs, :, j], [data.prompts[i] for i in pairs], bank).cpu().numpy()
         result[f"kept_right_at_{k}"] = kept_right(cos, data.right[pairs], keep)
+        result[f"auc_at_{k}"] = pairwise_right(cos, data.right[pairs])
     model.train()
     return result
 
@@ -173,7 +191,7 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
     from pipelines.rerank.clip_scorer import EMBEDDED_CLIP, image_processor_class, load_clip_model
 
     processor = image_processor_class().from_pretrained(str(EMBEDDED_CLIP), local_files_only=True)
-    data = load_outcomes(args.data, processor)
+    data = load_outcomes(args.data, processor, args.decoder)
     pairs = len(data.prompts)
     holdout = np.arange(pairs - args.holdout, pairs)
     train_pairs = np.arange(pairs - args.holdout)
@@ -229,14 +247,18 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
             args, log, done, loss.item(), lambda: validate(model, data, holdout, bank, args.keep), {"clip": model},
             optimizer, lambda metrics, done=done: {
                 "step": done, "seed": args.seed, "batch": args.batch, "lr": args.lr, "eval": metrics,
-                "rank_weight": args.rank_weight, "data": str(args.data), "pairs": pairs, "holdout": args.holdout})
+                "rank_weight": args.rank_weight, "data": str(args.data), "pairs": pairs, "holdout": args.holdout,
+                "decoder": args.decoder})
 
 
-def judge_pruning(eval_dir: Path, log: Path, scorer_spec: str, keep: int) -> str:
-    """Markdown rows: best of N pruned to ``keep`` at each K of ``eval_dir``, the early ranking by
-    ``scorer_spec``'s CLIP score of the x0 previews (through the app's own ClipScorer), the finished
-    candidates' verdicts and final ranking from the early-pruning evaluation's ``log``."""
+def judge_pruning(eval_dir: Path, log: Path, scorer_spec: str, keep: int, decoder: str = "preview") -> str:
+    """Markdown rows: best of N pruned to ``keep`` at each K of ``eval_dir``, with the finished candidates'
+    verdicts and final ranking from the early-pruning evaluation's ``log``. Two early rankings of the x0
+    pictures (``decoder``): ``scorer_spec``'s CLIP score (through the app's own ClipScorer), and the
+    shapes oracle itself on them (not a scorer the app has: the evaluation's judge, all right first, ties
+    by the CLIP score), a measure of what any ranking of the x0 picture can know at step K."""
     from pipelines.rerank.clip_scorer import ClipScorer
+    from pipelines.rerank.early_pruning import decode_clean
 
     arrays, meta = read_shards(eval_dir)
     records = {r["pair"]: r for r in (json.loads(line) for line in log.read_text().splitlines() if line.strip())}
@@ -245,24 +267,29 @@ def judge_pruning(eval_dir: Path, log: Path, scorer_spec: str, keep: int) -> str
     missing = [p for p in pairs if p not in records]
     if missing:
         raise ValueError(f"{log} has no record of pairs {missing[:5]}...: evaluate them first")
+    attrs = pair_attributes(max(pairs) + 1, evaluation=True)
     scorer = ClipScorer.load(scorer_spec, device="cpu")
     pipe = _pipeline(Path(meta["model"]))
     right = np.array([[v["all"] for v in records[p]["verdicts"]] for p in pairs])  # [P, N]
-    lines = [f"early scorer: {scorer.name} ({scorer_spec}); {len(pairs)} pairs",
-             "| generation | all right | pairs whose kept hold a right one (of those with one) |", "|---|---:|---:|"]
-    from pipelines.rerank.early_pruning import decode_clean
-
+    lines = [f"early scorer: {scorer.name} ({scorer_spec}); x0 decoded by {decoder}; {len(pairs)} pairs",
+             "| generation | early ranking | all right | pairs whose kept hold a right one (of those with one) |",
+             "|---|---|---:|---:|"]
     for j, k in enumerate(meta["at"]):
-        picks, scores = [], []
+        scores = {"scorer": [], "oracle": []}
+        picks = {"scorer": [], "oracle": []}
         for row, p in zip(order, pairs, strict=True):
-            images = decode_clean(pipe, torch.from_numpy(arrays["clean"][row, :, j]).float(), "preview")
+            images = decode_clean(pipe, torch.from_numpy(arrays["clean"][row, :, j]).float(), decoder)
             result = scorer.score(images, records[p]["prompt"])
-            scores.append(result.scores)
-            kept = result.order()[:keep]
-            picks.append(next(i for i in records[p]["final"] if i in kept))
-        fidelity = np.mean([right[i, pick] for i, pick in enumerate(picks)])
-        lines.append(f"| best of {right.shape[1]} pruned to {keep} at step {k} | {fidelity:.1%} | "
-                     f"{kept_right(np.array(scores), right, keep):.1%} |")
+            judged = [shapes.judge(image, attrs[p]).all_ok for image in images]
+            for name, early in (("scorer", np.array(result.scores)), ("oracle", np.array(judged) * 1000.0
+                                                                                + np.array(result.scores))):
+                scores[name].append(early)
+                kept = list(np.argsort(-early, kind="stable")[:keep])
+                picks[name].append(next(i for i in records[p]["final"] if i in kept))
+        for name, label in (("scorer", f"{scorer.name} CLIP score"), ("oracle", "the oracle on x0 (bound)")):
+            fidelity = np.mean([right[i, pick] for i, pick in enumerate(picks[name])])
+            lines.append(f"| best of {right.shape[1]} pruned to {keep} at step {k} | {label} | {fidelity:.1%} | "
+                         f"{kept_right(np.array(scores[name]), right, keep):.1%} |")
     return "\n".join(lines)
 
 
@@ -278,11 +305,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="preview_outcomes --evaluation folder: print the pruning rows and stop")
     parser.add_argument("--log", type=Path, default=Path("runs/pruning-taesd/pruning.jsonl"),
                         help="the early-pruning evaluation's log (verdicts and final rankings)")
+    parser.add_argument("--decoder", default="preview", help="how x0 becomes a picture: preview (the linear "
+                        "latent -> RGB map) or taesd (the model's tiny decoder); early pruning must use the same")
     parser.add_argument("--scorer", default="embedded", help="CLIP folder scoring the previews (--judge-pruning)")
     args = parser.parse_args(argv)
     if args.judge_pruning is not None:
         torch.set_num_threads(args.threads)
-        print(judge_pruning(args.judge_pruning, args.log, args.scorer, args.keep))
+        print(judge_pruning(args.judge_pruning, args.log, args.scorer, args.keep, args.decoder))
         return
     runtime = common.setup(args)
     train(args, runtime)

@@ -133,6 +133,15 @@ def finish_step(args: argparse.Namespace, log: Log, done: int, loss: float, eval
         save_checkpoint(args.out, models, optimizer, state(metrics))
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` under a temporary name, then renamed: an interrupted write never leaves a half file
+    where a cache or a shard is looked for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
 def read_state(out: Path) -> dict:
     """The state.json of the last checkpoint."""
     return json.loads((out / "ckpt" / "state.json").read_text())

@@ -13,7 +13,6 @@ cached under ``folder`` by its settings and the exact weights.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,15 +20,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipelines.training import data, shapes
+from pipelines.models.hashing import file_hash
+from pipelines.training import common, data, shapes
 
 PER_PROMPT = 4  # images per request (one batch)
 LCM_SAMPLER, LCM_STEPS = "LCM SGM Uniform", 4
 LORA_NAME = "lcm-generated"
-
-
-def file_id(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
 
 
 def generated_set(folder: Path, n: int, seed: int, lora: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -41,14 +37,11 @@ def generated_set(folder: Path, n: int, seed: int, lora: Path | None = None) -> 
     if n % (2 * PER_PROMPT):
         raise ValueError(f"the generated set's size must be a multiple of {2 * PER_PROMPT}, got {n}")
     key = f"unet{weights_id(EMBEDDED_MODEL_DIR / 'unet')}-vae{weights_id(EMBEDDED_MODEL_DIR / 'vae')}"
-    key += f"-lora{file_id(lora)}" if lora is not None else ""
+    key += f"-lora{file_hash(lora)}" if lora is not None else ""
     path = folder / f"generated-{key}-s{seed}-n{n}.npz"
     if not path.is_file():
         latents, pictures = generate(n, seed, lora)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, latents=latents, pictures=pictures)
-        tmp.replace(path)
+        common.save_npz(path, latents=latents, pictures=pictures)
     with np.load(path) as stored:
         return stored["latents"], stored["pictures"]
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.training import shapes
+from pipelines.training import common, shapes
 from pipelines.training.evaluate import PROMPT_SEED
 from pipelines.training.export import DEFAULT_OUT
 
@@ -77,9 +77,7 @@ def generate_pair(pipe: Any, attrs: shapes.ShapeAttributes, index: int, *, candi
 def write_shard(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Stack the pairs' arrays into one npz, written under a temporary name and renamed."""
     arrays = {key: np.stack([r[key] for r in records]) for key in records[0]}  # [P, N, ...]
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    tmp.replace(path)
+    common.save_npz(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def read_shards(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

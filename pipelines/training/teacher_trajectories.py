@@ -70,11 +70,8 @@ def trajectory_set(folder: Path, unet: torch.nn.Module, table: torch.Tensor, lab
             p, timesteps, e = sample_trajectories(unet, table[chunk], table[-1:], runtime, res, seed * 100000 + start)
             points.append(p.half().numpy())
             ends.append(e.half().numpy())
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, points=np.concatenate(points), timesteps=timesteps.numpy(), ends=np.concatenate(ends),
-                 labels=labels)
-        tmp.replace(path)
+        common.save_npz(path, points=np.concatenate(points), timesteps=timesteps.numpy(), ends=np.concatenate(ends),
+                        labels=labels)
     with np.load(path) as stored:
         if not np.array_equal(stored["labels"], labels):
             raise ValueError(f"{path} was made for other captions: delete it to make the trajectories again")
