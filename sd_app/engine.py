@@ -187,8 +187,8 @@ class Engine:
             return self._scorer
 
     def preview_scorer(self) -> ClipScorer | None:
-        """The selected model's preview scorer for early pruning (``clip_preview/`` in its diffusers folder,
-        as the embedded model ships), loaded on first call; None when the model has none."""
+        """The selected model's preview scorer for early pruning (a CLIP folder ``clip_preview/`` inside its
+        diffusers folder), loaded on first call; None when the model has none (the embedded model ships none)."""
         from pipelines.models.shipped import EMBEDDED_MODEL_DIR
         from pipelines.rerank.early_pruning import preview_scorer_folder
 
@@ -202,7 +202,7 @@ class Engine:
                 from pipelines.rerank.clip_scorer import ClipScorer
 
                 scorer = ClipScorer.load(folder, device=self.device)
-                scorer.name = f"{model_folder.name}/{folder.name}"  # "shapes-tiny/clip_preview"
+                scorer.name = f"{model_folder.name}/{folder.name}"  # e.g. "shapes-tiny/clip_preview"
                 self._preview_scorers[folder] = scorer
             return self._preview_scorers[folder]
 

@@ -5,10 +5,11 @@ After step K the scheduler's x0 prediction (``pipelines.generation.denoising.pre
 shows the composition the finished image will have (the coarse layout is settled in the first steps of
 sampling; Ho et al. 2020, Fig. 6). It is decoded cheaply, by default with the linear latent -> RGB map of
 the previews (no VAE: a VAE decode of the embedded model costs about 7 U-Net steps), and scored by the
-model's preview scorer where it ships one (a CLIP taught what finished images such previews become), else
-by the request's reranker. The kept candidates go on from where they are, so each is the very image its seed
-gives without pruning (tests/test_early_pruning.py). Compute: N K + M (steps - K) U-Net steps and M VAE
-decodes instead of N steps and N decodes.
+request's reranker, or by ``early_scorer``: the app passes the model's preview scorer where its folder has
+one (``clip_preview/``, a CLIP taught what finished images such previews become). The kept candidates go
+on from where they are, so each is the very image its seed gives without pruning
+(tests/test_early_pruning.py). Compute: N K + M (steps - K) U-Net steps and M VAE decodes instead of N
+steps and N decodes.
 """
 
 from __future__ import annotations

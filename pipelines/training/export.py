@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_check:
             check_loads(args.out)
         return
+    if args.preview_clip is not None and common.read_state(args.preview_clip).get("decoder", "preview") != "preview":
+        raise SystemExit(f"{args.preview_clip} learned from x0 decoded by another decoder; early pruning in the app "
+                         "scores the linear preview (pipelines.rerank.early_pruning.DEFAULT_EARLY_DECODER)")
     if args.clip_only or args.preview_clip is not None:
         folder = "clip" if args.clip_only else "clip_preview"
         export_clip_only(args.clip if args.clip_only else args.preview_clip, args.out, folder)
