@@ -76,3 +76,18 @@ def test_pairwise_right_is_the_within_pair_auc():
     assert pairwise_right(np.array([[1.5, 1.0, 2.0], [0.0, 0.0, 0.0]]), right) == 0.5
     assert pairwise_right(np.array([[1.0, 1.0, 2.0], [0.0, 0.0, 0.0]]), right) == 0.25
     assert np.isnan(pairwise_right(np.zeros((1, 3)), np.ones((1, 3), dtype=bool)))
+
+
+def test_export_refuses_a_preview_scorer_of_another_decoder(tmp_path):
+    """The app prunes on the linear preview: a scorer that learned from tiny-decoder pictures would be fed
+    pictures it never saw."""
+    import json
+
+    from pipelines.training.export import main
+
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    (run / "ckpt" / "state.json").write_text(json.dumps({"step": 400, "decoder": "taesd"}))
+    with pytest.raises(SystemExit, match="learned from x0 decoded by another decoder"):
+        main(["--preview-clip", str(run), "--out", str(tmp_path / "model")])
+    assert not (tmp_path / "model").exists()
