@@ -43,7 +43,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="regenerate with new seeds until a candidate reaches this score, in the scorer's own "
                              "units (e.g. aesthetic=5.5; a bare VALUE when one scorer ranks; repeatable)")
     parser.add_argument("--extra-rounds", type=int, default=3,
-                        help="with --min-score: at most this many more rounds of --n candidates (0-10, default 3)")
+                        help="with --min-score: at most this many more rounds of --n candidates (0-10, default 3); "
+                             "with --prune-to, a round after a pruned one finishes the candidates it pruned")
     parser.add_argument("--keep", type=int, default=None, help="save only the best K candidates")
     parser.add_argument(
         "--prune-to", type=int, default=0, metavar="M",

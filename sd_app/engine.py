@@ -300,33 +300,32 @@ class Engine:
         if thresholds and reranker is None:
             raise ValueError("a minimum score needs reranking on")
         labels = thresholds_by_label(thresholds, scorer_kinds(reranker, next(iter(weights)))) if thresholds else {}
-        if labels and request.prune_to:
-            raise ValueError("early pruning (prune_to) and a minimum score do not combine: choose one")
         pipe = self.pipeline()
         if self.limits is not None:
             self.limits.check(request, pipe.count_tokens, rounds=1 + extra_rounds if labels else 1)
         rounds, max_rounds, passed = 1, 1, None
+        early_scorer = self.preview_scorer() if request.prune_to and reranker is not None else None
         if labels:
             from pipelines.rerank.min_score import best_of_until_pass
 
             until = best_of_until_pass(
-                pipe, request, reranker, labels, extra_rounds, keep=keep, on_step=on_step, on_round=on_round,
-                cancel=cancel, progress=progress,
+                pipe, request, reranker, labels, extra_rounds, keep=keep, early_scorer=early_scorer, on_step=on_step,
+                on_round=on_round, cancel=cancel, progress=progress,
             )
             output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
         else:
-            early_scorer = self.preview_scorer() if request.prune_to and reranker is not None else None
             output = best_of_n(pipe, request, reranker, keep=keep, early_scorer=early_scorer, on_step=on_step,
                                cancel=cancel, progress=progress)
         candidates = []
         for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
-            if output.pruned:
+            if output.request.prune_to:
                 from pipelines.rerank.early_pruning import format_pruned
 
                 made = output.request
                 extra["Early pruning"] = f"{made.n} to {made.prune_to} at step {made.prune_at}"
-                extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
+                if output.pruned:  # (none left when a minimum score had them finished)
+                    extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
                 extra["Early scorer"] = output.early_scorer
             if ranked.score is not None:
                 extra[output.score_label] = f"{ranked.score:.2f}"

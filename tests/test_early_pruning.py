@@ -254,3 +254,36 @@ def test_the_engine_prunes_with_the_models_preview_scorer_and_says_so(tiny_model
     result = engine.generate(request)
     params = parse_parameters(result.candidates[0].parameters)
     assert params["Early scorer"] == "with-preview/clip_preview" and params["Reranker"] == "clip-tiny"
+
+
+def test_a_minimum_score_finishes_the_pruned_when_the_kept_fall_short(tiny_pipe, scorer):
+    """Round 1 finishes the best M; when none passes, round 2 finishes the N - M it pruned (their seeds'
+    own images); round 3 starts new seeds, pruned again."""
+    from pipelines.rerank.min_score import best_of_until_pass
+
+    request = GenerationRequest(**{**BASE, "n": 4, "prune_to": 1, "prune_at": 2, "sampler": "DPM++ 2M"})
+    rounds: list[tuple[int, int]] = []
+    steps: list[int] = []
+
+    def run(minimum: float, extra_rounds: int):
+        rounds.clear()
+        steps.clear()
+        return best_of_until_pass(tiny_pipe, request, scorer, {"CLIP score": minimum}, extra_rounds,
+                                  on_round=lambda r: rounds.append((r.round, r.passed)),
+                                  on_step=lambda i: steps.append(i.step))
+
+    passing = run(-1e9, 1)  # the kept one passes: one round, the other 3 stay pruned
+    assert passing.rounds == 1 and len(passing.output.candidates) == 1 and len(passing.output.pruned) == 3
+    assert {c.seed for c in passing.output.candidates} | {p.seed for p in passing.output.pruned} == {70, 71, 72, 73}
+    short = run(1e9, 1)  # nobody passes: the pruned 3 are finished in round 2, all 4 ranked together
+    assert short.rounds == 2 and rounds == [(1, 0), (2, 0)] and not short.output.pruned
+    assert sorted(c.seed for c in short.output.candidates) == [70, 71, 72, 73]
+    assert steps == sorted(steps)  # progress never goes back
+    finished = {c.seed: c.image for c in short.output.candidates}
+    for seed in (p.seed for p in passing.output.pruned):
+        alone = tiny_pipe(GenerationRequest(**{**BASE, "seed": seed, "n": 1, "sampler": "DPM++ 2M"})).images[0]
+        assert np.array_equal(np.asarray(alone), np.asarray(finished[seed]))
+    longer = run(1e9, 2)  # round 3: new seeds 74-77, pruned to 1 again
+    assert longer.rounds == 3 and sorted(c.seed for c in longer.output.candidates)[:4] == [70, 71, 72, 73]
+    assert len(longer.output.candidates) == 5 and {p.seed for p in longer.output.pruned} < {74, 75, 76, 77}
+    assert len(longer.output.pruned) == 3

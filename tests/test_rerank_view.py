@@ -188,8 +188,8 @@ def test_engine_records_each_score_and_the_minimum_in_the_metadata(tiny_model, t
     with pytest.raises(ValueError, match=r"64x64x2x2x4 = 65536 \(a minimum score may take 4 rounds\)"):
         engine.generate(request, min_score=5, extra_rounds=3, save=False)
     assert engine.generate(request, min_score=-1e9, extra_rounds=2, save=False).passed
-    with pytest.raises(ValueError, match="early pruning .* and a minimum score do not combine"):
-        engine.generate(replace(request, prune_to=1, prune_at=1), min_score=-1e9, save=False)
+    pruned = engine.generate(replace(request, prune_to=1, prune_at=1), min_score=1e9, extra_rounds=1, save=False)
+    assert pruned.rounds == 2 and len(pruned.candidates) == request.n and not pruned.pruned  # the pruned, finished
 
 
 def test_api_scorers_by_name_only_and_their_scores_in_info(live_server, head, tiny_clip, monkeypatch):

@@ -6,6 +6,11 @@ would have had, and any one of them can be remade alone. Each round's candidates
 stops after the first round in which one passes (every threshold met, each in its scorer's own units:
 :func:`pipelines.rerank.scorers.passes`), or after ``1 + extra_rounds`` rounds. All candidates are then
 ranked together (a Weighted score is relative to the candidates ranked together), the passing ones first.
+
+With early pruning (``request.prune_to``) a round finishes only its M best candidates; when none of them
+passes, the next round finishes the N - M it pruned (the same seeds, whole), and the round after that
+starts new seeds again. Pruning then costs nothing in fidelity where it matters: a request whose kept
+candidates fall short gets every candidate of the round, as best-of-N without pruning would have.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from pipelines.rerank.scorers import passes
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
-    from pipelines.rerank.clip_scorer import ScoreResult
+    from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
+    from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
+    from pipelines.rerank.early_pruning import PrunedCandidate
     from pipelines.rerank.scorers import Scorer
 
 MAX_EXTRA_ROUNDS = 10
@@ -83,6 +89,30 @@ def _scores_of(result: ScoreResult, index: int) -> dict[str, float]:
     return candidate_scores(result.scores[index], result.label, details)
 
 
+def _finish_pruned(
+    pipe: TextToImagePipeline,
+    request: GenerationRequest,
+    pruned: list[PrunedCandidate],
+    on_step: StepCallback | None,
+    cancel: threading.Event | None,
+    progress: bool,
+) -> tuple[list[Image.Image], list[int]]:
+    """The pruned candidates generated whole, each from its own seed (its image, as without pruning)."""
+    steps = request.steps
+    images, seeds = [], []
+    for index, candidate in enumerate(pruned):
+
+        def forward(info: StepInfo, done: int = index * steps) -> None:
+            if on_step is not None:
+                on_step(replace(info, step=done + info.step, total=len(pruned) * steps))
+
+        alone = replace(request, seed=candidate.seed, n=1, prune_to=0, prune_at=0)
+        output = best_of_n(pipe, alone, None, on_step=forward, cancel=cancel, progress=progress)
+        images.append(output.candidates[0].image)
+        seeds.append(candidate.seed)
+    return images, seeds
+
+
 def best_of_until_pass(
     pipe: TextToImagePipeline,
     request: GenerationRequest,
@@ -92,12 +122,17 @@ def best_of_until_pass(
     *,
     keep: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    early_scorer: ClipScorer | None = None,
     on_step: StepCallback | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
 ) -> MinScoreOutput:
-    """Generate rounds of ``request.n`` candidates until one reaches ``thresholds`` (label -> minimum)."""
+    """Generate rounds of ``request.n`` candidates until one reaches ``thresholds`` (label -> minimum).
+
+    With ``request.prune_to`` each round of new seeds is pruned early (``early_scorer`` ranks the x0
+    pictures, default ``scorer``); a round whose kept candidates all fall short is followed by one that
+    finishes the pruned ones (module docstring). ``output.pruned`` lists the candidates never finished."""
     if isinstance(extra_rounds, bool) or not isinstance(extra_rounds, int) or not 0 <= extra_rounds <= MAX_EXTRA_ROUNDS:
         raise ValueError(f"extra rounds must be an integer between 0 and {MAX_EXTRA_ROUNDS}, got {extra_rounds!r}")
     if not thresholds:
@@ -112,15 +147,25 @@ def best_of_until_pass(
     best: dict[str, float] = {}
     last: BestOfOutput | None = None
     result: ScoreResult | None = None
+    pending: list[PrunedCandidate] = []  # pruned by the last round of new seeds, not finished yet
+    fresh = 0  # rounds of new seeds so far
     for round_index in range(max_rounds):
-        part = replace(request, seed=(request.seed + round_index * request.n) % (MAX_SEED + 1))
-        last = best_of_n(
-            pipe, part, None, batch_size=batch_size, cancel=cancel, progress=progress,
-            on_step=_whole_request_steps(on_step, round_index, max_rounds),
-        )
-        new_images = [c.image for c in last.candidates]  # generation order (unscored)
+        round_steps = _whole_request_steps(on_step, round_index, max_rounds)
+        if pending:  # the kept of the last pruned round fell short: finish the ones it pruned
+            new_images, new_seeds = _finish_pruned(pipe, request, pending, round_steps, cancel, progress)
+            pending = []
+        else:
+            part = replace(request, seed=(request.seed + fresh * request.n) % (MAX_SEED + 1))
+            fresh += 1
+            last = best_of_n(
+                pipe, part, scorer if request.prune_to else None, batch_size=batch_size, early_scorer=early_scorer,
+                cancel=cancel, progress=progress, on_step=round_steps,
+            )
+            made = sorted(last.candidates, key=lambda c: c.generation_index)
+            new_images, new_seeds = [c.image for c in made], [c.seed for c in made]  # generation order
+            pending = list(last.pruned)
         images.extend(new_images)
-        seeds.extend(c.seed for c in last.candidates)
+        seeds.extend(new_seeds)
         result = scorer.score(new_images, prompt)
         round_scores = [_scores_of(result, i) for i in range(len(new_images))]
         for label in thresholds:
@@ -150,5 +195,8 @@ def best_of_until_pass(
         prompt_truncated=result.truncated,
         score_label=result.label,
         extra=last.extra,
+        pruned=pending,
+        early_scorer=last.early_scorer,
+        early_score_label=last.early_score_label,
     )
     return MinScoreOutput(output, rounds, max_rounds, dict(thresholds), [ok[i] for i in order][: len(kept)])

@@ -99,6 +99,26 @@ def rescore(pipe: Any, scorer: Any, record: dict[str, Any], steps: int, cfg: flo
     return {**record, "early": {**record["early"], "preview-scorer": orders}}
 
 
+def evaluate_fallback(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, index: int, candidates: int,
+                      steps: int, cfg: float, keep: int, at: int, minimum: dict[str, float]) -> dict[str, Any]:
+    """One pair through the library's own path (``best_of_until_pass``): pruned to ``keep`` at step ``at``;
+    when no kept candidate reaches ``minimum``, the pruned ones are finished and all ranked together.
+    The record: the pick's verdict, the rounds, and the U-Net steps spent (candidate-steps)."""
+    from pipelines.generation.request import GenerationRequest
+    from pipelines.rerank.min_score import best_of_until_pass
+
+    prompt = shapes.caption(attrs)
+    request = GenerationRequest(prompt=prompt, steps=steps, cfg_scale=cfg, seed=1000 * index, n=candidates,
+                                prune_to=keep, prune_at=at)
+    started = time.perf_counter()
+    out = best_of_until_pass(pipe, request, scorer, minimum, extra_rounds=1)
+    pick = out.output.candidates[0]
+    unet_steps = candidates * at + keep * (steps - at) + (candidates - keep) * steps * (out.rounds - 1)
+    return {"pair": index, "prompt": prompt, "pick": pick.seed - 1000 * index, "score": pick.score,
+            "all": shapes.judge(pick.image, attrs).all_ok, "rounds": out.rounds, "unet_steps": unet_steps,
+            "seconds": time.perf_counter() - started}
+
+
 def _best(order: list[int], among: list[int]) -> int:
     """The first of ``order`` (the reranker's, best first) that is in ``among``."""
     return next(i for i in order if i in among)
@@ -163,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rescore", type=Path, default=None,
                         help="a log of this script: re-run its pairs to the --prune-at steps only and add the "
                              "early ranking of --early-scorer (written to --log)")
+    parser.add_argument("--fallback", default=None, metavar="LABEL=MIN",
+                        help='prune to --keep at the first --prune-at step through the library, and finish the '
+                             'pruned when no kept candidate reaches this minimum (e.g. "CLIP score=82"); '
+                             'one record per pair in --log')
     parser.add_argument("--early-scorer", type=Path, default=None,
                         help="preview scorer CLIP folder for --rescore (default: the model's clip_preview/)")
     args = parser.parse_args(argv)
@@ -183,6 +207,26 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     pipe = load_pipeline(args.model, device="cpu")  # the app's default (fast) path
     scorer = reranker_for(ClipScorer.load(args.model / "clip", device="cpu"), "clip")  # `sd-app generate`'s default
+    if args.fallback is not None:
+        label, _, value = args.fallback.rpartition("=")
+        minimum = {label.strip(): float(value)}
+        logged = args.log is not None and args.log.is_file()
+        done = [json.loads(line) for line in args.log.read_text().splitlines()] if logged else []
+        for index, attrs in enumerate(tqdm(shapes.dataset(PROMPT_SEED, args.pairs), desc="pairs", mininterval=30)):
+            if index < len(done):
+                continue
+            record = evaluate_fallback(pipe, scorer, attrs, index, args.candidates, args.steps, args.cfg, args.keep,
+                                       prune_at[0], minimum)
+            done.append(record)
+            if args.log is not None:
+                with args.log.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+        spent = np.mean([r["unet_steps"] for r in done]) / (args.candidates * args.steps)
+        print(f"best of {args.candidates} pruned to {args.keep} at step {prune_at[0]}, the pruned finished when no "
+              f"kept reaches {args.fallback}: {np.mean([r['all'] for r in done]):.1%} all right over {len(done)} "
+              f"pairs; {sum(r['rounds'] > 1 for r in done)} finished the pruned; U-Net steps {spent:.1%} of full "
+              f"best of {args.candidates}; median {np.median([r['seconds'] for r in done]):.2f} s per request")
+        return
     if args.rescore is not None:
         from pipelines.rerank.early_pruning import preview_scorer_folder
 
