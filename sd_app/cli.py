@@ -95,9 +95,13 @@ def run_generate(args: argparse.Namespace) -> int:
     made = result.request
     width, height = result.candidates[0].image.size
     mode = made.mode + (" + hires fix" if made.hires is not None else "")
+    # with early pruning, a round of new seeds that falls short is followed by one finishing its pruned
+    fresh = (result.rounds + 1) // 2 if made.prune_to else result.rounds
+    rounds = (f" ({result.rounds} rounds: the pruned finished when no kept one passed)" if made.prune_to
+              else f" ({result.rounds} rounds of {made.n})")
     print(
-        f"{len(result.candidates)} of {made.n * result.rounds} image(s)"
-        + (f" ({result.rounds} rounds of {made.n})" if result.rounds > 1 else "")
+        f"{len(result.candidates)} of {made.n * fresh} image(s)"
+        + (rounds if result.rounds > 1 else "")
         + f" written to {args.out}/ {order}; {result.model_name}, "
         f"{mode}, {made.sampler}, {made.total_steps} steps, {width}x{height}, {seconds:.1f} s",
         file=sys.stderr,

@@ -156,6 +156,10 @@ def test_cli_lists_the_pruned_and_the_kept_images_name_them(tiny_model, tmp_path
     assert params["Early pruning"] == "4 to 2 at step 2"
     assert {pair.split(":")[0] for pair in params["Pruned early"].split(", ")} == pruned_seeds
     assert "Early score" in params
+    assert main([*args, "--prune-to", "2", "--prune-at", "2", "--min-score", "1e9", "--extra-rounds", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "4 of 4 image(s) (2 rounds: the pruned finished when no kept one passed)" in captured.err
+    assert not [line for line in captured.out.splitlines() if line.startswith("pruned")]  # all 4 finished
     for bad, message in [(["--prune-to", "4", "--prune-at", "2"], "prune_to must be between 1 and n - 1 = 3"),
                          (["--prune-to", "2", "--prune-at", "4"], "prune_at must be a step between 1 and steps - 1"),
                          (["--prune-to", "2", "--prune-at", "2", "--no-rerank"], "needs a reranker")]:
