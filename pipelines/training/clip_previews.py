@@ -259,6 +259,7 @@ def judge_pruning(eval_dir: Path, log: Path, scorer_spec: str, keep: int, decode
     by the CLIP score), a measure of what any ranking of the x0 picture can know at step K."""
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.early_pruning import decode_clean
+    from pipelines.training.evaluate_pruning import best_among
 
     arrays, meta = read_shards(eval_dir)
     records = {r["pair"]: r for r in (json.loads(line) for line in log.read_text().splitlines() if line.strip())}
@@ -285,7 +286,7 @@ def judge_pruning(eval_dir: Path, log: Path, scorer_spec: str, keep: int, decode
                                                                                 + np.array(result.scores))):
                 scores[name].append(early)
                 kept = list(np.argsort(-early, kind="stable")[:keep])
-                picks[name].append(next(i for i in records[p]["final"] if i in kept))
+                picks[name].append(best_among(records[p]["final"], kept))
         for name, label in (("scorer", f"{scorer.name} CLIP score"), ("oracle", "the oracle on x0 (bound)")):
             fidelity = np.mean([right[i, pick] for i, pick in enumerate(picks[name])])
             lines.append(f"| best of {right.shape[1]} pruned to {keep} at step {k} | {label} | {fidelity:.1%} | "

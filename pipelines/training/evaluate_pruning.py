@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,28 +78,6 @@ def evaluate_pair(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, index: 
     }
 
 
-def rescore(pipe: Any, scorer: Any, record: dict[str, Any], steps: int, cfg: float, prune_at: list[int]
-            ) -> dict[str, Any]:
-    """``record`` of an earlier run with ``early["preview-scorer"]`` added: its candidates re-run to each K
-    of ``prune_at`` only (same prompt and seeds; the rest of the record stays), their x0 previews ranked by
-    ``scorer`` (the preview scorer), exactly as :func:`pipelines.rerank.early_pruning.early_pruned_images`
-    ranks them."""
-    from pipelines.generation.request import GenerationRequest
-    from pipelines.rerank.early_pruning import decode_clean
-
-    request = GenerationRequest(prompt=record["prompt"], steps=steps, cfg_scale=cfg, seed=record["seeds"][0],
-                                n=len(record["seeds"]))
-    if request.seeds() != record["seeds"]:
-        raise ValueError(f"pair {record['pair']}: seeds {record['seeds']} are not consecutive")
-    orders: dict[str, list[int]] = {}
-    with pipe.generating():
-        run, _ = pipe.start(request, track_clean=True)
-        for k in sorted(prune_at):
-            run.run(k)
-            orders[str(k)] = scorer.score(decode_clean(pipe, run.clean, "preview"), record["prompt"]).order()
-    return {**record, "early": {**record["early"], "preview-scorer": orders}}
-
-
 def evaluate_fallback(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, index: int, candidates: int,
                       steps: int, cfg: float, keep: int, at: int, minimum: dict[str, float]) -> dict[str, Any]:
     """One pair through the library's own path (``best_of_until_pass``): pruned to ``keep`` at step ``at``;
@@ -119,7 +98,26 @@ def evaluate_fallback(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, ind
             "seconds": time.perf_counter() - started}
 
 
-def _best(order: list[int], among: list[int]) -> int:
+def logged_pairs(log: Path | None, pairs: int,
+                 evaluate: Callable[[int, shapes.ShapeAttributes], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the evaluation's first ``pairs`` pairs: those already in ``log`` (JSON lines, so a run
+    resumes), then ``evaluate(index, attrs)`` of each one after them, appended to ``log`` as it is made."""
+    from tqdm import tqdm
+
+    records = []
+    if log is not None and log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    for index, attrs in enumerate(tqdm(shapes.dataset(PROMPT_SEED, pairs), desc="pairs", mininterval=30)):
+        if index < len(records):
+            continue
+        records.append(evaluate(index, attrs))
+        if log is not None:
+            with log.open("a") as handle:
+                handle.write(json.dumps(records[-1]) + "\n")
+    return records
+
+
+def best_among(order: list[int], among: list[int]) -> int:
     """The first of ``order`` (the reranker's, best first) that is in ``among``."""
     return next(i for i in order if i in among)
 
@@ -139,22 +137,21 @@ def table(records: list[dict[str, Any]], candidates: int, keep: int, steps: int,
 
     add("1 sample", [0] * len(records), steps, "1", steps * seconds["step"] + seconds["decode"])
     for m in (2, 4, candidates):
-        add(f"best of {m} by CLIP score", [_best(r["final"], list(range(m))) for r in records], m * steps, str(m),
+        add(f"best of {m} by CLIP score", [best_among(r["final"], list(range(m))) for r in records], m * steps, str(m),
             m * (steps * seconds["step"] + seconds["decode"]))
     for decoder, label in (("preview", "x0 as linear latent->RGB preview"), ("vae-half", "x0 half-size VAE"),
-                           ("taesd", "x0 TAESD decoder"), ("preview-scorer", "x0 preview, preview scorer")):
+                           ("taesd", "x0 TAESD decoder")):
         for k in prune_at:
             if not all(str(k) in r["early"].get(decoder, {}) for r in records):
                 continue
             kept = [r["early"][decoder][str(k)][:keep] for r in records]
             unet_steps = candidates * k + keep * (steps - k)
-            scoring = seconds["preview"] if decoder == "preview-scorer" else seconds[decoder]
-            spent = unet_steps * seconds["step"] + keep * seconds["decode"] + candidates * scoring
+            spent = unet_steps * seconds["step"] + keep * seconds["decode"] + candidates * seconds[decoder]
             decodes = f"{keep}" + {"vae-half": f" + {candidates} at half size",
                                    "taesd": f" + {candidates} TAESD"}.get(decoder, "")
             pick_kept = np.mean([r["final"][0] in ks for r, ks in zip(records, kept, strict=True)])
             add(f"best of {candidates} pruned to {keep} at step {k}, {label}",
-                [_best(r["final"], ks) for r, ks in zip(records, kept, strict=True)], unet_steps, decodes, spent,
+                [best_among(r["final"], ks) for r, ks in zip(records, kept, strict=True)], unet_steps, decodes, spent,
                 f"{pick_kept:.0%}")
     oracle = [any(v["all"] for v in r["verdicts"]) for r in records]
     lines.append(f"| (some candidate of {candidates} right) | {np.mean(oracle):.1%} | | | | | |")
@@ -180,15 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log", type=Path, default=None, help="append each pair's record (JSON lines); resumes")
     parser.add_argument("--table-from", type=Path, default=None, help="print the table of a log and stop")
-    parser.add_argument("--rescore", type=Path, default=None,
-                        help="a log of this script: re-run its pairs to the --prune-at steps only and add the "
-                             "early ranking of --early-scorer (written to --log)")
     parser.add_argument("--fallback", default=None, metavar="LABEL=MIN",
                         help='prune to --keep at the first --prune-at step through the library, and finish the '
                              'pruned when no kept candidate reaches this minimum (e.g. "CLIP score=82"); '
                              'one record per pair in --log')
-    parser.add_argument("--early-scorer", type=Path, default=None,
-                        help="preview scorer CLIP folder for --rescore (default: the model's clip_preview/)")
     args = parser.parse_args(argv)
     prune_at = [int(k) for k in args.prune_at.split(",") if k]
     vae_at = [int(k) for k in args.vae_at.split(",") if k]
@@ -197,7 +189,6 @@ def main(argv: list[str] | None = None) -> None:
         print(table(records, args.candidates, args.keep, args.steps, prune_at))
         return
     import torch
-    from tqdm import tqdm
 
     from pipelines.models.loading import load_pipeline
     from pipelines.rerank.clip_scorer import ClipScorer
@@ -210,51 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.fallback is not None:
         label, _, value = args.fallback.rpartition("=")
         minimum = {label.strip(): float(value)}
-        logged = args.log is not None and args.log.is_file()
-        done = [json.loads(line) for line in args.log.read_text().splitlines()] if logged else []
-        for index, attrs in enumerate(tqdm(shapes.dataset(PROMPT_SEED, args.pairs), desc="pairs", mininterval=30)):
-            if index < len(done):
-                continue
-            record = evaluate_fallback(pipe, scorer, attrs, index, args.candidates, args.steps, args.cfg, args.keep,
-                                       prune_at[0], minimum)
-            done.append(record)
-            if args.log is not None:
-                with args.log.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
+        done = logged_pairs(args.log, args.pairs, lambda index, attrs: evaluate_fallback(
+            pipe, scorer, attrs, index, args.candidates, args.steps, args.cfg, args.keep, prune_at[0], minimum))
         spent = np.mean([r["unet_steps"] for r in done]) / (args.candidates * args.steps)
         print(f"best of {args.candidates} pruned to {args.keep} at step {prune_at[0]}, the pruned finished when no "
               f"kept reaches {args.fallback}: {np.mean([r['all'] for r in done]):.1%} all right over {len(done)} "
               f"pairs; {sum(r['rounds'] > 1 for r in done)} finished the pruned; U-Net steps {spent:.1%} of full "
               f"best of {args.candidates}; median {np.median([r['seconds'] for r in done]):.2f} s per request")
         return
-    if args.rescore is not None:
-        from pipelines.rerank.early_pruning import preview_scorer_folder
-
-        folder = args.early_scorer or preview_scorer_folder(args.model)
-        if folder is None or args.log is None:
-            raise SystemExit("--rescore needs --log and a preview scorer (--early-scorer or the model's clip_preview/)")
-        early_scorer = ClipScorer.load(folder, device="cpu")
-        done = len(args.log.read_text().splitlines()) if args.log.is_file() else 0
-        earlier = [json.loads(line) for line in args.rescore.read_text().splitlines() if line.strip()]
-        for record in tqdm(earlier[done:args.pairs], desc="pairs", mininterval=30):
-            with args.log.open("a") as log:
-                log.write(json.dumps(rescore(pipe, early_scorer, record, args.steps, args.cfg, prune_at)) + "\n")
-        records = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
-        print(f"preview scorer: {early_scorer.name} ({folder})")
-        print(table(records, args.candidates, args.keep, args.steps, prune_at))
-        return
-    records = []
-    if args.log is not None and args.log.is_file():
-        records = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
-    for index, attrs in enumerate(tqdm(shapes.dataset(PROMPT_SEED, args.pairs), desc="pairs", mininterval=30)):
-        if index < len(records):
-            continue
-        record = evaluate_pair(pipe, scorer, attrs, index, args.candidates, args.steps, args.cfg, prune_at,
-                               vae_at=vae_at)
-        records.append(record)
-        if args.log is not None:
-            with args.log.open("a") as log:
-                log.write(json.dumps(record) + "\n")
+    records = logged_pairs(args.log, args.pairs, lambda index, attrs: evaluate_pair(
+        pipe, scorer, attrs, index, args.candidates, args.steps, args.cfg, prune_at, vae_at=vae_at))
     print(f"scorer of x0 and of the finished images: {scorer.name} (CLIP score)")
     print(table(records, args.candidates, args.keep, args.steps, prune_at))
     print(f"evaluation took {time.perf_counter() - start:.0f} s")
