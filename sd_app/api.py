@@ -329,11 +329,13 @@ def build_info(
         "min_score_passed": [c.passed for c in result.candidates] if result.min_scores else None,
         "rounds": result.rounds,
         "max_rounds": result.max_rounds,
+        "candidates_made": result.candidates_made,  # started in all rounds, pruned ones included
         "prune_to": request.prune_to or None,
         "prune_at": request.prune_at or None,
         "pruned": [{"seed": c.seed, "score": c.score, "at_step": c.at_step, "details": c.details}
                    for c in result.pruned],  # dropped early, best early score first
         "early_scorer": result.early_scorer,  # what scored them: the reranker or the model's preview scorer
+        "early_score_label": result.early_score_label if result.pruned else None,
         "prompt_truncated_for_scoring": result.prompt_truncated_for_scoring,
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.generation.conditioning import LATENT_UPSCALERS, MASKED_CONTENT, PIXEL_UPSCALERS, RESIZE_MODES
@@ -72,7 +73,7 @@ def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def scorer_specs(args: argparse.Namespace) -> tuple:
     """The ``--scorer`` values parsed (ValueError naming the bad one); each kind at most once."""
-    from pipelines.rerank.scorers import parse_scorer
+    from pipelines.rerank.scorer_specs import parse_scorer
 
     specs = []
     for text in args.scorer:
@@ -89,9 +90,21 @@ def scorer_specs(args: argparse.Namespace) -> tuple:
     return tuple(specs)
 
 
+def scores_wanted(args: argparse.Namespace, scorers: Sequence[object], n: int) -> bool:
+    """Whether ``sd-app generate`` loads a scorer: to rank several candidates, to hold a ``--min-score``, or
+    when asked (``--scorer``, ``--score``). A single image is not scored by default: there is nothing to
+    rank, and a one-shot process saves the scorer's import and load. ValueError for a minimum score that
+    ``--no-rerank`` switches off."""
+    if args.no_rerank or (args.reranker.lower() == "none" and not scorers):
+        if args.min_score:
+            raise ValueError("--min-score needs reranking (drop --no-rerank, or name a --reranker)")
+        return False
+    return n > 1 or bool(args.min_score) or bool(scorers) or args.score
+
+
 def ranking_options(args: argparse.Namespace, specs: tuple) -> dict:
     """``engine.generate`` options of the scorer flags: scorers and weights, minimum scores, extra rounds."""
-    from pipelines.rerank.scorers import parse_min_scores
+    from pipelines.rerank.scorer_specs import parse_min_scores
 
     try:
         thresholds = parse_min_scores(args.min_score)

@@ -9,9 +9,20 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from sd_app.arguments import add_generation_arguments, ranking_options, request_from_args, scorer_specs
+from sd_app.arguments import (
+    add_generation_arguments,
+    ranking_options,
+    request_from_args,
+    scorer_specs,
+    scores_wanted,
+)
+
+if TYPE_CHECKING:
+    from sd_app.engine import GenerationResult
+    from sd_app.run_report import RunReport
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images and write PNGs with metadata")
     generate.add_argument("prompt", help="the prompt; A1111 emphasis like (word:1.2) works")
     add_generation_arguments(generate)
+    generate.add_argument(
+        "--score", action="store_true",
+        help="score a single image too (--n 1 is not scored by default: nothing to rank, and the scorer's load "
+             "is saved)",
+    )
     from sd_app.remote import add_server_arguments
 
     add_server_arguments(generate)
@@ -57,15 +73,14 @@ def run_generate(args: argparse.Namespace) -> int:
         return run_remote_generate(args)
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
+    from sd_app.run_report import print_report
 
     request = request_from_args(args, args.prompt)
     check_output_folder(args.out, "--out")
     check_device(args.device, "--device")
     specs = scorer_specs(args)
     options = ranking_options(args, specs)
-    rerank = not args.no_rerank and (args.reranker.lower() != "none" or bool(specs))
-    if options["min_score"] and not rerank:
-        raise ValueError("--min-score needs reranking (drop --no-rerank)")
+    rerank = scores_wanted(args, specs, request.n)
     engine = Engine(
         model=args.model,
         vae=args.vae,
@@ -81,47 +96,40 @@ def run_generate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = engine.generate(request, rerank=rerank, keep=args.keep, progress=True, on_round=on_round, **options)
-    seconds = time.perf_counter() - started
-    for candidate in result.candidates:
-        score = f"  {result.score_label} {candidate.score:.2f}" if candidate.score is not None else ""
-        if len(candidate.details) and result.score_label == "Weighted score":
-            score += "".join(f", {label} {value:.2f}" for label, value in candidate.details.items())
-        passed = {True: "  passed", False: "  below the minimum", None: ""}[candidate.passed]
-        print(f"{candidate.path}  seed {candidate.seed}{score}{passed}")
-    for pruned in result.pruned:
-        print(f"pruned at step {pruned.at_step}  seed {pruned.seed}  early {result.early_score_label} "
-              f"{pruned.score:.2f} by {result.early_scorer}")
-    order = f"best first by {result.reranker_name}" if result.reranker_name else "in generation order"
-    made = result.request
-    width, height = result.candidates[0].image.size
-    mode = made.mode + (" + hires fix" if made.hires is not None else "")
-    # with early pruning, a round of new seeds that falls short is followed by one finishing its pruned
-    fresh = (result.rounds + 1) // 2 if made.prune_to else result.rounds
-    rounds = (f" ({result.rounds} rounds: the pruned finished when no kept one passed)" if made.prune_to
-              else f" ({result.rounds} rounds of {made.n})")
-    print(
-        f"{len(result.candidates)} of {made.n * fresh} image(s)"
-        + (rounds if result.rounds > 1 else "")
-        + f" written to {args.out}/ {order}; {result.model_name}, "
-        f"{mode}, {made.sampler}, {made.total_steps} steps, {width}x{height}, {seconds:.1f} s",
-        file=sys.stderr,
-    )
-    tokens = result.prompt_tokens
-    if tokens is not None and tokens.chunks > 1:
-        print(
-            f"note: the prompt has {tokens.tokens} tokens; it was encoded in {tokens.chunks} chunks of 75 "
-            "(A1111's way: nothing was cut)",
-            file=sys.stderr,
-        )
-    if result.passed is False:
-        print(
-            f"note: no candidate reached the minimum score in {result.rounds} round(s) "
-            f"({', '.join(f'{k} {v:g}' for k, v in result.min_scores.items())}); the best are written anyway",
-            file=sys.stderr,
-        )
-    if result.prompt_truncated_for_scoring:
-        print("note: the reranker read only the first 77 tokens of the prompt (CLIP's limit)", file=sys.stderr)
+    print_report(local_report(result, args.out, time.perf_counter() - started))
     return 0
+
+
+def local_report(result: GenerationResult, out_dir: Path, seconds: float) -> RunReport:
+    """What the lines say about a local run."""
+    from sd_app.run_report import PrunedLine, RunReport, WrittenImage
+
+    made = result.request
+    tokens = result.prompt_tokens
+    return RunReport(
+        written=[WrittenImage(c.path, c.seed, c.score, c.details, c.passed) for c in result.candidates],
+        out_dir=out_dir,
+        model_name=result.model_name,
+        mode=made.mode + (" + hires fix" if made.hires is not None else ""),
+        sampler=made.sampler,
+        steps=made.total_steps,
+        size=result.candidates[0].image.size,
+        seconds=seconds,
+        candidates_made=result.candidates_made,
+        rounds=result.rounds,
+        n=made.n,
+        pruning=bool(made.prune_to),
+        score_label=result.score_label,
+        reranker_name=result.reranker_name,
+        pruned=[PrunedLine(p.seed, p.score, p.at_step) for p in result.pruned],
+        early_score_label=result.early_score_label,
+        early_scorer=result.early_scorer,
+        min_scores=result.min_scores,
+        passed=result.passed,
+        prompt_tokens=tokens.tokens if tokens is not None else None,
+        prompt_chunks=tokens.chunks if tokens is not None else None,
+        truncated_for_scoring=result.prompt_truncated_for_scoring,
+    )
 
 
 def run_info() -> int:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.early_pruning import PrunedCandidate
     from pipelines.rerank.min_score import RoundReport
-    from pipelines.rerank.scorers import Scorer, ScorerSpec
+    from pipelines.rerank.scorer_specs import ScorerSpec
+    from pipelines.rerank.scorers import Scorer
     from sd_app.limits import RequestLimits
 
 
@@ -65,6 +66,7 @@ class GenerationResult:
     min_scores: dict[str, float] = field(default_factory=dict)  # label -> minimum asked ({} when none)
     rounds: int = 1  # rounds of candidates generated (more than 1 only to reach the minimum scores)
     max_rounds: int = 1
+    candidates_made: int = 0  # candidates started in all rounds, pruned ones included (request.n when one round)
 
     @property
     def passed(self) -> bool | None:
@@ -209,7 +211,7 @@ class Engine:
     def available_scorers(self) -> dict[str, ScorerSpec]:
         """Scorers a request may name: clip / contrastive / mixed on the reranker CLIP (when there is one),
         and the configured ``scorers`` (which may also point these kinds at other folders)."""
-        from pipelines.rerank.scorers import ScorerSpec
+        from pipelines.rerank.scorer_specs import ScorerSpec
 
         kinds = ("clip", "contrastive", "mixed") if self.reranker is not None else ()
         available = {kind: ScorerSpec(kind) for kind in kinds}
@@ -222,7 +224,8 @@ class Engine:
 
     def ranking_scorer(self, weights: Mapping[str, float]) -> Scorer:
         """The scorer ranking by ``weights`` (scorer name -> weight); models load on first use."""
-        from pipelines.rerank.scorers import combine, parse_weights
+        from pipelines.rerank.scorer_specs import parse_weights
+        from pipelines.rerank.scorers import combine
 
         weights = parse_weights(weights)
         if not weights:
@@ -287,7 +290,8 @@ class Engine:
         """
         from pipelines.rerank.best_of import best_of_n
         from pipelines.rerank.contrastive import RERANK_MODES
-        from pipelines.rerank.scorers import parse_min_scores, parse_weights, scorer_kinds, thresholds_by_label
+        from pipelines.rerank.scorer_specs import parse_min_scores, parse_weights, thresholds_by_label
+        from pipelines.rerank.scorers import scorer_kinds
 
         if rerank_by is not None and rerank_by not in RERANK_MODES:
             raise ValueError(f"rerank_by must be one of {', '.join(RERANK_MODES)}, got {rerank_by!r}")
@@ -303,7 +307,7 @@ class Engine:
         pipe = self.pipeline()
         if self.limits is not None:
             self.limits.check(request, pipe.count_tokens, rounds=1 + extra_rounds if labels else 1)
-        rounds, max_rounds, passed = 1, 1, None
+        rounds, max_rounds, passed, started = 1, 1, None, request.n
         early_scorer = self.preview_scorer() if request.prune_to and reranker is not None else None
         if labels:
             from pipelines.rerank.min_score import best_of_until_pass
@@ -313,6 +317,7 @@ class Engine:
                 on_round=on_round, cancel=cancel, progress=progress,
             )
             output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
+            started = until.candidates_made
         else:
             output = best_of_n(pipe, request, reranker, keep=keep, early_scorer=early_scorer, on_step=on_step,
                                cancel=cancel, progress=progress)
@@ -358,6 +363,7 @@ class Engine:
             min_scores=labels,
             rounds=rounds,
             max_rounds=max_rounds,
+            candidates_made=started,
             pruned=output.pruned,
             early_scorer=output.early_scorer,
             early_score_label=output.early_score_label,

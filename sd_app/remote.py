@@ -3,8 +3,9 @@
 The warm path: a server keeps the models loaded, so a request costs about the denoising alone, and this
 client imports no torch, diffusers or transformers (the standard library's urllib, PIL for the PNGs). It
 speaks the server's A1111 route ``POST /sdapi/v1/txt2img`` with sd-app's extension fields (``rerank``,
-``rerank_by``) and ``override_settings`` (checkpoint, VAE, clip skip), and writes the files a local run
-writes: the same names (``sd_app.storage.save_png``) and the same ``parameters`` text (the server's
+``rerank_by``, ``scorers``, ``min_score``, ``extra_rounds``, ``prune_to``, ``prune_at``) and
+``override_settings`` (checkpoint, VAE, clip skip), and writes the files a local run writes: the same
+names (``sd_app.storage.save_png``) and the same ``parameters`` text (the server's
 infotexts, made by the same code).
 """
 
@@ -15,7 +16,6 @@ import base64
 import binascii
 import io
 import json
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -29,6 +29,8 @@ from pipelines.generation.schedulers import resolve_sampler
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from sd_app.run_report import RunReport
 
 TXT2IMG_PATH = "/sdapi/v1/txt2img"
 DEFAULT_TIMEOUT_S = 600.0
@@ -82,9 +84,13 @@ def txt2img_payload(
     rerank_by: str,
     model: str | None = None,
     vae: str | None = None,
+    scorers: dict[str, float] | None = None,
+    min_score: dict[str, float] | None = None,
+    extra_rounds: int = 3,
 ) -> dict[str, Any]:
-    """The ``/sdapi/v1/txt2img`` body for ``request``: A1111's fields, sd-app's rerank fields, and
-    ``override_settings`` naming the checkpoint and VAE for this request only (then switched back)."""
+    """The ``/sdapi/v1/txt2img`` body for ``request``: A1111's fields, sd-app's ranking fields (rerank,
+    scorers by name and weight, minimum scores, early pruning), and ``override_settings`` naming the
+    checkpoint and VAE for this request only (then switched back)."""
     if request.image is not None:
         raise ValueError("--server takes text-to-image requests; run img2img/inpainting locally (no --server)")
     sampler = resolve_sampler(request.sampler)
@@ -111,9 +117,15 @@ def txt2img_payload(
         "save_images": False,  # the files are written here, where a local run writes them
         "rerank": rerank,
         "rerank_by": rerank_by,
+        "prune_to": request.prune_to,
+        "prune_at": request.prune_at,
         "override_settings": overrides,
         "override_settings_restore_afterwards": True,
     }
+    if scorers:
+        body["scorers"] = dict(scorers)
+    if min_score:
+        body.update(min_score=dict(min_score), extra_rounds=extra_rounds)
     if request.hires is not None:
         hires = request.hires
         body.update(
@@ -233,11 +245,23 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"seconds to wait for the server's answer (default {DEFAULT_TIMEOUT_S:.0f})")
 
 
+def server_scorers(texts: list[str]) -> dict[str, float]:
+    """``--scorer`` values as the server takes them, kinds and weights (``aesthetic:0.5``): its scorers'
+    files are its own (``serve --scorer``), so a value naming a file is refused here, before anything is sent."""
+    from pipelines.rerank.scorer_specs import parse_weights
+
+    try:
+        return parse_weights(", ".join(texts))
+    except ValueError as error:
+        raise ValueError(f"--scorer with --server: {error}; the files are the server's setting") from None
+
+
 def run_remote_generate(args: argparse.Namespace) -> int:
     """``sd-app generate --server``: same request checks, same files and lines as a local run."""
     from pipelines.rerank.best_of import check_keep
-    from sd_app.arguments import request_from_args
+    from sd_app.arguments import ranking_options, request_from_args, scores_wanted
     from sd_app.checks import check_output_folder
+    from sd_app.run_report import print_report
 
     local_only = {
         "--device": args.device is not None,
@@ -253,40 +277,63 @@ def run_remote_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args, args.prompt).resolved()
     check_keep(args.keep, request.n)
     check_output_folder(args.out, "--out")
-    rerank = not args.no_rerank and args.reranker.lower() != "none"
+    scorers = server_scorers(args.scorer)
+    options = ranking_options(args, ())
     payload = txt2img_payload(
         request,
-        rerank=rerank,
+        rerank=scores_wanted(args, tuple(scorers), request.n),
         rerank_by=args.rerank_by,
         model=model_for_server(args.model),
         vae=model_for_server(args.vae) if args.vae is not None else None,
+        scorers=scorers,
+        min_score=options["min_score"],
+        extra_rounds=options["extra_rounds"],
     )
     started = time.perf_counter()
     result = txt2img(base_url, payload, auth, args.server_timeout)
     paths = save_remote_images(result, request.prompt, args.out, args.keep)
-    seconds = time.perf_counter() - started
-    info = result.info
-    label = info.get("score_label") or "CLIP score"
-    for item, path in zip(result.images, paths):
-        score = f"  {label} {item.score:.2f}" if item.score is not None else ""
-        print(f"{path}  seed {item.seed}{score}")
-    reranker = info.get("reranker")
-    order = f"best first by {reranker}" if reranker else "in generation order"
-    mode = request.mode + (" + hires fix" if request.hires is not None else "")
-    width, height = result.images[0].image.size
-    print(
-        f"{len(paths)} of {request.n} image(s) written to {args.out}/ {order}; {info.get('sd_model_name')}, "
-        f"{mode}, {request.sampler}, {request.total_steps} steps, {width}x{height}, {seconds:.1f} s "
-        f"(on {base_url})",
-        file=sys.stderr,
-    )
-    chunks, tokens = info.get("prompt_chunks"), info.get("prompt_tokens")
-    if isinstance(chunks, int) and chunks > 1:
-        print(
-            f"note: the prompt has {tokens} tokens; it was encoded in {chunks} chunks of 75 "
-            "(A1111's way: nothing was cut)",
-            file=sys.stderr,
-        )
-    if info.get("prompt_truncated_for_scoring"):
-        print("note: the reranker read only the first 77 tokens of the prompt (CLIP's limit)", file=sys.stderr)
+    print_report(remote_report(result, request, paths, args.out, time.perf_counter() - started, base_url))
     return 0
+
+
+def remote_report(
+    result: RemoteResult, request: GenerationRequest, paths: list[Path], out_dir: Path, seconds: float, base_url: str
+) -> RunReport:
+    """What the lines say about a run on the server, from its ``info`` (the fields a local run reports)."""
+    from sd_app.run_report import PrunedLine, RunReport, WrittenImage
+
+    info = result.info
+    details = info.get("rerank_details") or [{}] * len(result.images)
+    passed = info.get("min_score_passed") or [None] * len(result.images)
+    written = [
+        WrittenImage(path, item.seed, item.score, details[index] or {}, passed[index])
+        for index, (item, path) in enumerate(zip(result.images, paths))
+    ]
+    min_scores = info.get("min_score") or {}
+    pruned = [PrunedLine(int(p["seed"]), float(p["score"]), int(p["at_step"])) for p in info.get("pruned") or []]
+    chunks, tokens = info.get("prompt_chunks"), info.get("prompt_tokens")
+    return RunReport(
+        written=written,
+        out_dir=out_dir,
+        model_name=str(info.get("sd_model_name")),
+        mode=request.mode + (" + hires fix" if request.hires is not None else ""),
+        sampler=request.sampler,
+        steps=request.total_steps,
+        size=result.images[0].image.size,
+        seconds=seconds,
+        candidates_made=int(info.get("candidates_made") or request.n),
+        rounds=int(info.get("rounds") or 1),
+        n=request.n,
+        pruning=bool(request.prune_to),
+        score_label=info.get("score_label") or "CLIP score",
+        reranker_name=info.get("reranker"),
+        pruned=pruned,
+        early_score_label=info.get("early_score_label") or "CLIP score",
+        early_scorer=info.get("early_scorer"),
+        min_scores=min_scores,
+        passed=any(bool(p) for p in passed) if min_scores else None,
+        prompt_tokens=tokens if isinstance(tokens, int) else None,
+        prompt_chunks=chunks if isinstance(chunks, int) else None,
+        truncated_for_scoring=bool(info.get("prompt_truncated_for_scoring")),
+        where=f" (on {base_url})",
+    )

@@ -256,7 +256,7 @@ class UiHandlers:
         ``extra_rounds`` more rounds until a candidate reaches it; ``prune_to`` M > 0 finishes only the
         best M candidates, scored after step ``prune_at`` (early pruning).
         """
-        from pipelines.rerank.scorers import parse_min_scores, parse_weights
+        from pipelines.rerank.scorer_specs import parse_min_scores, parse_weights
 
         rerank_by = rerank or "off"
         hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)

@@ -25,7 +25,7 @@ THUMB_PX = 256
 
 def weights_for(chosen: list[str] | None, weights_text: str, defaults: dict[str, float]) -> dict[str, float]:
     """The chosen scorers' weights: typed ``name:weight`` values win, then the server's, then 1."""
-    from pipelines.rerank.scorers import parse_weights
+    from pipelines.rerank.scorer_specs import parse_weights
 
     typed = parse_weights(weights_text or "")
     names = list(chosen or []) or list(typed)

@@ -93,6 +93,27 @@ def test_cli_reranks_by_default_and_no_rerank_keeps_order(tiny_model, clip_dir, 
     assert [line.split("seed ")[1].split()[0] for line in lines] == ["9", "10", "11"]
 
 
+def test_cli_scores_a_single_image_only_when_asked(tiny_model, clip_dir, tmp_path, capsys):
+    """--n 1 has nothing to rank: no scorer is loaded unless --score, --scorer or --min-score asks for one."""
+    args = ["generate", "a red circle", "--steps", "2", "--width", "64", "--height", "64", "--seed", "9",
+            "--model", str(tiny_model), "--reranker", str(clip_dir)]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    captured = capsys.readouterr()
+    assert "CLIP score" not in captured.out and "in generation order" in captured.err
+    (path,) = (tmp_path / "plain").glob("*.png")
+    params = parse_parameters(Image.open(path).info["parameters"])
+    assert "CLIP score" not in params and "Reranker" not in params
+    for extra in (["--score"], ["--scorer", "clip"], ["--min-score", "0"]):
+        out = tmp_path / extra[0].strip("-")
+        assert main([*args, *extra, "--out", str(out)]) == 0
+        captured = capsys.readouterr()
+        assert "CLIP score" in captured.out and "best first by clip-tiny" in captured.err, extra
+        (path,) = out.glob("*.png")
+        assert parse_parameters(Image.open(path).info["parameters"])["Reranker"] == "clip-tiny"
+    assert main([*args, "--no-rerank", "--min-score", "20", "--out", str(tmp_path / "x")]) == 2
+    assert "--min-score needs reranking" in capsys.readouterr().err
+
+
 def test_score_command_prints_scores_best_first_and_zero_shot_table(clip_dir, tmp_path, capsys, scorer):
     from tests.clip_fixtures import blob_images
 

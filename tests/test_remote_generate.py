@@ -33,17 +33,39 @@ def _lines(text: str, folder: Path) -> list[str]:
         ["--n", "3", "--keep", "2"],  # reranked best first, the best two kept
         ["--n", "2", "--no-rerank", "--sampler", "Euler a", "--negative", "blurry", "--cfg", "5"],
         ["--hires-scale", "1.5", "--clip-skip", "2", "--sampler", "DPM++ 2M Karras"],
+        ["--n", "1"],  # one image: not scored
+        ["--n", "2", "--min-score", "99", "--extra-rounds", "1"],  # never reached: two rounds, all written
+        ["--n", "4", "--prune-to", "2", "--prune-at", "1"],  # early pruning: the pruned are listed
+        ["--n", "2", "--scorer", "clip:1", "--scorer", "contrastive:0.5"],  # a Weighted score, by name
     ],
 )
 def test_server_run_writes_the_files_of_a_local_run(live_server, tiny_model, tiny_clip, tmp_path, capsys, options):
     local, remote = tmp_path / "local", tmp_path / "remote"
     common = ["generate", PROMPT, *SMALL, *options, "--model", str(tiny_model)]
     assert main([*common, "--reranker", str(tiny_clip), "--device", "cpu", "--out", str(local)]) == 0
-    local_out = capsys.readouterr().out
+    local_out, local_err = capsys.readouterr()
     assert main([*common, "--server", live_server.url, "--out", str(remote)]) == 0
-    remote_out = capsys.readouterr().out
+    remote_out, remote_err = capsys.readouterr()
     assert _files(local) and _files(remote) == _files(local)  # same names, same pixels, same parameters
     assert _lines(remote_out, remote) == _lines(local_out, local)  # same paths, seeds and scores printed
+    assert _summary(remote_err, remote) == _summary(local_err, local)  # same counts, order and settings
+
+
+def _summary(err: str, folder: Path) -> str:
+    """The summary line up to its time, and the notes after it."""
+    lines = _lines(err, folder)
+    index = next(i for i, line in enumerate(lines) if " written to OUT/ " in line)
+    return "\n".join([lines[index].rsplit(", ", 1)[0], *lines[index + 1:]])
+
+
+def test_the_server_takes_its_scorers_by_name(live_server, tiny_model, tmp_path, capsys):
+    args = ["generate", PROMPT, *SMALL, "--n", "2", "--model", str(tiny_model), "--server", live_server.url,
+            "--out", str(tmp_path)]
+    assert main([*args, "--scorer", f"clip={tmp_path}:1"]) == 2  # a file: refused before anything is sent
+    assert "--scorer with --server: give scorers by name and weight" in capsys.readouterr().err
+    assert main([*args, "--scorer", "aesthetic:1"]) == 2  # not among the server's scorers: its reason
+    assert "the server refused the request" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_servers_default_decoder_does_not_change_a_clients_files(live_server, tiny_model, tmp_path, capsys):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines.generation.request import GenerationRequest
 from pipelines.rerank.clip_scorer import ClipScorer
-from pipelines.rerank.scorers import ScorerSpec
+from pipelines.rerank.scorer_specs import ScorerSpec
 from sd_app.cli import main
 from sd_app.engine import Engine
 from sd_app.metadata import parse_parameters

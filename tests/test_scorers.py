@@ -18,17 +18,15 @@ from pipelines.rerank.aesthetic import AestheticScorer, build_aesthetic_mlp, loa
 from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
 from pipelines.rerank.min_score import best_of_until_pass
 from pipelines.rerank.preference import PreferenceScorer
-from pipelines.rerank.scorers import (
+from pipelines.rerank.scorer_specs import (
     ScorerSpec,
-    WeightedScorer,
-    combine,
-    load_scorer,
     parse_min_scores,
     parse_scorer,
     parse_weights,
     passes,
     thresholds_by_label,
 )
+from pipelines.rerank.scorers import WeightedScorer, combine, load_scorer
 from tests.clip_fixtures import blob_images, tiny_clip_dir, torch_threads
 from tests.scorer_fixtures import LAION_WIDTHS, laion_head_state
 

@@ -4,7 +4,7 @@ Round ``r`` (0-based) generates the request's ``n`` candidates from seed ``seed 
 candidates of all rounds carry the consecutive seeds ``seed, seed + 1, ...`` a single larger request
 would have had, and any one of them can be remade alone. Each round's candidates are scored; the loop
 stops after the first round in which one passes (every threshold met, each in its scorer's own units:
-:func:`pipelines.rerank.scorers.passes`), or after ``1 + extra_rounds`` rounds. All candidates are then
+:func:`pipelines.rerank.scorer_specs.passes`), or after ``1 + extra_rounds`` rounds. All candidates are then
 ranked together (a Weighted score is relative to the candidates ranked together), the passing ones first.
 
 With early pruning (``request.prune_to``) a round finishes only its M best candidates; when none of them
@@ -24,7 +24,7 @@ from pipelines.generation.extra_networks import strip_network_tags
 from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import MAX_SEED, GenerationRequest
 from pipelines.rerank.best_of import DEFAULT_BATCH_SIZE, BestOfOutput, RankedImage, _whole_request_steps, best_of_n
-from pipelines.rerank.scorers import passes
+from pipelines.rerank.scorer_specs import passes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -65,6 +65,7 @@ class MinScoreOutput:
     max_rounds: int
     thresholds: dict[str, float]  # label -> minimum
     passed: list[bool] = field(default_factory=list)  # per candidate of ``output``, in its order
+    candidates_made: int = 0  # started over all rounds: n per round of new seeds (pruned ones included)
 
     @property
     def any_passed(self) -> bool:
@@ -199,4 +200,6 @@ def best_of_until_pass(
         early_scorer=last.early_scorer,
         early_score_label=last.early_score_label,
     )
-    return MinScoreOutput(output, rounds, max_rounds, dict(thresholds), [ok[i] for i in order][: len(kept)])
+    return MinScoreOutput(
+        output, rounds, max_rounds, dict(thresholds), [ok[i] for i in order][: len(kept)], request.n * fresh
+    )

@@ -1,4 +1,4 @@
-"""Several scorers at once: what each is (``KIND[=SOURCE[@COMPANION]][:WEIGHT]``), loading, weighted combination.
+"""Several scorers at once: loading each (its spec: :mod:`pipelines.rerank.scorer_specs`), weighted combination.
 
 Kinds (each records its own number in the image metadata under its label):
 
@@ -15,189 +15,29 @@ aesthetic 1-10, probabilities 0-100), so each scorer's scores are standardised o
 being ranked, ``z = (s - mean) / std`` (population std; ``z = 0`` when all are equal), and the
 Weighted score is ``sum(w * z) / sum(w)``. A weight says how much a scorer pulls the ranking,
 whatever its units; weight 0 records a score without ranking by it. The Weighted score is relative to
-the candidates ranked together: minimum scores (``passes``) are thresholds on each scorer's own number.
+the candidates ranked together: minimum scores (``scorer_specs.passes``) are thresholds on each scorer's own number.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from pipelines.rerank.clip_scorer import ScoreResult
+from pipelines.rerank.scorer_specs import SCORER_LABELS, WEIGHTED_LABEL, ScorerSpec
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from pipelines.rerank.clip_scorer import ClipScorer
 
-SCORER_LABELS = {
-    "clip": "CLIP score",
-    "contrastive": "Contrastive score",
-    "mixed": "Mixed score",
-    "pickscore": "PickScore",
-    "aesthetic": "Aesthetic score",
-}
-NEEDS_SOURCE = ("pickscore", "aesthetic")
-WEIGHTED_LABEL = "Weighted score"
-_WEIGHT = re.compile(r"^(?P<head>.*):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
-_NAME = re.compile(r"^[a-z]+$")
-
-
-def _is_weight(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-
 
 class Scorer(Protocol):
     name: str
 
     def score(self, images: Sequence[Image.Image], prompt: str) -> ScoreResult: ...
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    """One scorer of a combination: its kind, files (None = the reranker CLIP) and weight."""
-
-    kind: str
-    source: str | None = None  # model folder (clip, contrastive, mixed, pickscore) or head file (aesthetic)
-    companion: str | None = None  # pickscore: processor folder; aesthetic: the CLIP folder of its embeddings
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCORER_LABELS:
-            raise ValueError(f"scorer kind must be one of {', '.join(SCORER_LABELS)}, got {self.kind!r}")
-        if self.kind in NEEDS_SOURCE and not self.source:
-            example = "aesthetic=HEAD.safetensors@CLIP_FOLDER" if self.kind == "aesthetic" else "pickscore=FOLDER"
-            raise ValueError(f"scorer {self.kind!r} needs its file: {example}")
-        if self.companion and self.kind not in NEEDS_SOURCE:
-            raise ValueError(f"'@' is for pickscore (processor folder) and aesthetic (CLIP folder), not {self.kind!r}")
-        if not _is_weight(self.weight):
-            raise ValueError(f"scorer {self.kind!r}: weight must be a number >= 0, got {self.weight!r}")
-
-    @property
-    def label(self) -> str:
-        return SCORER_LABELS[self.kind]
-
-    def text(self) -> str:
-        """The spec back in ``KIND[=SOURCE[@COMPANION]]:WEIGHT`` form."""
-        files = f"={self.source}" + (f"@{self.companion}" if self.companion else "") if self.source else ""
-        return f"{self.kind}{files}:{self.weight:g}"
-
-
-def _split_weight(text: str) -> tuple[str, float | None]:
-    match = _WEIGHT.match(text)
-    if match is None:
-        return text, None
-    return match["head"], float(match["weight"])
-
-
-def parse_scorer(text: str) -> ScorerSpec:
-    """``clip``, ``clip:0.5``, ``pickscore=/m/PickScore_v1@/m/CLIP-ViT-H-14:1``, ``aesthetic=/m/head.safetensors``...
-
-    The weight is a trailing ``:number`` (default 1); ``@`` separates the companion folder.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("a scorer must look like KIND[=SOURCE[@COMPANION]][:WEIGHT], got an empty value")
-    head, weight = _split_weight(text.strip())
-    kind, sep, files = head.partition("=")
-    kind = kind.strip().lower()
-    source, companion = None, None
-    if sep:
-        source, at, companion = files.rpartition("@") if "@" in files else (files, "", "")
-        source, companion = source.strip(), (companion.strip() or None)
-        if not source:
-            raise ValueError(f"scorer {text!r}: no file after '='")
-    return ScorerSpec(kind, source, companion, 1.0 if weight is None else weight)
-
-
-def parse_weights(text: str | Mapping[str, float] | None) -> dict[str, float]:
-    """Scorer names and weights: ``"clip:1, aesthetic:0.5"`` (a bare name weighs 1), or a mapping.
-
-    Names only (the scorers' files are the server's settings): ``=`` is refused. Empty -> {}.
-    """
-    if text is None:
-        return {}
-    items = dict(text).items() if isinstance(text, Mapping) else _weight_items(text)
-    weights: dict[str, float] = {}
-    for name, weight in items:
-        key = str(name).strip().lower()
-        if key not in SCORER_LABELS:
-            raise ValueError(f"scorer name must be one of {', '.join(SCORER_LABELS)}, got {name!r}")
-        if key in weights:
-            raise ValueError(f"scorer {key!r} given twice")
-        if not _is_weight(weight):
-            raise ValueError(f"scorer {key!r}: weight must be a number >= 0, got {weight!r}")
-        weights[key] = float(weight)
-    return weights
-
-
-def _weight_items(text: str) -> list[tuple[str, float]]:
-    items = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if "=" in part:
-            raise ValueError(f"give scorers by name and weight (e.g. aesthetic:0.5), not files: {part!r}")
-        name, weight = _split_weight(part)
-        if ":" in name:
-            raise ValueError(f"scorer weight must be a number, got {part!r}")
-        items.append((name, 1.0 if weight is None else weight))
-    return items
-
-
-def parse_min_scores(items: Sequence[str] | str | Mapping[str, float] | float | None) -> dict[str, float]:
-    """Minimum scores by scorer name: ``["aesthetic=5.5", "clip=28"]``, ``"30"`` (the only scorer: key ""),
-    or a mapping / number. Each value is in that scorer's own units."""
-    if items is None:
-        return {}
-    if isinstance(items, bool):
-        raise ValueError(f"minimum score must be a number, got {items!r}")
-    if isinstance(items, (int, float)):
-        items = {"": float(items)}
-    if isinstance(items, str):
-        items = [p for p in items.split(",") if p.strip()]
-    pairs = dict(items).items() if isinstance(items, Mapping) else (_min_item(text) for text in items)
-    thresholds: dict[str, float] = {}
-    for name, value in pairs:
-        key = str(name).strip().lower()
-        if key and key not in SCORER_LABELS:
-            raise ValueError(f"minimum score: scorer name must be one of {', '.join(SCORER_LABELS)}, got {name!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"minimum score for {key or 'the scorer'} must be a number, got {value!r}")
-        thresholds[key] = float(value)
-    return thresholds
-
-
-def _min_item(text: str) -> tuple[str, float]:
-    name, sep, value = str(text).strip().rpartition("=")
-    try:
-        return (name if sep else ""), float(value)
-    except ValueError:
-        raise ValueError(f"minimum score must look like NAME=NUMBER or NUMBER, got {text!r}") from None
-
-
-def thresholds_by_label(thresholds: Mapping[str, float], kinds: Sequence[str]) -> dict[str, float]:
-    """Minimum scores keyed by the labels the candidates' scores carry; ValueError for a scorer not in use."""
-    labels: dict[str, float] = {}
-    for name, value in thresholds.items():
-        if not name:
-            if len(kinds) != 1:
-                raise ValueError(
-                    f"name the scorer of the minimum score ({', '.join(f'{k}={value:g}' for k in kinds)}): "
-                    "several scorers are in use"
-                )
-            name = kinds[0]
-        if name not in kinds:
-            raise ValueError(f"minimum score for {name!r}, which is not among the scorers in use ({', '.join(kinds)})")
-        labels[SCORER_LABELS[name]] = value
-    return labels
-
-
-def passes(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> bool:
-    """True when every labelled score reaches its minimum (``scores``: label -> value)."""
-    return all(label in scores and scores[label] >= value for label, value in thresholds.items())
 
 
 def standardized(values: Sequence[float]) -> list[float]:
