@@ -39,6 +39,20 @@ image = pipe({PROMPT!r}, num_inference_steps=20, generator=torch.Generator().man
 image.save(sys.argv[2])
 """
 
+# The libraries' import floor for this path: torch and the model classes sd-app uses, imported by their module
+# paths under sd-app's own import policy (sd_app.lean_imports), nothing built or run. Whatever a program that
+# generates with diffusers' and transformers' SD 1.x classes does, it imports at least this.
+LIBRARY_FLOOR_SCRIPT = """
+from sd_app.lean_imports import use_lean_imports
+use_lean_imports()
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from transformers.models.clip.modeling_clip import CLIPTextModel
+from transformers.models.clip.tokenization_clip import CLIPTokenizer
+"""
+
 
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -107,6 +121,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="startup-"))
     runs: dict[str, tuple[list[str], Path]] = {
         "python -c 'import torch' (floor: imports)": ([sys.executable, "-c", "import torch"], REPO),
+        "torch + the model classes, imported only (the libraries' floor)": (
+            [sys.executable, "-c", LIBRARY_FLOOR_SCRIPT], REPO),
         "plain diffusers, cold script": ([sys.executable, "-c", DIFFUSERS_SCRIPT, str(args.model),
                                           str(work / "diffusers.png")], REPO),
         "sd-app generate, cold": (generate_command(work / "ours"), REPO),

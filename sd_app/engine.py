@@ -188,14 +188,13 @@ class Engine:
                 self._scorer = ClipScorer.load(self.reranker, device=self.device)
             return self._scorer
 
-    def preview_scorer(self) -> ClipScorer | None:
-        """The selected model's preview scorer for early pruning (a CLIP folder ``clip_preview/`` inside its
-        diffusers folder), loaded on first call; None when the model has none (the embedded model ships none)."""
-        from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+    def preview_scorer(self, pipe: TextToImagePipeline) -> ClipScorer | None:
+        """The preview scorer for early pruning of the model ``pipe`` was loaded from (a CLIP folder
+        ``clip_preview/`` inside its diffusers folder), loaded on first call; None when the model has none
+        (the embedded model ships none) or is a single file."""
         from pipelines.rerank.early_pruning import preview_scorer_folder
 
-        checkpoint, _ = self.selection()
-        model_folder = EMBEDDED_MODEL_DIR if checkpoint == "embedded" else Path(checkpoint).expanduser()
+        model_folder = Path(pipe.components.source)
         folder = preview_scorer_folder(model_folder) if model_folder.is_dir() else None
         if folder is None:
             return None
@@ -308,7 +307,7 @@ class Engine:
         if self.limits is not None:
             self.limits.check(request, pipe.count_tokens, rounds=1 + extra_rounds if labels else 1)
         rounds, max_rounds, passed, started = 1, 1, None, request.n
-        early_scorer = self.preview_scorer() if request.prune_to and reranker is not None else None
+        early_scorer = self.preview_scorer(pipe) if request.prune_to and reranker is not None else None
         if labels:
             from pipelines.rerank.min_score import best_of_until_pass
 

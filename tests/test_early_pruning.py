@@ -249,12 +249,12 @@ def test_the_engine_prunes_with_the_models_preview_scorer_and_says_so(tiny_model
     reranker = tiny_clip_dir(tmp_path / "reranker")
     request = GenerationRequest(**{**BASE, "n": 3, "prune_to": 1, "prune_at": 2})
     plain = Engine(model=str(model), reranker=str(reranker), output_dir=tmp_path / "out", device="cpu")
-    assert plain.preview_scorer() is None
+    assert plain.preview_scorer(plain.pipeline()) is None
     params = parse_parameters(plain.generate(request).candidates[0].parameters)
     assert params["Early scorer"] == "clip-tiny"  # the reranker, when the model ships no preview scorer
     shutil.copytree(tiny_clip_dir(tmp_path / "preview", seed=5), model / "clip_preview")
     engine = Engine(model=str(model), reranker=str(reranker), output_dir=tmp_path / "out", device="cpu")
-    assert engine.preview_scorer().name == "with-preview/clip_preview"
+    assert engine.preview_scorer(engine.pipeline()).name == "with-preview/clip_preview"
     result = engine.generate(request)
     params = parse_parameters(result.candidates[0].parameters)
     assert params["Early scorer"] == "with-preview/clip_preview" and params["Reranker"] == "clip-tiny"

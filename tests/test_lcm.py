@@ -304,3 +304,18 @@ def test_teacher_trajectories_start_from_the_seeds_noise_and_end_where_the_produ
     assert points.shape == (2, STEPS, 4, 16, 16) and timesteps.tolist()[:2] == [999, 949]
     assert torch.equal(points[:, 0], noise)
     assert torch.allclose(ends, product, atol=1e-4)
+
+
+def test_the_lora_files_header_names_every_term_the_run_trained_with():
+    import argparse
+
+    from pipelines.training.lcm import kohya_metadata
+
+    base = dict(rank=8, alpha=8.0, res=512, batch=4, lr=3e-4, seed=0, w_min=4.0, w_max=8.0, ddim_steps=50)
+    plain = kohya_metadata(argparse.Namespace(**base, trajectories=0, trajectory_weight=1.0, init_lora=None), 400, "h")
+    assert plain["lcm_w_range"] == "4-8" and plain["ss_steps"] == "400"
+    assert not any(key in plain for key in ("lcm_trajectories", "lcm_trajectory_weight", "lcm_init_lora"))
+    both = kohya_metadata(argparse.Namespace(**base, trajectories=256, trajectory_weight=0.25,
+                                             init_lora="runs/lcm-ft/lcm-shapes-ft-step1000.safetensors"), 400, "h")
+    assert (both["lcm_trajectories"], both["lcm_trajectory_weight"]) == ("256", "0.25")
+    assert both["lcm_init_lora"] == "lcm-shapes-ft-step1000.safetensors"  # the file's name, not the run's path

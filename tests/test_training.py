@@ -115,6 +115,33 @@ def test_fine_tuned_unet_export_replaces_only_the_unet_of_the_model_it_started_f
         export_unet_only(run, model)
 
 
+def test_a_whole_export_keeps_the_parts_trained_against_unchanged_weights(tmp_path):
+    import json
+
+    from pipelines.training.export import carry_dependent_parts
+
+    def part(folder, name, value: float, config: str = "{}", metadata: dict | None = None) -> None:
+        (folder / name).mkdir(parents=True)
+        save_file({"w": torch.full((2, 2), value)}, str(folder / name / "model.safetensors"), metadata=metadata)
+        (folder / name / "config.json").write_text(config)
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    part(old, "vae", 1.0, '{"_diffusers_version": "0.41"}')
+    part(old, "text_encoder", 2.0)
+    part(old, "vae_decoder_tiny", 3.0)
+    part(old, "clip_preview", 4.0)
+    (old / "provenance.json").write_text(json.dumps({"vae_decoder_tiny": {"step": 7}, "clip_preview": {"step": 9}}))
+    part(new, "vae", 1.0, '{"_diffusers_version": "0.42"}', {"format": "pt"})  # the same tensors, another writer
+    part(new, "text_encoder", 2.5)  # retrained
+    provenance: dict = {}
+    dropped = carry_dependent_parts(old, new, provenance)
+    assert (new / "vae_decoder_tiny" / "model.safetensors").read_bytes() == (
+        old / "vae_decoder_tiny" / "model.safetensors").read_bytes()
+    assert provenance == {"vae_decoder_tiny": {"step": 7}}
+    assert not (new / "clip_preview").exists()
+    assert len(dropped) == 1 and "clip_preview/" in dropped[0] and "previous text_encoder/" in dropped[0]
+
+
 def test_candidate_cache_serves_a_longer_run_and_refuses_other_settings(tmp_path):
     import json
 

@@ -7,6 +7,10 @@ text_encoder/ (the exact ones the U-Net was trained against), tokenizer/, schedu
 with SD's betas) and clip/ (the tiny CLIPModel + image processor: the reranker; its text tower
 is text_encoder/ and its tokenizer is tokenizer/, each stored once).
 safetensors only, fp16. Checks that plain diffusers loads it and prints each file's sha256.
+
+Parts trained later against one part of the model (the tiny decoder against vae/, a preview scorer
+against text_encoder/) are kept across a whole export when that part's weights are unchanged, and
+dropped with a message naming what to retrain when they are not.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,6 +129,30 @@ def copy_tokenizer(folder: Path) -> None:
         shutil.copy2(file, folder / file.name)
 
 
+# Parts trained after the model against one of its parts: (the part, how to make them again).
+DEPENDENT_PARTS = {
+    "vae_decoder_tiny": ("vae", "python -m pipelines.training.tiny_decoder"),
+    "clip_preview": ("text_encoder", "python -m pipelines.training.clip_previews, then export --preview-clip"),
+}
+
+
+def carry_dependent_parts(old: Path, new: Path, provenance: dict) -> list[str]:
+    """Copy ``old``'s dependent parts (DEPENDENT_PARTS) into ``new`` where the part each was trained against
+    has the same weights in both, with their provenance entries; returns a line for each one dropped."""
+    old_provenance = json.loads((old / "provenance.json").read_text()) if (old / "provenance.json").is_file() else {}
+    dropped = []
+    for name, (part, remake) in DEPENDENT_PARTS.items():
+        if not (old / name).is_dir():
+            continue
+        if (new / part).is_dir() and same_weights(old / part, new / part):
+            shutil.copytree(old / name, new / name)
+            if name in old_provenance:
+                provenance[name] = old_provenance[name]
+        else:
+            dropped.append(f"dropped {name}/: it was trained against the previous {part}/; make it again with {remake}")
+    return dropped
+
+
 def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
     """Write the folder; returns provenance (steps of each part)."""
     import diffusers
@@ -150,9 +179,31 @@ def export(unet_run: Path, clip_run: Path, out: Path) -> dict:
         "reranker_clip": common.read_state(clip_run),
         "data_seeds": {"train": data.TRAIN_SEED, "heldout": data.HELDOUT_SEED},
     }
+    for line in carry_dependent_parts(out, tmp, provenance):
+        print(line)
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    return provenance
+
+
+def replace_part(out: Path, name: str, write: Callable[[Path], None]) -> None:
+    """Make ``out/name`` anew: ``write(folder)`` fills a temporary folder, which then takes its place."""
+    tmp = out / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(out / name, ignore_errors=True)
+    tmp.rename(out / name)
+
+
+def record_provenance(out: Path, key: str, state: dict, fine_tune: bool) -> dict:
+    """Set ``key`` in ``out/provenance.json`` to a run's state; for a ``fine_tune`` of the part, the entry it
+    replaces stays as ``<key>_before_fine_tune`` (the first such, over several fine-tunes)."""
+    provenance = json.loads((out / "provenance.json").read_text())
+    if fine_tune:
+        provenance[f"{key}_before_fine_tune"] = provenance.get(f"{key}_before_fine_tune", provenance[key])
+    provenance[key] = state
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return provenance
 
 
@@ -160,30 +211,31 @@ def export_clip_only(clip_run: Path, out: Path, name: str = "clip") -> dict:
     """Replace only a CLIP folder of ``out`` by a CLIP run sharing the shipped token embedding: the reranker
     (``clip``, e.g. the hard-negative fine-tune) or early pruning's preview scorer (``clip_preview``,
     :mod:`pipelines.training.clip_previews`); the U-Net, VAE and text encoder stay as they are."""
-    tmp = out / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_clip(clip_run, tmp, out / "text_encoder")
-    shutil.rmtree(out / name, ignore_errors=True)
-    tmp.rename(out / name)
-    provenance = json.loads((out / "provenance.json").read_text())
-    if name == "clip":
-        provenance["reranker_clip_before_fine_tune"] = provenance.get("reranker_clip_before_fine_tune",
-                                                                      provenance["reranker_clip"])
-        provenance["reranker_clip"] = common.read_state(clip_run)
-    else:
-        provenance[name] = common.read_state(clip_run)
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    return provenance
+    replace_part(out, name, lambda folder: save_clip(clip_run, folder, out / "text_encoder"))
+    reranker = name == "clip"
+    return record_provenance(out, "reranker_clip" if reranker else name, common.read_state(clip_run), reranker)
+
+
+def same_weights(folder: Path, other: Path) -> bool:
+    """Whether two parts' safetensors files hold the same tensors, ``folder``'s cast to ``other``'s dtypes
+    (fp32 training copies against the fp16 shipped ones). Configs are not compared: they name the writer."""
+    from safetensors.torch import load_file
+
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not names or names != sorted(p.name for p in other.glob("*.safetensors")):
+        return False
+    for name in names:
+        mine, theirs = load_file(str(folder / name)), load_file(str(other / name))
+        if mine.keys() != theirs.keys() or any(
+                not torch.equal(mine[k].to(theirs[k].dtype), theirs[k]) for k in theirs):
+            return False
+    return True
 
 
 def same_frozen_parts(frozen: Path, model: Path) -> None:
     """Raise unless ``frozen``'s text encoder and VAE are ``model``'s (up to the fp16 it ships in)."""
-    from safetensors.torch import load_file
-
-    for part, name in (("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
-        trained_against, shipped = load_file(str(frozen / part / name)), load_file(str(model / part / name))
-        if trained_against.keys() != shipped.keys() or any(
-                not torch.equal(trained_against[k].to(shipped[k].dtype), shipped[k]) for k in shipped):
+    for part in ("text_encoder", "vae"):
+        if not same_weights(frozen / part, model / part):
             raise SystemExit(f"{frozen / part} is not {model / part}: the U-Net was trained against another "
                              f"{part}; export the whole model instead")
 
@@ -194,17 +246,9 @@ def export_unet_only(unet_run: Path, out: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
     same_frozen_parts(unet_run / "frozen", out)
-    tmp = out / "unet.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     unet = UNet2DConditionModel.from_pretrained(str(unet_run / "ckpt" / "unet_ema"), torch_dtype=torch.float16)
-    unet.save_pretrained(str(tmp))
-    shutil.rmtree(out / "unet")
-    tmp.rename(out / "unet")
-    provenance = json.loads((out / "provenance.json").read_text())
-    provenance["unet_before_fine_tune"] = provenance.get("unet_before_fine_tune", provenance["unet"])
-    provenance["unet"] = common.read_state(unet_run)
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    return provenance
+    replace_part(out, "unet", lambda folder: unet.save_pretrained(str(folder)))
+    return record_provenance(out, "unet", common.read_state(unet_run), fine_tune=True)
 
 
 def file_table(folder: Path) -> tuple[list[tuple[str, int, str]], int]:

@@ -260,6 +260,9 @@ def kohya_metadata(args: argparse.Namespace, step: int, base_hash: str) -> dict[
                                 "embedded model; sample with the LCM sampler, 4 steps, CFG 1"),
         "lcm_w_range": f"{args.w_min:g}-{args.w_max:g}",
         "lcm_ddim_steps": str(args.ddim_steps),
+        **({"lcm_trajectories": str(args.trajectories), "lcm_trajectory_weight": f"{args.trajectory_weight:g}"}
+           if args.trajectories else {}),  # the second term (module docstring), when the run had it
+        **({"lcm_init_lora": Path(args.init_lora).name} if args.init_lora else {}),
     }
 
 
@@ -273,7 +276,8 @@ def export(run: Path, out: Path, fp16: bool = True) -> Path:
     ema = run / "ckpt" / "lora_ema.safetensors"
     tensors = load_file(str(ema if ema.exists() else run / "ckpt" / "lora.safetensors"))
     args = argparse.Namespace(**{k: state[k] for k in ("rank", "alpha", "res", "batch", "lr", "seed", "w_min",
-                                                       "w_max", "ddim_steps")})
+                                                       "w_max", "ddim_steps")},
+                              **{k: state.get(k) for k in ("trajectories", "trajectory_weight", "init_lora")})
     base_hash = file_hash(EMBEDDED_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
     return save_lora_file(tensors, out, kohya_metadata(args, state["step"], base_hash), fp16)
 
@@ -329,8 +333,8 @@ def train(args: argparse.Namespace, runtime: common.Runtime) -> None:
         wanted = np.array([label[shapes.caption(a)] for a in shapes.dataset(TRAJECTORY_SEED + args.seed,
                                                                               args.trajectories)])
         with lora_off(layers):
-            trajectories = trajectory_set(data.DATA_DIR, unet, table, wanted, runtime, args.res, args.seed,
-                                          weights_id(EMBEDDED_MODEL_DIR / "unet"))
+            teacher_id = "-".join(f"{part}{weights_id(EMBEDDED_MODEL_DIR / part)}" for part in ("unet", "text_encoder"))
+            trajectories = trajectory_set(data.DATA_DIR, unet, table, wanted, runtime, args.res, args.seed, teacher_id)
     monitor = shapes.dataset(MONITOR_SEED, args.monitor)
     monitor_states = table[[label[shapes.caption(a)] for a in monitor]]
     log = common.Log(args.out / "log.jsonl")

@@ -58,10 +58,11 @@ def sample_trajectories(unet: torch.nn.Module, states: torch.Tensor, empty: torc
 
 
 def trajectory_set(folder: Path, unet: torch.nn.Module, table: torch.Tensor, labels: np.ndarray,
-                   runtime: common.Runtime, res: int, seed: int, unet_id: str, batch: int = 8) -> Trajectories:
+                   runtime: common.Runtime, res: int, seed: int, teacher_id: str, batch: int = 8) -> Trajectories:
     """One trajectory per label (caption index into ``table`` (C + 1, 77, D), whose last row is the empty
-    prompt), made in batches and cached."""
-    path = folder / f"trajectories-unet{unet_id}-s{seed}-n{len(labels)}-{res}.npz"
+    prompt), made in batches and cached under ``teacher_id``, which names the exact weights that made them:
+    the U-Net's and the text encoder's behind ``table``."""
+    path = folder / f"trajectories-{teacher_id}-s{seed}-n{len(labels)}-{res}.npz"
     if not path.is_file():
         points, ends = [], []
         timesteps = None

@@ -149,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     train(args, common.setup(args))
 
 
+def write_frozen(text_encoder: torch.nn.Module, vae: torch.nn.Module, frozen: Path, state: dict) -> None:
+    """The text encoder and VAE a U-Net is trained against, saved in ``frozen`` with where they came from."""
+    text_encoder.save_pretrained(frozen / "text_encoder")
+    vae.save_pretrained(frozen / "vae")
+    (frozen / "state.json").write_text(json.dumps(state, indent=1))
+
+
 def freeze(clip_run: Path, vae_run: Path, frozen: Path) -> None:
     """Copy the CLIP text tower (as a CLIPTextModel) and the VAE of the last checkpoints into ``frozen``.
 
@@ -160,11 +167,9 @@ def freeze(clip_run: Path, vae_run: Path, frozen: Path) -> None:
     clip = CLIPModel.from_pretrained(str(clip_run / "ckpt" / "clip"))
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
-    text_encoder.save_pretrained(frozen / "text_encoder")
-    AutoencoderKL.from_pretrained(str(vae_run / "ckpt" / "vae")).save_pretrained(frozen / "vae")
     state = {"clip_run": str(clip_run), "clip_step": common.read_state(clip_run)["step"],
              "vae_run": str(vae_run), "vae_step": common.read_state(vae_run)["step"]}
-    (frozen / "state.json").write_text(json.dumps(state, indent=1))
+    write_frozen(text_encoder, AutoencoderKL.from_pretrained(str(vae_run / "ckpt" / "vae")), frozen, state)
 
 
 def freeze_from_model(model: Path, frozen: Path) -> None:
@@ -172,14 +177,12 @@ def freeze_from_model(model: Path, frozen: Path) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    CLIPTextModel.from_pretrained(str(model / "text_encoder"), dtype=torch.float32).save_pretrained(
-        frozen / "text_encoder")
-    AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32).save_pretrained(frozen / "vae")
     provenance = json.loads((model / "provenance.json").read_text())
     state = {"init_from": str(model), "clip_step": provenance["frozen"]["clip_step"],
              "vae_step": provenance["frozen"]["vae_step"], "clip_run": provenance["frozen"]["clip_run"],
              "vae_run": provenance["frozen"]["vae_run"], "unet_step": provenance["unet"]["step"]}
-    (frozen / "state.json").write_text(json.dumps(state, indent=1))
+    write_frozen(CLIPTextModel.from_pretrained(str(model / "text_encoder"), dtype=torch.float32),
+                 AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32), frozen, state)
 
 
 def weights_id(folder: Path) -> str:
