@@ -46,9 +46,10 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "s_tmax": (None, 0),  # A1111 reads 0 as infinity, its default
     "s_noise": (None, 1),
 }
-# eta as A1111 applies it: DDIM's eta (default 0) and the ancestral/SDE samplers' (default 1). The
-# other samplers ignore it there, so any value is accepted for them.
-ETA_WE_RUN = {"DDIM": 0.0, "Euler a": 1.0, "DPM2 a": 1.0, "DPM++ SDE": 1.0, "DPM++ 2M SDE": 1.0}
+# eta as A1111 applies it to the ancestral/SDE samplers (default 1), which sd-app runs at that value only.
+# DDIM's eta and TCD's gamma are the request's (GenerationRequest.eta); the other samplers ignore eta in
+# A1111, so any value is accepted for them.
+ETA_WE_RUN = {"Euler a": 1.0, "DPM2 a": 1.0, "DPM++ SDE": 1.0, "DPM++ 2M SDE": 1.0}
 
 
 def check_fields(extra: Mapping[str, Any], sampler_name: str, known: set[str]) -> None:

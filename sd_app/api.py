@@ -199,8 +199,8 @@ def _common_settings(body: GenerationFields, clip_skip: int = 1, vae_decoder: st
         "clip_skip": overrides.get("CLIP_stop_at_last_layers", clip_skip),
         "vae_decoder": overrides.get("sd_vae_decode_method", vae_decoder),
         "sampler": sampler,
-        # A1111's eta is TCD's gamma there; the other samplers' eta is checked by check_fields above.
-        "eta": (body.model_extra or {}).get("eta") if resolve_sampler(sampler).spec.eta else None,
+        # DDIM's eta and TCD's gamma as asked; the other samplers' eta is checked by check_fields above.
+        "eta": (body.model_extra or {}).get("eta") if resolve_sampler(sampler).spec.eta is not None else None,
     }
 
 

@@ -168,7 +168,8 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
     """
     width, _, height = str(params.get("Size", "512x512")).partition("x")
     try:
-        sampler = resolve_sampler(str(params.get("Sampler", "Euler a")), str(params.get("Schedule type", ""))).label
+        resolved = resolve_sampler(str(params.get("Sampler", "Euler a")), str(params.get("Schedule type", "")))
+        sampler = resolved.label
         return GenerationRequest(
             prompt=params.get("prompt", ""),
             negative_prompt=params.get("negative_prompt", ""),
@@ -181,7 +182,8 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
             sampler=sampler,
             cache_interval=int(params.get("DeepCache interval", 1)),
             guidance_cutoff=float(params.get("CFG cutoff", 0.0)),
-            eta=float(params["Eta"]) if "Eta" in params else None,
+            # A1111 also writes the ancestral samplers' Eta, which sd-app runs at 1 whatever it says
+            eta=float(params["Eta"]) if "Eta" in params and resolved.spec.eta is not None else None,
             vae_decoder=str(params.get("VAE Decoder", "Full")),
             hires=hires_from_parameters(params),
         )

@@ -122,6 +122,8 @@ def txt2img_payload(
         "override_settings": overrides,
         "override_settings_restore_afterwards": True,
     }
+    if request.eta is not None:
+        body["eta"] = request.eta  # DDIM's eta, TCD's gamma
     if scorers:
         body["scorers"] = dict(scorers)
     if min_score:

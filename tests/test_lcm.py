@@ -170,6 +170,21 @@ def test_tcd_eta_is_gamma_default_0_3_and_a_request_may_set_it(tiny_pipe):
         GenerationRequest(eta=1.5)
 
 
+def test_eta_is_taken_where_the_schedulers_step_takes_it_and_refused_elsewhere():
+    import inspect
+
+    import diffusers
+
+    from pipelines.generation.schedulers import SAMPLERS
+
+    for spec in SAMPLERS.values():  # the specs say what the schedulers do: no eta set and then ignored
+        takes = "eta" in inspect.signature(getattr(diffusers, spec.scheduler_class).step).parameters
+        assert (spec.eta is not None) == takes, spec.name
+    assert GenerationRequest(sampler="DDIM", eta=0.5).eta == 0.5
+    with pytest.raises(ValueError, match="the Euler a sampler takes none"):
+        GenerationRequest(sampler="Euler a", eta=0.5)
+
+
 def test_high_cfg_with_a_few_step_sampler_warns_and_steps_are_capped_by_the_grid(tiny_pipe):
     request = dict(prompt="a star", steps=2, width=64, height=64, seed=1)
     with pytest.warns(UserWarning, match="CFG 1-2"):

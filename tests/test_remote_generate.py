@@ -34,6 +34,7 @@ def _lines(text: str, folder: Path) -> list[str]:
         ["--n", "2", "--no-rerank", "--sampler", "Euler a", "--negative", "blurry", "--cfg", "5"],
         ["--hires-scale", "1.5", "--clip-skip", "2", "--sampler", "DPM++ 2M Karras"],
         ["--n", "1"],  # one image: not scored
+        ["--sampler", "DDIM", "--eta", "0.5"],  # the step noise travels too
         ["--n", "2", "--min-score", "99", "--extra-rounds", "1"],  # never reached: two rounds, all written
         ["--n", "4", "--prune-to", "2", "--prune-at", "1"],  # early pruning: the pruned are listed
         ["--n", "2", "--scorer", "clip:1", "--scorer", "contrastive:0.5"],  # a Weighted score, by name

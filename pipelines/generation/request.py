@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from pipelines.generation.conditioning import HiresFix, ImageConditioning
-from pipelines.generation.schedulers import DEFAULT_SAMPLER, resolve_sampler
+from pipelines.generation.schedulers import DEFAULT_SAMPLER, SAMPLERS, resolve_sampler
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
@@ -120,6 +120,9 @@ class GenerationRequest:
         eta = self.eta
         if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1):
             raise ValueError(f"eta must be a number in [0, 1] or None, got {eta!r}")
+        if eta is not None and sampler.spec.eta is None:
+            takes = ", ".join(spec.name for spec in SAMPLERS.values() if spec.eta is not None)
+            raise ValueError(f"eta: the {sampler.name} sampler takes none (only {takes} do), got {eta!r}")
         if self.vae_decoder not in VAE_DECODERS:
             raise ValueError(f"vae_decoder must be one of {', '.join(VAE_DECODERS)}, got {self.vae_decoder!r}")
         if self.image is not None and not isinstance(self.image, ImageConditioning):

@@ -55,7 +55,7 @@ class SamplerSpec:
     second_order: bool = False  # two model evaluations per step (A1111 counts steps, not evaluations)
     brownian_noise: bool = False  # noise from a Brownian tree seeded per image (k-diffusion's SDE samplers)
     schedules: tuple[str, ...] | None = None  # the schedule types it takes; None: every one of SCHEDULE_OPTIONS
-    eta: float = 0.0  # the stochasticity passed to the scheduler's step when it takes one (TCD's gamma)
+    eta: float | None = None  # default step noise of a scheduler whose step takes it (DDIM's eta, TCD's gamma)
     few_step: bool = False  # made for consistency-distilled models (an LCM-LoRA): 4-8 steps, CFG 1-2
 
 
@@ -76,7 +76,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("Heun", "HeunDiscreteScheduler", second_order=True),
         SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", second_order=True),
         SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", second_order=True),
-        SamplerSpec("DDIM", "DDIMScheduler", {}, None),
+        SamplerSpec("DDIM", "DDIMScheduler", {}, None, eta=0.0),
         SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, None),
         SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, None),
         SamplerSpec("LCM", "LCMScheduler", {}, UNIFORM, schedules=(UNIFORM, SGM_UNIFORM), few_step=True),
