@@ -40,8 +40,9 @@ image.save(sys.argv[2])
 """
 
 # The libraries' import floor for this path: torch and the model classes sd-app uses, imported by their module
-# paths under sd-app's own import policy (sd_app.lean_imports), nothing built or run. Whatever a program that
-# generates with diffusers' and transformers' SD 1.x classes does, it imports at least this.
+# paths under sd-app's own import policy (sd_app.lean_imports), nothing built or run, and the process ended
+# as sd-app generate ends (no interpreter teardown: sd_app.cli.end_process). Whatever a program that generates
+# with diffusers' and transformers' SD 1.x classes does, it imports at least this.
 LIBRARY_FLOOR_SCRIPT = """
 from sd_app.lean_imports import use_lean_imports
 use_lean_imports()
@@ -51,6 +52,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from transformers.models.clip.modeling_clip import CLIPTextModel
 from transformers.models.clip.tokenization_clip import CLIPTokenizer
+import os
+os._exit(0)
 """
 
 
