@@ -40,10 +40,12 @@ image.save(sys.argv[2])
 """
 
 # The libraries' import floor for this path: torch and the model classes sd-app uses, imported by their module
-# paths under sd-app's own import policy (sd_app.lean_imports), nothing built or run, and the process ended
-# as sd-app generate ends (no interpreter teardown: sd_app.cli.end_process). Whatever a program that generates
-# with diffusers' and transformers' SD 1.x classes does, it imports at least this.
+# paths, nothing built or run, in a process run as sd-app generate runs (sd_app.lean_imports, sd_app.one_shot:
+# no cyclic GC, no interpreter teardown). Whatever a program that generates with diffusers' and transformers'
+# SD 1.x classes does, it imports at least this.
 LIBRARY_FLOOR_SCRIPT = """
+import gc
+gc.disable()
 from sd_app.lean_imports import use_lean_imports
 use_lean_imports()
 import torch

@@ -148,41 +148,31 @@ def run_info() -> int:
     return 0
 
 
-ONE_SHOT_COMMANDS = ("generate", "score")  # end their process without the interpreter's teardown
+ONE_SHOT_COMMANDS = ("generate", "score")  # their process skips work it does not need (sd_app.one_shot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sd-app`` console script. ``argv=None`` (the process's own command line, as the
     console script and ``python -m sd_app.cli`` call it) also lets ``generate`` and ``serve`` import only
-    the library code they run (``sd_app.lean_imports``), and ends a ``generate`` or ``score`` process
-    without the interpreter's teardown (``end_process``); a caller passing ``argv`` keeps its imports and
-    its process as they are."""
+    the library code they run (``sd_app.lean_imports``), and runs a ``generate`` or ``score`` process
+    without the cyclic garbage collector and ends it without the interpreter's teardown
+    (``sd_app.one_shot``); a caller passing ``argv`` keeps its imports and its process as they are."""
     args = build_parser().parse_args(argv)
+    one_shot = argv is None and args.command in ONE_SHOT_COMMANDS
+    if one_shot:
+        from sd_app.one_shot import start_one_shot
+
+        start_one_shot()
     if argv is None and args.command in ("generate", "serve"):
         from sd_app.lean_imports import use_lean_imports
 
         use_lean_imports()
     code = run_command(args)
-    if argv is None and args.command in ONE_SHOT_COMMANDS:
+    if one_shot:
+        from sd_app.one_shot import end_process
+
         end_process(code)
     return code
-
-
-def end_process(code: int) -> NoReturn:
-    """End this one-shot process now, with exit status ``code``: its files are written and closed, and what
-    the interpreter's teardown would do after that, with torch, diffusers and transformers loaded (clear
-    some 3,000 modules and collect some 400,000 objects), took about 1 s of a cold ``generate`` here. The
-    atexit handlers still run (logging, file locks, temporary files, ...) and the standard streams are
-    flushed; then ``os._exit``."""
-    import atexit
-    import os
-
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own, what a normal exit runs
-    if run_exit_handlers is not None:
-        run_exit_handlers()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -141,17 +141,17 @@ def test_auth_from_the_option_or_the_url(auth_server, tiny_model, tmp_path, caps
 
 
 def test_the_cold_generate_path_imports_only_what_it_runs(tiny_model, tiny_clip, tmp_path):
-    """The process's own ``sd-app generate`` (main() with argv None) trims its imports (sd_app.lean_imports)
-    and ends without the interpreter's teardown (cli.end_process): the atexit handlers still run, the lines
-    are all written and the exit status is the command's."""
+    """The process's own ``sd-app generate`` (main() with argv None) trims its imports (sd_app.lean_imports),
+    runs without the cyclic garbage collector and ends without the interpreter's teardown (sd_app.one_shot):
+    the atexit handlers still run, the lines are all written and the exit status is the command's."""
     never = ["gradio", "matplotlib", "torchmetrics", "peft", "sd_app.api", "sd_app.ui",
              "diffusers.models.unets.unet_3d_condition", "diffusers.models.transformers.transformer_flux"]
     code = (
-        "import atexit, json, sys; from sd_app.cli import main\n"
+        "import atexit, gc, json, sys; from sd_app.cli import main\n"
         "def report():\n"
         f"    loaded = sorted(m for m in {never!r} if sys.modules.get(m) is not None)\n"
         "    from diffusers.models.unets import UNet1DModel\n"  # a deferred package still answers every name
-        "    print(json.dumps([loaded, UNet1DModel.__name__]))\n"
+        "    print(json.dumps([loaded, UNet1DModel.__name__, gc.isenabled()]))\n"
         "atexit.register(report)\n"
         f"sys.argv = ['sd-app', 'generate', 'a red square', *{SMALL!r}, '--model', {str(tiny_model)!r}, "
         f"'--n', '2', '--reranker', {str(tiny_clip)!r}, '--device', 'cpu', '--out', {str(tmp_path)!r}]\n"
@@ -160,7 +160,7 @@ def test_the_cold_generate_path_imports_only_what_it_runs(tiny_model, tiny_clip,
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     lines = out.stdout.strip().splitlines()
-    assert json.loads(lines[-1]) == [[], "UNet1DModel"] and "main returned" not in out.stdout
+    assert json.loads(lines[-1]) == [[], "UNet1DModel", False] and "main returned" not in out.stdout
     assert len(lines) == 3 and all("CLIP score" in line for line in lines[:2])  # both file lines, flushed
     assert len(list(tmp_path.glob("*.png"))) == 2 and " written to " in out.stderr
     bad = subprocess.run([sys.executable, "-c", code.replace("'--n', '2'", "'--n', '0'")], capture_output=True,
