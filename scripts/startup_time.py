@@ -40,7 +40,7 @@ image.save(sys.argv[2])
 """
 
 # The libraries' import floor for this path: torch and the model classes sd-app uses, imported by their module
-# paths, nothing built or run, in a process run as sd-app generate runs (sd_app.lean_imports, sd_app.one_shot:
+# paths, nothing built or run, in a process run as sd-app generate runs (sd_app.lean_imports, sd_app.lifetime:
 # no cyclic GC, no interpreter teardown). Whatever a program that generates with diffusers' and transformers'
 # SD 1.x classes does, it imports at least this.
 LIBRARY_FLOOR_SCRIPT = """

@@ -148,28 +148,29 @@ def run_info() -> int:
     return 0
 
 
-ONE_SHOT_COMMANDS = ("generate", "score")  # their process skips work it does not need (sd_app.one_shot)
+ONE_SHOT_COMMANDS = ("generate", "score")  # their process skips work it does not need (sd_app.lifetime)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sd-app`` console script. ``argv=None`` (the process's own command line, as the
     console script and ``python -m sd_app.cli`` call it) also lets ``generate`` and ``serve`` import only
-    the library code they run (``sd_app.lean_imports``), and runs a ``generate`` or ``score`` process
-    without the cyclic garbage collector and ends it without the interpreter's teardown
-    (``sd_app.one_shot``); a caller passing ``argv`` keeps its imports and its process as they are."""
+    the library code they run (``sd_app.lean_imports``), runs a ``generate`` or ``score`` process without
+    the cyclic garbage collector and ends it without the interpreter's teardown, and holds the collector
+    while ``serve`` loads (``sd_app.lifetime``); a caller passing ``argv`` keeps its imports and its process
+    as they are."""
     args = build_parser().parse_args(argv)
     one_shot = argv is None and args.command in ONE_SHOT_COMMANDS
-    if one_shot:
-        from sd_app.one_shot import start_one_shot
+    if one_shot or (argv is None and args.command == "serve"):
+        from sd_app.lifetime import pause_gc
 
-        start_one_shot()
+        pause_gc()  # serve resumes it once loaded
     if argv is None and args.command in ("generate", "serve"):
         from sd_app.lean_imports import use_lean_imports
 
         use_lean_imports()
     code = run_command(args)
     if one_shot:
-        from sd_app.one_shot import end_process
+        from sd_app.lifetime import end_process
 
         end_process(code)
     return code

@@ -198,6 +198,39 @@ def test_serve_refuses_public_host_without_auth(capsys):
     assert "refusing to serve on 0.0.0.0 without auth" in err and "--insecure" in err and "Traceback" not in err
 
 
+def test_serve_loads_its_model_before_serving_and_a_bad_one_stops_it(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "sd_app.cli", "serve", "--port", "7861", "--model", str(missing), "--out",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+    )  # (were it to serve, the timeout ends the test)
+    assert done.returncode == 2, done.stderr
+    assert f"model not found: {missing}" in done.stderr and "serving on" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_collector_resumes_with_the_loaded_objects_frozen():
+    import gc
+
+    from sd_app.lifetime import pause_gc, resume_gc
+
+    frozen = gc.get_freeze_count()
+    resume_gc()  # not paused: nothing to do
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    pause_gc()
+    try:
+        assert not gc.isenabled()
+        loaded = [[index] for index in range(1000)]  # what a server makes while it loads
+        resume_gc()
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(loaded)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 # ---- img2img, inpaint, hires fix ------------------------------------------------------------------
 
 

@@ -142,7 +142,7 @@ def test_auth_from_the_option_or_the_url(auth_server, tiny_model, tmp_path, caps
 
 def test_the_cold_generate_path_imports_only_what_it_runs(tiny_model, tiny_clip, tmp_path):
     """The process's own ``sd-app generate`` (main() with argv None) trims its imports (sd_app.lean_imports),
-    runs without the cyclic garbage collector and ends without the interpreter's teardown (sd_app.one_shot):
+    runs without the cyclic garbage collector and ends without the interpreter's teardown (sd_app.lifetime):
     the atexit handlers still run, the lines are all written and the exit status is the command's."""
     never = ["gradio", "matplotlib", "torchmetrics", "peft", "sd_app.api", "sd_app.ui",
              "diffusers.models.unets.unet_3d_condition", "diffusers.models.transformers.transformer_flux"]
