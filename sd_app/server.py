@@ -256,7 +256,7 @@ def run_serve(args: argparse.Namespace) -> int:
         vae_decoder=vae_decoder,
     )
     engine.library()  # a missing --models-dir fails now, with its name
-    engine.pipeline()  # so does a bad --model; and the first request finds the model loaded
+    engine.check_selection()  # so does a bad --model or --vae (loaded by the first request, in its thread)
     tracker = JobTracker(max_waiting=args.max_queue, max_waiting_per_client=args.max_waiting_per_client)
     app = create_app(
         engine, credentials=credentials or None, max_queue=args.max_queue, tracker=tracker, policy=policy,
@@ -265,7 +265,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     from sd_app.lifetime import resume_gc
 
-    resume_gc()  # paused by main while the UI, the API and the model loaded
+    resume_gc()  # paused by main while the UI and the API loaded
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"sd-app: serving on http://{shown}:{args.port} (UI at /, API at /sdapi/v1)"

@@ -198,7 +198,7 @@ def test_serve_refuses_public_host_without_auth(capsys):
     assert "refusing to serve on 0.0.0.0 without auth" in err and "--insecure" in err and "Traceback" not in err
 
 
-def test_serve_loads_its_model_before_serving_and_a_bad_one_stops_it(tmp_path):
+def test_serve_stops_at_its_start_on_a_missing_model(tmp_path):
     import subprocess
     import sys
 
