@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console script and ``python -m sd_app.cli`` call it) also lets ``generate`` and ``serve`` import only
     the library code they run (``sd_app.lean_imports``), runs a ``generate`` or ``score`` process without
     the cyclic garbage collector and ends it without the interpreter's teardown, and holds the collector
-    while ``serve`` loads (``sd_app.lifetime``); a caller passing ``argv`` keeps its imports and its process
+    while ``serve`` starts (``sd_app.lifetime``); a caller passing ``argv`` keeps its imports and its process
     as they are."""
     args = build_parser().parse_args(argv)
     one_shot = argv is None and args.command in ONE_SHOT_COMMANDS

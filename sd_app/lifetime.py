@@ -6,8 +6,8 @@ Python objects and 3,000 modules. Two things then cost seconds and give the proc
 - The cyclic garbage collector: each full collection walks every object there is, and imports trigger
   many of them. ``pause_gc`` switches it off. A one-shot ``generate`` or ``score`` process keeps it
   off: reference counting still frees everything else (tensors included), and a 2-round best-of-4
-  (8 images) reached the same memory peak without it. ``serve`` turns it back on once it is loaded
-  (``resume_gc``), with what was loaded frozen (``gc.freeze``: never walked again).
+  (8 images) reached the same memory peak without it. ``serve`` turns it back on once its UI and API
+  are imported (``resume_gc``), with what was loaded frozen (``gc.freeze``: never walked again).
 - The interpreter's teardown, after a one-shot process has written and closed its files: clearing the
   modules and collecting the objects. ``end_process`` runs the atexit handlers, flushes the standard
   streams and ends the process with ``os._exit``.

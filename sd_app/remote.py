@@ -298,6 +298,12 @@ def run_remote_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_image(values: object, count: int, default: object) -> list:
+    """A per-image list from the server's ``info``, or ``default`` for each image when it sent none (an
+    older server, or an A1111 one)."""
+    return list(values) if isinstance(values, list) and len(values) == count else [default] * count
+
+
 def remote_report(
     result: RemoteResult, request: GenerationRequest, paths: list[Path], out_dir: Path, seconds: float, base_url: str
 ) -> RunReport:
@@ -305,14 +311,19 @@ def remote_report(
     from sd_app.run_report import PrunedLine, RunReport, WrittenImage
 
     info = result.info
-    details = info.get("rerank_details") or [{}] * len(result.images)
-    passed = info.get("min_score_passed") or [None] * len(result.images)
+    count = len(result.images)
+    details = _per_image(info.get("rerank_details"), count, {})
+    passed = _per_image(info.get("min_score_passed"), count, None)
     written = [
-        WrittenImage(path, item.seed, item.score, details[index] or {}, passed[index])
+        WrittenImage(path, item.seed, item.score, details[index] if isinstance(details[index], dict) else {},
+                     passed[index])
         for index, (item, path) in enumerate(zip(result.images, paths))
     ]
     min_scores = info.get("min_score") or {}
-    pruned = [PrunedLine(int(p["seed"]), float(p["score"]), int(p["at_step"])) for p in info.get("pruned") or []]
+    try:
+        pruned = [PrunedLine(int(p["seed"]), float(p["score"]), int(p["at_step"])) for p in info.get("pruned") or []]
+    except (KeyError, TypeError, ValueError) as error:
+        raise OSError(f"the server's answer has a malformed 'pruned' list ({error})") from None
     chunks, tokens = info.get("prompt_chunks"), info.get("prompt_tokens")
     return RunReport(
         written=written,
