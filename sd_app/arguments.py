@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.generation.conditioning import LATENT_UPSCALERS, MASKED_CONTENT, PIXEL_UPSCALERS, RESIZE_MODES
@@ -90,16 +89,16 @@ def scorer_specs(args: argparse.Namespace) -> tuple:
     return tuple(specs)
 
 
-def scores_wanted(args: argparse.Namespace, scorers: Sequence[object], n: int) -> bool:
+def scores_wanted(args: argparse.Namespace, scorers_named: bool, n: int) -> bool:
     """Whether ``sd-app generate`` loads a scorer: to rank several candidates, to hold a ``--min-score``, or
     when asked (``--scorer``, ``--score``). A single image is not scored by default: there is nothing to
     rank, and a one-shot process saves the scorer's import and load. ValueError for a minimum score that
     ``--no-rerank`` switches off."""
-    if args.no_rerank or (args.reranker.lower() == "none" and not scorers):
+    if args.no_rerank or (args.reranker.lower() == "none" and not scorers_named):
         if args.min_score:
             raise ValueError("--min-score needs reranking (drop --no-rerank, or name a --reranker)")
         return False
-    return n > 1 or bool(args.min_score) or bool(scorers) or args.score
+    return n > 1 or bool(args.min_score) or scorers_named or args.score
 
 
 def ranking_options(args: argparse.Namespace, specs: tuple) -> dict:

@@ -80,7 +80,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_device(args.device, "--device")
     specs = scorer_specs(args)
     options = ranking_options(args, specs)
-    rerank = scores_wanted(args, specs, request.n)
+    rerank = scores_wanted(args, bool(specs), request.n)
     engine = Engine(
         model=args.model,
         vae=args.vae,

@@ -122,14 +122,12 @@ class Engine:
         return checkpoint, vae_path(library, checkpoint, self.vae)
 
     def check_selection(self) -> None:
-        """ModelLoadError now, naming it, when the selected checkpoint or VAE file is missing; loads nothing."""
-        from pipelines.models.errors import ModelLoadError
+        """An error now, naming it, when the selected checkpoint or VAE cannot be found; loads nothing.
+        (``selection`` finds the VAE file or raises; ``resolve_spec`` does the same for the checkpoint.)"""
         from pipelines.models.loading import resolve_spec
 
-        checkpoint, vae = self.selection()
+        checkpoint, _ = self.selection()
         resolve_spec(checkpoint)
-        if vae is not None and not Path(vae).expanduser().is_file():
-            raise ModelLoadError(f"VAE not found: {vae} (no such file)")
 
     def pipeline(self) -> TextToImagePipeline:
         """The text-to-image pipeline of the selected checkpoint and VAE, loaded on first call."""

@@ -283,7 +283,7 @@ def run_remote_generate(args: argparse.Namespace) -> int:
     options = ranking_options(args, ())
     payload = txt2img_payload(
         request,
-        rerank=scores_wanted(args, tuple(scorers), request.n),
+        rerank=scores_wanted(args, bool(scorers), request.n),
         rerank_by=args.rerank_by,
         model=model_for_server(args.model),
         vae=model_for_server(args.vae) if args.vae is not None else None,
