@@ -49,6 +49,24 @@ def test_kept_rows_finish_as_their_full_trajectories(tiny_pipe, sampler):
     torch.testing.assert_close(final, full[[3, 1]], **EXACT)
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ SDE", "Euler a", "Heun", "PLMS"])
+def test_rows_split_off_finish_as_their_full_trajectories_and_leave_the_run_as_it_was(tiny_pipe, sampler):
+    """A split-off run is independent: finishing it first changes neither its rows nor the original's."""
+    request = GenerationRequest(**{**BASE, "n": 4, "sampler": sampler})
+    with tiny_pipe.generating():
+        run, _ = tiny_pipe.start(request, track_clean=True)
+        run.run(2)
+        aside = run.split_off([3, 1])
+        assert aside.step == 2 and aside.n == 2 and run.n == 4
+        set_aside = aside.run()  # [2, C, h, w], before the original goes on
+        run.keep([0, 2])
+        kept = run.run()
+    assert aside.step == run.step == BASE["steps"]
+    full = _unpruned(tiny_pipe, n=4, sampler=sampler)
+    torch.testing.assert_close(set_aside, full[[3, 1]], **EXACT)
+    torch.testing.assert_close(kept, full[[0, 2]], **EXACT)
+
+
 def test_deep_cache_and_cfg_cutoff_follow_the_kept_rows(tiny_pipe):
     # steps 0-3 guided (cutoff 0.2 of 5), step 3 cached from step 2's deep features, step 4 unguided
     settings = dict(cache_interval=2, guidance_cutoff=0.2, sampler="DPM++ 2M", n=3)
@@ -262,31 +280,40 @@ def test_the_engine_prunes_with_the_models_preview_scorer_and_says_so(tiny_model
 
 def test_a_minimum_score_finishes_the_pruned_when_the_kept_fall_short(tiny_pipe, scorer):
     """Round 1 finishes the best M; when none passes, round 2 finishes the N - M it pruned (their seeds'
-    own images); round 3 starts new seeds, pruned again."""
+    own images, going on from step 2); round 3 starts new seeds, pruned again."""
     from pipelines.rerank.min_score import best_of_until_pass
 
     request = GenerationRequest(**{**BASE, "n": 4, "prune_to": 1, "prune_at": 2, "sampler": "DPM++ 2M"})
     rounds: list[tuple[int, int]] = []
-    steps: list[int] = []
+    steps: list[tuple[int, int]] = []  # (step, total) as told
 
     def run(minimum: float, extra_rounds: int):
         rounds.clear()
         steps.clear()
         return best_of_until_pass(tiny_pipe, request, scorer, {"CLIP score": minimum}, extra_rounds,
                                   on_round=lambda r: rounds.append((r.round, r.passed)),
-                                  on_step=lambda i: steps.append(i.step))
+                                  on_step=lambda i: steps.append((i.step, i.total)))
 
     passing = run(-1e9, 1)  # the kept one passes: one round, the other 3 stay pruned
     assert passing.rounds == 1 and len(passing.output.candidates) == 1 and len(passing.output.pruned) == 3
     assert {c.seed for c in passing.output.candidates} | {p.seed for p in passing.output.pruned} == {70, 71, 72, 73}
-    short = run(1e9, 1)  # nobody passes: the pruned 3 are finished in round 2, all 4 ranked together
+    rows: list[int] = []  # images per U-Net call (guided: twice the batch)
+    hook = tiny_pipe.components.unet.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        short = run(1e9, 1)  # nobody passes: the pruned 3 are finished in round 2, all 4 ranked together
+    finally:
+        hook.remove()
+    # The pruned go on from step 2: 4 x 5 candidate-steps in all, as without pruning (not 4 x 2 + 1 x 3 + 3 x 5).
+    assert sum(rows) // 2 == 4 * BASE["steps"]
     assert short.rounds == 2 and rounds == [(1, 0), (2, 0)] and not short.output.pruned
     assert sorted(c.seed for c in short.output.candidates) == [70, 71, 72, 73]
-    assert steps == sorted(steps)  # progress never goes back
+    # progress never goes back and ends at its total, told alike by both rounds: a pruned round's 4 x 2 + 1 x 3
+    assert [s for s, _ in steps] == sorted(s for s, _ in steps) and {t for _, t in steps} == {2 * 11}
+    assert steps[-1] == (22, 22)
     finished = {c.seed: c.image for c in short.output.candidates}
-    for seed in (p.seed for p in passing.output.pruned):
+    for seed in (p.seed for p in passing.output.pruned):  # each its seed's picture (8-bit, as the kept ones above)
         alone = tiny_pipe(GenerationRequest(**{**BASE, "seed": seed, "n": 1, "sampler": "DPM++ 2M"})).images[0]
-        assert np.array_equal(np.asarray(alone), np.asarray(finished[seed]))
+        assert np.abs(np.asarray(alone, dtype=int) - np.asarray(finished[seed], dtype=int)).max() <= 1
     longer = run(1e9, 2)  # round 3: new seeds 74-77, pruned to 1 again
     assert longer.rounds == 3 and sorted(c.seed for c in longer.output.candidates)[:4] == [70, 71, 72, 73]
     assert len(longer.output.candidates) == 5 and {p.seed for p in longer.output.pruned} < {74, 75, 76, 77}

@@ -1,5 +1,6 @@
 """The sampling loop of one batch as an object: run it to the end, or stop after step k, drop some
-images, and go on with the rest (early pruning, ``pipelines.rerank.early_pruning``).
+images, and go on with the rest (early pruning, ``pipelines.rerank.early_pruning``), or set them aside
+as a run of their own to finish later.
 
 Every image of a batch has its own noise generator and its own rows in the scheduler's multistep
 history, so dropping rows leaves the kept images exactly what they would have been (tests/test_early_pruning.py).
@@ -9,6 +10,7 @@ computed from the U-Net's output at each evaluation when asked for (``track_clea
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections.abc import Callable, Sequence
@@ -78,6 +80,15 @@ def keep_scheduler_rows(scheduler: Any, rows: Sequence[int]) -> None:
             tree.batched = False
 
 
+def copy_scheduler(scheduler: Any) -> Any:
+    """A deep copy of a scheduler mid-run. A DPM++ SDE Brownian-tree noise sampler is not copied (torchsde's
+    interval cache breaks under deepcopy): the copy builds its own from the per-image seeds at its next
+    step, and a seeded tree that splits halfway (diffusers' ``BatchedBrownianTree``) gives the same noise for
+    the same interval whatever was asked of it before."""
+    sampler = getattr(scheduler, "noise_sampler", None)
+    return copy.deepcopy(scheduler, {id(sampler): None} if sampler is not None else None)
+
+
 def _noise_level(scheduler: Any, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha, sigma) of the variance-preserving x_t = alpha x0 + sigma eps the U-Net sees at evaluation ``index``."""
     import torch
@@ -115,7 +126,8 @@ class DenoisingRun:
     evaluation (the 4-channel inpainting blend). ``request.steps`` counts steps as A1111 does: a
     second-order sampler evaluates the U-Net twice per step, and the progress, the CFG cutoff and the
     DeepCache interval all count steps, not evaluations. With ``track_clean``, ``clean`` holds the x0
-    predicted at the last evaluation; ``keep(rows)`` drops the other images.
+    predicted at the last evaluation; ``keep(rows)`` drops the other images, ``split_off(rows)`` makes a
+    run of its own of them.
     """
 
     def __init__(
@@ -253,3 +265,23 @@ class DenoisingRun:
         deep = getattr(self.runner, "_deep", None)  # DeepCache's cached features: [2n or n, ...]
         if deep is not None:
             self.runner._deep = deep[both.to(deep.device)] if deep.shape[0] == 2 * n else deep[index.to(deep.device)]
+
+    def split_off(self, rows: Sequence[int]) -> DenoisingRun:
+        """A run of only the images ``rows`` (indices into the current batch), at the same step, that goes on
+        independently: its own scheduler state, noise generators and cached features. This run is unchanged."""
+        import torch
+
+        from pipelines.speed.deep_cache import DeepCacheRunner
+
+        other = copy.copy(self)  # tensors are shared until either run replaces them (nothing is updated in place)
+        other.scheduler = copy_scheduler(self.scheduler)  # histories, step index, noise seeds
+        other.runner = DeepCacheRunner(self.runner.unet, self.runner.interval)
+        other.runner._deep = self.runner._deep
+        other.generators = []
+        for generator in self.generators:  # the same noise from here on, drawn separately
+            twin = torch.Generator(generator.device)
+            twin.set_state(generator.get_state())
+            other.generators.append(twin)
+        other.keep(rows)
+        return other
+

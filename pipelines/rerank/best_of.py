@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.contrastive import ContrastiveScorer
-    from pipelines.rerank.early_pruning import PrunedCandidate
+    from pipelines.rerank.early_pruning import HeldRuns, PrunedCandidate
 
 DEFAULT_BATCH_SIZE = 4
 
@@ -51,6 +51,7 @@ class BestOfOutput:
     pruned: list[PrunedCandidate] = field(default_factory=list)  # dropped by early pruning, best early score first
     early_scorer: str | None = None  # what ranked the candidates for early pruning
     early_score_label: str = "CLIP score"  # what the early scores are
+    held: HeldRuns | None = field(default=None, repr=False, compare=False)  # the pruned, to finish (hold_pruned)
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -82,12 +83,14 @@ def best_of_n(
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
+    hold_pruned: bool = False,
 ) -> BestOfOutput:
     """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``.
 
     With ``request.prune_to`` M the candidates are pruned early (:mod:`pipelines.rerank.early_pruning`):
     only M are finished, ranked by their final score; ``pruned`` lists the others with their early score
-    (by ``early_scorer`` when given, else by ``scorer``).
+    (by ``early_scorer`` when given, else by ``scorer``), and with ``hold_pruned`` ``held`` has their runs,
+    stopped where they were pruned, for the caller to finish if it needs them.
     """
     check_keep(keep, request.n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -106,14 +109,15 @@ def best_of_n(
     model_hash: str | None = None
     extra: dict[str, str] = {}
     pruned: list[PrunedCandidate] = []
+    held: HeldRuns | None = None
     early: dict[int, dict[str, float]] = {}  # generation index -> early score, for the kept ones
     early_label = "CLIP score"
     if request.prune_to and scorer is not None:
         from pipelines.rerank.early_pruning import early_pruned_images, pruned_candidates
 
-        images, ranking, extra = early_pruned_images(
+        images, ranking, extra, held = early_pruned_images(
             pipe, request, scorer, plain_prompt, batch_size=batch_size, early_scorer=early_scorer, on_step=on_step,
-            cancel=cancel, progress=progress,
+            cancel=cancel, progress=progress, hold_pruned=hold_pruned,
         )
         made = sorted(ranking.kept)
         seeds = [request.seeds()[i] for i in made]
@@ -156,4 +160,5 @@ def best_of_n(
         pruned=pruned,
         early_scorer=(early_scorer or scorer).name if request.prune_to and scorer is not None else None,
         early_score_label=early_label,
+        held=held,
     )

@@ -9,7 +9,9 @@ request's reranker, or by ``early_scorer``: the app passes the model's preview s
 one (``clip_preview/``, a CLIP taught what finished images such previews become). The kept candidates go
 on from where they are, so each is the very image its seed gives without pruning
 (tests/test_early_pruning.py). Compute: N K + M (steps - K) U-Net steps and M VAE decodes instead of N
-steps and N decodes.
+steps and N decodes. Asked to (``hold_pruned``), the pruned candidates' runs are set aside after step K
+(:class:`HeldRuns`), so a caller that needs them after all (a minimum score the kept ones missed) finishes
+them from step K, not from their seeds.
 """
 
 from __future__ import annotations
@@ -58,6 +60,51 @@ class EarlyRanking:
     kept: list[int]  # generation indices, best first
     pruned: list[int]  # generation indices, best first
     label: str = "CLIP score"  # what the early scores are
+
+
+def pruned_request_steps(request: GenerationRequest) -> int:
+    """Candidate-steps of a pruned request: all N candidates to step K, the kept M to the end."""
+    return request.n * request.prune_at + request.prune_to * (request.steps - request.prune_at)
+
+
+@dataclass
+class HeldRuns:
+    """The runs of pruned candidates, stopped after step K, and the request that started them.
+
+    Each run holds latents, scheduler history and prompt states of a few images (kilobytes at 512x512), and
+    the pipeline it runs on."""
+
+    request: GenerationRequest  # seed resolved
+    runs: list[tuple[list[int], DenoisingRun]] = field(default_factory=list)  # (generation indices, run of them)
+
+    @property
+    def steps_left(self) -> int:
+        """Candidate-steps to finish them all."""
+        return sum(run.n * (run.total - run.step) for _, run in self.runs)
+
+    def finish(
+        self,
+        pipe: TextToImagePipeline,
+        *,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        progress: bool = False,
+    ) -> dict[int, Image.Image]:
+        """Run every held candidate to the end and decode it: generation index -> image. Each is the image its
+        seed gives without pruning. ``on_step`` counts candidate-steps; the runs are used up."""
+        import torch
+
+        request, total, done = self.request, self.steps_left, [0]
+        finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
+        with pipe.generating():
+            pipe.activate_networks(request.prompt, request.negative_prompt)  # the prompt's LoRAs, as when started
+            for indices, run in self.runs:
+                latents = run.run(on_step=_counting(on_step, done, run.n, total), cancel=cancel, progress=progress)
+                finished.update(zip(indices, latents, strict=True))
+            self.runs = []
+            order = sorted(finished)
+            images = pipe.decode(torch.stack([finished[i] for i in order]), request.vae_decoder)
+        return dict(zip(order, images, strict=True))
 
 
 def preview_scorer_folder(model_folder: Path) -> Path | None:
@@ -114,9 +161,11 @@ def early_pruned_images(
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
-) -> tuple[list[Image.Image], EarlyRanking, dict[str, Any]]:
+    hold_pruned: bool = False,
+) -> tuple[list[Image.Image], EarlyRanking, dict[str, Any], HeldRuns | None]:
     """Run ``request`` (seed resolved, ``prune_to`` M and ``prune_at`` K set) with pruning: the kept
-    candidates' images in generation order, the ranking, the networks' infotext.
+    candidates' images in generation order, the ranking, the networks' infotext, and with ``hold_pruned``
+    the pruned candidates' runs (else None).
 
     ``early_scorer`` ranks the x0 pictures (default: ``scorer``), e.g. a model's preview scorer, a CLIP
     fine-tuned on its own x0 previews (:mod:`pipelines.training.clip_previews`). ``on_step`` counts
@@ -126,7 +175,7 @@ def early_pruned_images(
 
     pipe.check_decoder(request.vae_decoder)
     n, keep, at = request.n, request.prune_to, request.prune_at
-    total = n * at + keep * (request.steps - at)
+    total = pruned_request_steps(request)
     done = [0]
     runs: list[tuple[int, DenoisingRun]] = []  # (first generation index, run)
     extra: dict[str, Any] = {}
@@ -140,15 +189,20 @@ def early_pruned_images(
         clean = torch.cat([run.clean for _, run in runs])  # [N, C, h, w], x0 predicted at step K
         ranking = rank_early((early_scorer or scorer).score(decode_clean(pipe, clean, decoder), prompt), keep)
         finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
+        held = HeldRuns(request) if hold_pruned else None
         for start, run in runs:
             rows = [i - start for i in sorted(ranking.kept) if start <= i < start + run.n]
+            dropped = [i - start for i in sorted(ranking.pruned) if start <= i < start + run.n]
+            if held is not None and dropped:
+                aside = run.split_off(dropped) if rows else run  # [len(dropped), ...] at step K
+                held.runs.append(([start + row for row in dropped], aside))
             if not rows:
                 continue
             run.keep(rows)
             latents = run.run(on_step=_counting(on_step, done, len(rows), total), cancel=cancel, progress=progress)
             finished.update({start + row: latent for row, latent in zip(rows, latents, strict=True)})
         images = pipe.decode(torch.stack([finished[i] for i in sorted(finished)]), request.vae_decoder)  # M images
-    return images, ranking, extra
+    return images, ranking, extra, held
 
 
 def pruned_candidates(request: GenerationRequest, ranking: EarlyRanking) -> list[PrunedCandidate]:

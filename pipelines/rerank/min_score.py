@@ -8,9 +8,10 @@ stops after the first round in which one passes (every threshold met, each in it
 ranked together (a Weighted score is relative to the candidates ranked together), the passing ones first.
 
 With early pruning (``request.prune_to``) a round finishes only its M best candidates; when none of them
-passes, the next round finishes the N - M it pruned (the same seeds, whole), and the round after that
-starts new seeds again. Pruning then costs nothing in fidelity where it matters: a request whose kept
-candidates fall short gets every candidate of the round, as best-of-N without pruning would have.
+passes, the next round finishes the N - M it pruned (the same seeds, going on from the step they were
+pruned at, so each is its seed's whole image), and the round after that starts new seeds again. Pruning
+then costs nothing in fidelity where it matters: a request whose kept candidates fall short gets every
+candidate of the round, as best-of-N without pruning would have, and at no more U-Net steps.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
-    from pipelines.rerank.early_pruning import PrunedCandidate
+    from pipelines.rerank.early_pruning import HeldRuns, PrunedCandidate
     from pipelines.rerank.scorers import Scorer
 
 MAX_EXTRA_ROUNDS = 10
@@ -92,26 +93,25 @@ def _scores_of(result: ScoreResult, index: int) -> dict[str, float]:
 
 def _finish_pruned(
     pipe: TextToImagePipeline,
-    request: GenerationRequest,
-    pruned: list[PrunedCandidate],
+    held: HeldRuns,
+    pending: list[PrunedCandidate],
     on_step: StepCallback | None,
     cancel: threading.Event | None,
     progress: bool,
 ) -> tuple[list[Image.Image], list[int]]:
-    """The pruned candidates generated whole, each from its own seed (its image, as without pruning)."""
-    steps = request.steps
-    images, seeds = [], []
-    for index, candidate in enumerate(pruned):
+    """The pruned candidates finished from the step they were pruned at, in ``pending``'s order: each its
+    seed's own image, as without pruning. Progress is told in a pruned round's candidate-steps, so that
+    every round moves it by the same amount."""
+    from pipelines.rerank.early_pruning import pruned_request_steps
 
-        def forward(info: StepInfo, done: int = index * steps) -> None:
-            if on_step is not None:
-                on_step(replace(info, step=done + info.step, total=len(pruned) * steps))
+    unit, left = pruned_request_steps(held.request), held.steps_left
 
-        alone = replace(request, seed=candidate.seed, n=1, prune_to=0, prune_at=0)
-        output = best_of_n(pipe, alone, None, on_step=forward, cancel=cancel, progress=progress)
-        images.append(output.candidates[0].image)
-        seeds.append(candidate.seed)
-    return images, seeds
+    def forward(info: StepInfo) -> None:
+        if on_step is not None:
+            on_step(replace(info, step=round(info.step * unit / left), total=unit))
+
+    finished = held.finish(pipe, on_step=forward, cancel=cancel, progress=progress)  # generation index -> image
+    return [finished[c.generation_index] for c in pending], [c.seed for c in pending]
 
 
 def best_of_until_pass(
@@ -149,22 +149,24 @@ def best_of_until_pass(
     last: BestOfOutput | None = None
     result: ScoreResult | None = None
     pending: list[PrunedCandidate] = []  # pruned by the last round of new seeds, not finished yet
+    held: HeldRuns | None = None  # their runs, stopped where they were pruned
     fresh = 0  # rounds of new seeds so far
     for round_index in range(max_rounds):
         round_steps = _whole_request_steps(on_step, round_index, max_rounds)
         if pending:  # the kept of the last pruned round fell short: finish the ones it pruned
-            new_images, new_seeds = _finish_pruned(pipe, request, pending, round_steps, cancel, progress)
-            pending = []
+            assert held is not None  # held whenever a round follows
+            new_images, new_seeds = _finish_pruned(pipe, held, pending, round_steps, cancel, progress)
+            pending, held = [], None
         else:
             part = replace(request, seed=(request.seed + fresh * request.n) % (MAX_SEED + 1))
             fresh += 1
             last = best_of_n(
                 pipe, part, scorer if request.prune_to else None, batch_size=batch_size, early_scorer=early_scorer,
-                cancel=cancel, progress=progress, on_step=round_steps,
+                cancel=cancel, progress=progress, on_step=round_steps, hold_pruned=round_index < max_rounds - 1,
             )
             made = sorted(last.candidates, key=lambda c: c.generation_index)
             new_images, new_seeds = [c.image for c in made], [c.seed for c in made]  # generation order
-            pending = list(last.pruned)
+            pending, held = list(last.pruned), last.held
         images.extend(new_images)
         seeds.extend(new_seeds)
         result = scorer.score(new_images, prompt)
