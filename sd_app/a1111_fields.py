@@ -77,6 +77,9 @@ def check_fields(extra: Mapping[str, Any], sampler_name: str, known: set[str]) -
 # A1111 options sd-app honours (POST /sdapi/v1/options, a request's override_settings); the rest are refused.
 OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "sd_vae_decode_method")
 NO_OP_OPTIONS = {"samples_format": ("png",)}
+# Shown by GET /options but set on the server's command line: accepted at their current value (so that the
+# options read can be posted back), refused otherwise (sd_app.api_models.check_server_options).
+SERVER_OPTIONS = ("sd_checkpoints_limit",)
 
 
 def check_options(options: Any, field: str = "options") -> dict[str, Any]:
@@ -85,13 +88,13 @@ def check_options(options: Any, field: str = "options") -> dict[str, Any]:
         raise ValueError(f"{field} must be a JSON object of A1111 options, got {_short(options)}")
     refused = sorted(
         name for name, value in options.items()
-        if name not in OPTIONS and not (name in NO_OP_OPTIONS and value in NO_OP_OPTIONS[name])
+        if name not in OPTIONS + SERVER_OPTIONS and not (name in NO_OP_OPTIONS and value in NO_OP_OPTIONS[name])
     )
     if refused:
         raise ValueError(
             f"{field}: not supported by sd-app: {', '.join(refused)} (supported: {', '.join(OPTIONS)})"
         )
-    wanted = {name: options[name] for name in OPTIONS if name in options}
+    wanted = {name: options[name] for name in OPTIONS + SERVER_OPTIONS if name in options}
     for name in ("sd_model_checkpoint", "sd_vae"):
         if name in wanted and (not isinstance(wanted[name], str) or not wanted[name].strip()):
             raise ValueError(f"{field}: {name} must be a checkpoint / VAE name, got {_short(wanted[name])}")

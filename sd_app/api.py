@@ -429,19 +429,22 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
         body: GenerationFields, request: GenerationRequest, notes: list[str], http: Request
     ) -> dict[str, Any]:
         from sd_app.a1111_fields import check_options
+        from sd_app.api_models import apply_options, check_server_options, client_switch
 
         overrides = check_options(body.override_settings or {}, "override_settings")
-        switch = {"checkpoint": overrides.get("sd_model_checkpoint"), "vae": overrides.get("sd_vae")}
         cancel = threading.Event()
         client = http.client.host if http.client else ""
 
         def work() -> GenerationResult:
+            check_server_options(engine, overrides)
+            checkpoint, vae = client_switch(engine, overrides)  # library names only (422 for a path)
             with tracker.job(request.total_steps, cancel, "api", client=client) as job:
-                if not body.override_settings_restore_afterwards and any(switch.values()):
-                    engine.switch(**switch)  # A1111: the override stays
+                if overrides and not body.override_settings_restore_afterwards:
+                    apply_options(engine, overrides)  # A1111: the overrides stay, all of them
                 return engine.generate(
                     request,
-                    **switch,
+                    checkpoint=checkpoint,
+                    vae=vae,
                     rerank=body.rerank,
                     rerank_by=body.rerank_by,
                     scorers=body.scorers,

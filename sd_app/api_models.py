@@ -156,11 +156,37 @@ def build_models_router(engine: Engine) -> APIRouter:
     return router
 
 
+def client_switch(engine: Engine, wanted: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The checkpoint and VAE that options (or a request's ``override_settings``) name, as the engine's selection
+    (None: unchanged): library names only, or the running selection as ``GET /options`` shows it; a path is
+    refused (ModelNotFound, 422) before anything is read (``sd_app.checkpoints.client_selection``)."""
+    from sd_app.checkpoints import client_selection
+
+    def spellings(value: str) -> set[str]:  # as the server was given it, and as a path made absolute
+        path = Path(value).expanduser()
+        return {value, str(path.resolve())} if path.exists() else {value}
+
+    def shown() -> tuple[set[str], set[str]]:
+        return {selected_title(engine), *spellings(str(engine.model))}, spellings(engine.vae or "Automatic")
+
+    return client_selection(engine.library(), wanted.get("sd_model_checkpoint"), wanted.get("sd_vae"), shown)
+
+
+def check_server_options(engine: Engine, wanted: Mapping[str, Any]) -> None:
+    """ValueError when options set on the server's command line are sent at another value than theirs."""
+    limit = wanted.get("sd_checkpoints_limit", engine.max_loaded)
+    if limit != engine.max_loaded or isinstance(limit, bool):
+        raise ValueError(f"sd_checkpoints_limit is the server's --max-loaded ({engine.max_loaded}); it is not set "
+                         f"over HTTP, got {limit!r}")
+
+
 def apply_options(engine: Engine, wanted: Mapping[str, Any]) -> dict[str, Any]:
     """Switch checkpoint / VAE (after the running job) and set the default clip skip and VAE decoder; the
-    options after."""
-    if "sd_model_checkpoint" in wanted or "sd_vae" in wanted:
-        engine.switch(checkpoint=wanted.get("sd_model_checkpoint"), vae=wanted.get("sd_vae"))
+    options after. Nothing changes when any value is refused."""
+    check_server_options(engine, wanted)
+    checkpoint, vae = client_switch(engine, wanted)
+    if checkpoint is not None or vae is not None:
+        engine.switch(checkpoint=checkpoint, vae=vae)
     if "CLIP_stop_at_last_layers" in wanted:
         engine.clip_skip = wanted["CLIP_stop_at_last_layers"]
     if "sd_vae_decode_method" in wanted:

@@ -3,7 +3,8 @@
 A1111's option values: ``sd_model_checkpoint`` is a checkpoint's title (``sub/model.safetensors
 [hash]``), its name, file name, stem or short hash; ``sd_vae`` is ``Automatic`` (a ``<checkpoint
 stem>.vae.safetensors`` beside the checkpoint, else the checkpoint's own), ``None`` (the checkpoint's
-own) or a VAE's name. Paths and ``embedded`` work too, as on the command line. At most ``max_loaded``
+own) or a VAE's name. Paths and ``embedded`` work too, as on the command line; a client of the server
+(HTTP API, browser UI) names library entries only (:func:`client_selection`). At most ``max_loaded``
 pipelines stay in memory (1 by default: a switch frees the old model before loading the new).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import gc
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,42 @@ def vae_path(library: ModelLibrary, checkpoint: str, spec: str | None) -> str | 
     if Path(spec).expanduser().is_file():
         return spec
     return str(library.find("vae", spec).path)
+
+
+def client_selection(
+    library: ModelLibrary,
+    checkpoint: str | None,
+    vae: str | None,
+    shown: Callable[[], tuple[Collection[str], Collection[str]]] = lambda: ((), ()),
+) -> tuple[str | None, str | None]:
+    """A server client's ``sd_model_checkpoint`` / ``sd_vae`` values as the engine's selection (None: unchanged).
+
+    A client names a checkpoint or VAE of the model folders (A1111's names, titles, short hashes),
+    ``embedded``, ``Automatic`` or ``None``, or sends back how the running selection was shown to it
+    (``shown()``: the checkpoint's and the VAE's spellings, which may be the operator's paths; asked only
+    for a value that names no library entry). It never names a file of its own choosing on this machine
+    (README "Security"): ModelNotFound, before anything is read."""
+    from pipelines.models.errors import ModelNotFound
+
+    def named(kind: str, value: str | None, plain: tuple[str, ...]) -> str | None:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if text in plain:
+            return text
+        try:
+            entry = library.find(kind, text)
+        except ModelNotFound:
+            if text in shown()[0 if kind == "checkpoint" else 1]:
+                return None
+            if text.startswith(("/", "~", ".")) or "\\" in text:
+                listing = "sd-models" if kind == "checkpoint" else "sd-vae"
+                raise ModelNotFound(f"{kind} {text!r}: the server takes the names of its model folders' files, "
+                                    f"not paths (GET /sdapi/v1/{listing} lists them)") from None
+            raise
+        return "embedded" if entry.folder == "shipped" else entry.name  # selected by its name, as GET /options shows
+
+    return named("checkpoint", checkpoint, ("embedded",)), named("vae", vae, (AUTOMATIC_VAE, OWN_VAE))
 
 
 def entry_title(entry: ModelFile, short_hash: str | None) -> str:

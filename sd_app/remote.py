@@ -221,8 +221,9 @@ def txt2img(base_url: str, payload: dict[str, Any], auth: str | None = None,
 
 
 def model_for_server(model: str) -> str:
-    """The checkpoint as the server should read it: a local path made absolute (the server has its own
-    working folder), a name ("embedded", a library name, an A1111 title) as it is."""
+    """The checkpoint as the server should read it: a name ("embedded", a library name, an A1111 title) as it
+    is, a local path made absolute (the server has its own working folder). The server takes a path only
+    when it is the model it runs already: a client names the files of its model folders."""
     path = Path(model).expanduser()
     return str(path.resolve()) if model != "embedded" and path.exists() else model
 

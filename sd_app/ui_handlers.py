@@ -522,9 +522,14 @@ class UiHandlers:
 
     def switch_model(self, checkpoint: str, vae: str) -> tuple[Any, ...]:
         """Load the chosen checkpoint and VAE after the running job (the old model is freed)."""
+        from sd_app.checkpoints import client_selection
+
         started = time.monotonic()
         try:
-            self.engine.switch(checkpoint=checkpoint, vae=vae)
+            # The dropdowns' names, or the current selection as shown; a crafted call naming a path is refused.
+            chosen = client_selection(self.engine.library(), checkpoint, vae,
+                                      lambda: ({self.checkpoint_value()}, {self.engine.vae or "Automatic"}))
+            self.engine.switch(*chosen)
         except ValueError as error:
             gr.Warning(str(error))
             return f"Not switched: {error}", self.checkpoint_value(), self.engine.vae or "Automatic"

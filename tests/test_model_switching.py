@@ -111,6 +111,32 @@ def test_bad_options_are_refused_by_name_and_change_nothing(server):
     assert httpx.get(f"{url}/sdapi/v1/options").json() == before
 
 
+def test_a_client_names_models_never_paths_and_can_post_back_what_it_read(server, models_root, tmp_path):
+    """README "Security": the API takes no path. A loadable model outside the folders, a missing path, a system
+    file and a file with a secret get one answer, 422, and nothing is read or switched."""
+    url, _ = server
+    before = httpx.get(f"{url}/sdapi/v1/options").json()
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(models_root / "models" / "Stable-diffusion" / "tiny-b", outside)
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"\x0c\x00\x00\x00\x00\x00\x00\x00\"hunter2xx\"")
+    for value in (str(outside), str(tmp_path / "missing"), "/etc/passwd", str(secret), "./models"):
+        for response in (
+            options(url, sd_model_checkpoint=value),
+            options(url, sd_vae=value),
+            httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "override_settings": {"sd_model_checkpoint": value}},
+                       timeout=300),
+            httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "override_settings": {"sd_vae": value}}, timeout=300),
+        ):
+            assert response.status_code == 422, response.text
+            assert "not paths" in response.json()["detail"] and "hunter2" not in response.text
+    assert httpx.get(f"{url}/sdapi/v1/options").json() == before
+    assert options(url, **before).status_code == 200  # what GET /options shows goes back as it is
+    assert httpx.get(f"{url}/sdapi/v1/options").json() == before
+    response = options(url, sd_checkpoints_limit=before["sd_checkpoints_limit"] + 1)
+    assert response.status_code == 422 and "--max-loaded" in response.json()["detail"]
+
+
 def test_override_settings_switch_for_one_request_and_back(server):
     url, engine = server
     known = hashes(url)
@@ -125,7 +151,9 @@ def test_override_settings_switch_for_one_request_and_back(server):
                         override_settings_restore_afterwards=False)
     assert params["Model hash"] == known["tiny-b"]
     assert httpx.get(f"{url}/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-b")  # A1111: it stays
-    assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+    txt2img(url, override_settings={"CLIP_stop_at_last_layers": 2}, override_settings_restore_afterwards=False)
+    assert httpx.get(f"{url}/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2  # every override stays
+    assert options(url, sd_model_checkpoint="tiny-a", CLIP_stop_at_last_layers=1).status_code == 200
     assert len(engine.loaded()) == 1
 
 
