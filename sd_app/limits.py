@@ -45,22 +45,39 @@ class RequestLimits:
             tokens = count_tokens(text).tokens
             if tokens > self.max_prompt_tokens:
                 raise ValueError(f"{name} is {tokens} CLIP tokens; this server accepts up to {self.max_prompt_tokens}")
-        pixels = request.width * request.height
-        if pixels > self.max_image_pixels:
-            raise ValueError(
-                f"{request.width}x{request.height} is {pixels} pixels per image; this server accepts up to "
-                f"{self.max_image_pixels} (e.g. 1024x1024)"
-            )
-        work = pixels * request.steps * request.n * rounds
-        if work > self.max_pixel_steps:
-            shown = f"{request.width}x{request.height}x{request.steps}x{request.n}"
-            if rounds > 1:
+        sizes = {"": (request.width, request.height)}  # what each pass denoises and decodes
+        if request.hires is not None:
+            sizes["hires fix "] = request.hires.target_size(request.width, request.height)[0]  # upscaled cover
+        for which, (width, height) in sizes.items():
+            if width * height > self.max_image_pixels:
                 raise ValueError(
-                    f"width x height x steps x images x rounds = {shown}x{rounds} = {work} (a minimum score may "
-                    f"take {rounds} rounds) exceeds this server's limit of {self.max_pixel_steps}; ask for fewer "
-                    "extra rounds, steps or images"
+                    f"{which}{width}x{height} is {width * height} pixels per image; this server accepts up to "
+                    f"{self.max_image_pixels} ({_square(self.max_image_pixels)})"
                 )
+        first = request.width * request.height * request.steps
+        hires_steps = request.total_steps - request.steps if request.hires is not None else 0
+        second = sizes["hires fix "][0] * sizes["hires fix "][1] * hires_steps if hires_steps else 0
+        work = (first + second) * request.n * rounds
+        if work <= self.max_pixel_steps:
+            return
+        shown = f"{request.width}x{request.height}x{request.steps}"
+        formula = "width x height x steps"
+        if second:
+            width, height = sizes["hires fix "]
+            shown, formula = f"({shown} + {width}x{height}x{hires_steps})", f"({formula} + the hires pass's)"
+        shown, formula = f"{shown}x{request.n}", f"{formula} x images"
+        if rounds > 1:
             raise ValueError(
-                f"width x height x steps x images = {shown} "
-                f"= {work} exceeds this server's limit of {self.max_pixel_steps}; ask for fewer steps or images"
+                f"{formula} x rounds = {shown}x{rounds} = {work} (a minimum score may take {rounds} rounds) "
+                f"exceeds this server's limit of {self.max_pixel_steps}; ask for fewer extra rounds, steps or images"
             )
+        raise ValueError(
+            f"{formula} = {shown} = {work} exceeds this server's limit of {self.max_pixel_steps}; ask for fewer "
+            "steps or images"
+        )
+
+
+def _square(pixels: int) -> str:
+    """A limit in pixels as the square it allows: ``e.g. 1024x1024``."""
+    side = int(pixels**0.5) // 8 * 8
+    return f"e.g. {side}x{side}"

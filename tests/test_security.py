@@ -113,6 +113,12 @@ def test_body_size_and_request_limits(guarded):
         ({"negative_prompt": "blue " * 150}, "negative_prompt is 150 CLIP tokens"),
         ({"width": 256, "height": 256}, "256x256 is 65536 pixels per image; this server accepts up to 16384"),
         ({"steps": 3, "batch_size": 3}, "width x height x steps x images = 64x64x3x3 = 36864 exceeds"),
+        # the hires fix's second pass counts: its size, and its steps as work
+        ({"enable_hr": True, "hr_scale": 2.5}, "hires fix 160x160 is 25600 pixels per image; this server accepts "
+                                               "up to 16384 (e.g. 128x128)"),
+        ({"enable_hr": True, "hr_resize_x": 2048, "hr_resize_y": 2048}, "hires fix 2048x2048 is 4194304 pixels"),
+        ({"enable_hr": True, "hr_scale": 2}, "(width x height x steps + the hires pass's) x images = "
+                                             "(64x64x2 + 128x128x2)x1 = 40960 exceeds"),
     ]
     for fields, message in cases:
         response = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, **fields}, auth=auth, timeout=60)
