@@ -53,6 +53,12 @@ def open_image_file(path: str | Path, field: str, mask: bool = False) -> Image.I
 
 def decode_image(data: str, field: str, mask: bool = False) -> Image.Image:
     """A base64 image (optionally a ``data:image/...;base64,`` URL, as A1111 clients send) as RGB or grey."""
+    image = decode_image_as_sent(data, field)
+    return image.convert("L") if mask else _flatten(image)
+
+
+def decode_image_as_sent(data: str, field: str) -> Image.Image:
+    """A base64 image (or ``data:`` URL) in its own mode, with its text chunks (``image.info``)."""
     if not isinstance(data, str) or not data.strip():
         raise ValueError(f"{field} must be a base64-encoded image, got {data!r}"[:200])
     text = data.strip()
@@ -62,5 +68,4 @@ def decode_image(data: str, field: str, mask: bool = False) -> Image.Image:
         raw = base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError):
         raise ValueError(f"{field} is not valid base64") from None
-    image = _open(raw, field)
-    return image.convert("L") if mask else _flatten(image)
+    return _open(raw, field)

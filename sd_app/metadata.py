@@ -191,6 +191,24 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
         raise ValueError(f"parameters cannot be reused: {error}") from error
 
 
+def a1111_parameters(text: str) -> dict[str, Any]:
+    """A ``parameters`` text as A1111's ``parse_generation_parameters`` gives it (``/sdapi/v1/png-info``):
+    ``Prompt``, ``Negative prompt``, then each pair as a string, a ``WxH`` value split into ``Key-1`` and
+    ``Key-2`` (``Size-1``, ``Size-2``). A text without a settings line is all prompt, as A1111 reads it."""
+    try:
+        parsed = parse_parameters(text)
+    except ValueError:
+        return {"Prompt": text.strip(), "Negative prompt": ""}
+    result: dict[str, Any] = {"Prompt": parsed.pop("prompt"), "Negative prompt": parsed.pop("negative_prompt")}
+    for key, value in parsed.items():
+        size = re.fullmatch(r"(\d+)x(\d+)", str(value))
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.groups()
+        else:
+            result[key] = str(value)
+    return result
+
+
 def read_png_parameters(image: Any) -> str | None:
     """The ``parameters`` text chunk of an opened PIL image, if any."""
     info = getattr(image, "info", {}) or {}

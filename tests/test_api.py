@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from pipelines.generation.previews import preview
 from pipelines.generation.text_to_image import StepInfo
@@ -350,3 +351,27 @@ def test_webuiapi_client_img2img_and_hires_txt2img(live_server):
     hires = api.txt2img(prompt="a red circle", seed=6, width=64, height=64, enable_hr=True, hr_scale=2,
                         hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.6)
     assert hires.images[0].size == (128, 128) and "Hires upscaler: Latent" in hires.info["infotexts"][0]
+
+
+def test_png_info_reads_back_what_txt2img_wrote_as_a1111_parses_it(live_server):
+    body = txt2img(live_server.url, seed=5, negative_prompt="blurry, dark", rerank=False)
+    infotext = json.loads(body["info"])["infotexts"][0]
+    url = f"{live_server.url}/sdapi/v1/png-info"
+    for sent in (body["images"][0], "data:image/png;base64," + body["images"][0]):
+        answer = httpx.post(url, json={"image": sent}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        info = answer.json()
+        assert info["info"] == infotext and info["items"] == {}
+        parameters = info["parameters"]
+        assert parameters["Prompt"] == "a red circle" and parameters["Negative prompt"] == "blurry, dark"
+        assert (parameters["Size-1"], parameters["Size-2"], parameters["Seed"]) == ("64", "64", "5")
+        assert "Size" not in parameters and parameters["Sampler"] == "Euler a"
+    plain = io.BytesIO()
+    text = PngInfo()
+    text.add_text("Software", "paint")
+    Image.new("RGB", (8, 8)).save(plain, format="PNG", pnginfo=text)
+    info = httpx.post(url, json={"image": base64.b64encode(plain.getvalue()).decode()}, timeout=60).json()
+    assert info == {"info": "", "items": {"Software": "paint"}, "parameters": {}}
+    for bad in ("not base64 at all!", base64.b64encode(b"not an image").decode()):
+        answer = httpx.post(url, json={"image": bad}, timeout=60)
+        assert answer.status_code == 422 and "image is not" in answer.json()["detail"]
