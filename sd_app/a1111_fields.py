@@ -18,12 +18,12 @@ from pipelines.generation.request import VAE_DECODERS, canonical_decoder
 # Never change the picture (saving, bookkeeping), or only matter with a switch that is off by default.
 IGNORED = frozenset(
     {
-        "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "infotext",
-        "override_settings_restore_afterwards", "disable_extra_networks", "subseed", "sampler_index",
+        "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id",
+        "override_settings_restore_afterwards", "subseed", "sampler_index",
         "send_images", "save_images", "denoising_strength", "firstphase_width", "firstphase_height",
         "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
         "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
-        "refiner_switch_at", "firstpass_image",
+        "refiner_switch_at",
         "image_cfg_scale",  # only InstructPix2Pix models read it; sd-app runs none
     }
 )
@@ -45,6 +45,11 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "s_tmin": (None, 0),
     "s_tmax": (None, 0),  # A1111 reads 0 as infinity, its default
     "s_noise": (None, 1),
+    "token_merging_ratio": (None, 0),
+    "token_merging_ratio_hr": (None, 0),
+    "disable_extra_networks": (None, False),  # True: A1111 would drop the prompt's <lora:...> tags
+    "infotext": (None, ""),  # A1111 fills the fields a request leaves unset from it
+    "firstpass_image": (None, ""),  # A1111's hires fix would start from it
 }
 # eta as A1111 applies it to the ancestral/SDE samplers (default 1), which sd-app runs at that value only.
 # DDIM's eta and TCD's gamma are the request's (GenerationRequest.eta); the other samplers ignore eta in

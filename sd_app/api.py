@@ -65,6 +65,7 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
     "LCM": ["k_lcm"],  # modules/sd_samplers_lcm.py
 }
 SCHEDULERS = tuple(schedule_names())
+DEFAULT_MASK_BLUR = 4  # A1111's mask_blur_x and mask_blur_y
 
 
 class GenerationFields(BaseModel):
@@ -130,9 +131,10 @@ class Img2ImgRequest(GenerationFields):
     resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
     denoising_strength: float = 0.75
     mask: str | None = None  # base64; white = repaint
-    mask_blur: int = 4
+    mask_blur: int | None = None  # A1111: when set, both directions' blur; else mask_blur_x and _y (4 each)
     mask_blur_x: int | None = None
     mask_blur_y: int | None = None
+    mask_round: bool = True  # the latent blend's mask rounded to 0 or 1, as sd-app always does; False refused
     inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = True  # only masked
     inpaint_full_res_padding: int = 0
@@ -157,18 +159,21 @@ def _refuse_unsupported(body: GenerationFields) -> None:
     refused: dict[str, Any] = {}
     if isinstance(body, Txt2ImgRequest):
         refused.update(
-            hr_checkpoint_name=body.hr_checkpoint_name,
+            hr_checkpoint_name=body.hr_checkpoint_name if body.hr_checkpoint_name != "Use same checkpoint" else None,
             hr_prompt=body.hr_prompt if body.hr_prompt != body.prompt else "",
             hr_negative_prompt=body.hr_negative_prompt if body.hr_negative_prompt != body.negative_prompt else "",
             firstphase_width=body.firstphase_width,
             firstphase_height=body.firstphase_height,
         )
-        if body.hr_sampler_name and body.hr_sampler_name.casefold() != (body.sampler_name or "").casefold():
+        same = ("use same sampler", (body.sampler_name or "").casefold())  # A1111's UI spells "unset" so
+        if body.hr_sampler_name and body.hr_sampler_name.casefold() not in same:
             refused["hr_sampler_name"] = body.hr_sampler_name
-        if body.hr_scheduler and body.hr_scheduler.casefold() not in ((body.scheduler or "").casefold(), "automatic"):
+        same = ("use same scheduler", (body.scheduler or "").casefold(), "automatic")
+        if body.hr_scheduler and body.hr_scheduler.casefold() not in same:
             refused["hr_scheduler"] = body.hr_scheduler
     if isinstance(body, Img2ImgRequest):
         refused["latent_mask"] = body.latent_mask
+        refused["mask_round"] = "False" if not body.mask_round else None
         if body.initial_noise_multiplier not in (None, 1, 1.0):
             refused["initial_noise_multiplier"] = body.initial_noise_multiplier
     for field, value in refused.items():
@@ -240,10 +245,12 @@ def to_image_request(body: Img2ImgRequest, clip_skip: int = 1,
     if len(body.init_images) != 1:
         raise ValueError(f"init_images must hold exactly one base64 image, got {len(body.init_images)}")
     blur = body.mask_blur
-    for name in ("mask_blur_x", "mask_blur_y"):
-        value = getattr(body, name)
-        if value is not None and value != blur:
-            raise ValueError(f"{name} different from mask_blur is not supported (got {value} and {blur})")
+    if blur is None:  # A1111: mask_blur, when sent, sets both directions; otherwise each its own
+        blur_x, blur_y = (DEFAULT_MASK_BLUR if v is None else v for v in (body.mask_blur_x, body.mask_blur_y))
+        if blur_x != blur_y:
+            raise ValueError(f"mask_blur_x ({blur_x}) and mask_blur_y ({blur_y}) must be equal: sd-app blurs a mask "
+                             "alike in both directions (send mask_blur)")
+        blur = blur_x
     init = decode_image(body.init_images[0], "init_images[0]")
     mask = decode_image(body.mask, "mask", mask=True) if body.mask else None
     if body.inpainting_mask_invert not in (0, 1):

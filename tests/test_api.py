@@ -321,7 +321,8 @@ def test_txt2img_hires_fix(live_server):
         ({"mask": "BLACK"}, "mask is all black: nothing to repaint"),
         ({"inpainting_fill": 7}, "inpainting_fill must be one of 0 fill, 1 original, 2 latent noise"),
         ({"resize_mode": 3}, "resize_mode must be one of 0 just resize, 1 crop and resize, 2 resize and fill"),
-        ({"mask_blur_x": 9}, "mask_blur_x different from mask_blur is not supported"),
+        ({"mask_blur_x": 9}, "mask_blur_x (9) and mask_blur_y (4) must be equal"),
+        ({"mask_round": False}, "mask_round is not supported by sd-app (got 'False')"),
         ({"initial_noise_multiplier": 0.5}, "initial_noise_multiplier is not supported"),
     ],
 )
@@ -332,6 +333,16 @@ def test_img2img_bad_input_is_422_naming_the_field(live_server, fields, message)
     response = httpx.post(f"{live_server.url}/sdapi/v1/img2img", json=body, timeout=60)
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"]
+
+
+def test_img2img_mask_blur_as_a1111_reads_it(live_server):
+    """mask_blur, when sent, sets both directions (A1111's property); otherwise mask_blur_x and _y, 4 each."""
+    for fields, blur in (({"mask_blur": 8, "mask_blur_x": 4, "mask_blur_y": 4}, "8"), ({"mask_blur_x": 2,
+                         "mask_blur_y": 2}, "2"), ({}, "4"), ({"mask_round": True}, "4")):
+        body = {**BASE, "init_images": [b64png(drawing())], "mask": b64png(box_mask()), "seed": 3, **fields}
+        response = httpx.post(f"{live_server.url}/sdapi/v1/img2img", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert parse_parameters(json.loads(response.json()["info"])["infotexts"][0])["Mask blur"] == blur
 
 
 def test_webuiapi_client_img2img_and_hires_txt2img(live_server):

@@ -134,6 +134,10 @@ def test_body_size_and_request_limits(guarded):
         ({"tiling": True, "restore_faces": True}, "restore_faces=True, tiling=True"),
         ({"s_churn": 0.3, "tiling": True}, "s_churn=0.3, tiling=True"),
         ({"colour": "x" * 100_000}, "unknown field(s): colour"),
+        # A1111 honours these; sd-app does not, so they are refused rather than ignored
+        ({"disable_extra_networks": True}, "disable_extra_networks=True"),
+        ({"infotext": "a cat\nSteps: 2, Sampler: Euler, CFG scale: 3"}, "infotext="),
+        ({"firstpass_image": "iVBORw0KGgo="}, "firstpass_image="),
     ],
 )
 def test_fields_that_would_change_the_picture_are_refused_by_name(live_server, fields, message):
@@ -149,7 +153,10 @@ def test_a1111_defaults_of_unimplemented_fields_are_accepted(live_server):
         "override_settings_restore_afterwards": True, "script_args": [], "script_name": None, "alwayson_scripts": {},
         "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7, "restore_faces": False,
         "tiling": False, "subseed": -1, "subseed_strength": 0.0, "styles": [], "do_not_save_samples": False,
-        "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1, "seed_resize_from_w": -1, "disable_extra_networks": False, "infotext": None,
+        "firstpass_image": None, "token_merging_ratio": 0, "token_merging_ratio_hr": 0,
+        "hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
+        "hr_scheduler": "Use same scheduler",
     }
     response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **defaults, "seed": 2}, timeout=120)
     assert response.status_code == 200, response.text
