@@ -162,7 +162,8 @@ class HostOriginGuard:
 
 
 class BodySizeLimit:
-    """413 for request bodies over ``max_bytes`` (by Content-Length, or counted while streaming)."""
+    """413 for request bodies over ``max_bytes``: by Content-Length, or, for a body sent without one (chunked),
+    by reading it here first, so the app never sees a part of it."""
 
     def __init__(self, app: App, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.app = app
@@ -174,32 +175,34 @@ class BodySizeLimit:
             return
         detail = f"request body larger than the server's limit of {self.max_bytes} bytes"
         length = _header(scope, b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
-            await _reject(send, 413, detail)
-            return
-        received = 0
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
+        if length is not None:  # the server (h11) never delivers more than it says
+            if length.strip().isdigit() and int(length) > self.max_bytes:
                 await _reject(send, 413, detail)
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                await _reject(send, 413, detail)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:  # the whole body once, then the connection's own messages (disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    """Raised inside the app when a streamed body passes the limit."""

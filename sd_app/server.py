@@ -14,7 +14,7 @@ import binascii
 import hmac
 import ipaddress
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +112,22 @@ class BasicAuthMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+MAX_ECHOED_INPUT = 200  # characters of a refused value a 422 repeats back
+
+
+def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors (field, message) with each refused value shown only when short: a 422 never
+    sends a client's megabytes back to it."""
+    details = []
+    for error in errors:
+        detail = {key: error[key] for key in ("type", "loc", "msg") if key in error}
+        shown = repr(error.get("input"))
+        if "input" in error and len(shown) <= MAX_ECHOED_INPUT:
+            detail["input"] = error["input"]
+        details.append(detail)
+    return details
+
+
 def create_app(
     engine: Engine,
     *,
@@ -131,6 +147,7 @@ def create_app(
     """
     import gradio as gr
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     from sd_app.api import build_api_router
@@ -141,6 +158,10 @@ def create_app(
 
     tracker = tracker or JobTracker(max_waiting=max_queue)
     app = FastAPI(title="sd-app", version="0.1.0")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Any, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_details(error.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Any, error: Exception) -> JSONResponse:

@@ -108,6 +108,15 @@ def test_body_size_and_request_limits(guarded):
     response = httpx.post(f"{url}/sdapi/v1/txt2img", auth=auth, timeout=60,
                           json={**BASE, "prompt": "a " * 150_000})
     assert response.status_code == 413 and "limit of 200000 bytes" in response.json()["detail"]
+    # the same without a Content-Length (chunked): counted before the app reads any of it
+    json_type = {"Content-Type": "application/json"}
+    response = httpx.post(f"{url}/sdapi/v1/txt2img", auth=auth, timeout=60, headers=json_type,
+                          content=(b" " * 50_000 for _ in range(5)))
+    assert response.status_code == 413 and "limit of 200000 bytes" in response.json()["detail"]
+    whole = json.dumps({**BASE, "seed": 4}).encode()
+    response = httpx.post(f"{url}/sdapi/v1/txt2img", auth=auth, timeout=120, headers=json_type,
+                          content=iter([whole[:10], whole[10:]]))  # a chunked body within the limit arrives whole
+    assert response.status_code == 200, response.text
     cases = [
         ({"prompt": "red " * 150}, "prompt is 150 CLIP tokens; this server accepts up to 100"),
         ({"negative_prompt": "blue " * 150}, "negative_prompt is 150 CLIP tokens"),
@@ -145,6 +154,16 @@ def test_fields_that_would_change_the_picture_are_refused_by_name(live_server, f
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert message in detail and len(detail) < 400  # named, never echoed back whole
+
+
+def test_a_refused_value_is_echoed_back_only_when_short(live_server):
+    url = f"{live_server.url}/sdapi/v1/img2img"
+    response = httpx.post(url, json={**BASE, "init_images": "x" * 1_000_000}, timeout=60)  # not a list
+    assert response.status_code == 422 and len(response.content) < 2_000
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body", "init_images"] and "list" in detail["msg"] and "input" not in detail
+    response = httpx.post(url, json={**BASE, "init_images": "x"}, timeout=60)
+    assert response.json()["detail"][0]["input"] == "x"  # short: shown, as FastAPI does
 
 
 def test_a1111_defaults_of_unimplemented_fields_are_accepted(live_server):
