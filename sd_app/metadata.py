@@ -61,7 +61,7 @@ def format_parameters(
     if request.negative_prompt:
         lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items()))
-    return "\n".join(lines)
+    return "\n".join(lines).strip()  # as A1111's create_infotext: an empty prompt leaves no empty first line
 
 
 def image_pairs(request: GenerationRequest) -> dict[str, Any]:

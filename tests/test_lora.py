@@ -181,7 +181,8 @@ def test_tag_syntax():
     assert strip_network_tags("<lora:a:1>b") == "b"
     for bad, message in (("<lora::1>", "name is missing"), ("<lora:a:lots>", "not a number"),
                          ("<hypernet:h:1>", "'hypernet' is not supported"), ("<lora:a:1:2:3>", "at most two"),
-                         ("<lora:a:dyn=4>", "'dyn' is not supported"), ("<lora:a:nan>", "finite")):
+                         ("<lora:a:dyn=4>", "'dyn' is not supported"), ("<lora:a:nan>", "between -100 and 100"),
+                         ("<lora:a:1e308>", "between -100 and 100"), ("<lora:a:1:te=-101>", "between")):
         with pytest.raises(ValueError, match=message):
             parse_network_tags(bad)
 

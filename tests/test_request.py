@@ -17,7 +17,7 @@ from pipelines.generation.schedulers import resolve_sampler
         ("width", 512.0), ("steps", 0), ("steps", 151), ("steps", 2.5), ("cfg_scale", math.nan),
         ("cfg_scale", math.inf), ("cfg_scale", -1.0), ("cfg_scale", "7"), ("n", 0), ("n", 17),
         ("seed", -2), ("seed", MAX_SEED + 1), ("seed", 1.5), ("seed", True), ("seed", "12"),
-        ("sampler", "Euler b"), ("prompt", None),
+        ("sampler", "Euler b"), ("prompt", None), ("prompt", "a \ud800 circle"), ("negative_prompt", "\udfff"),
     ],
 )
 def test_bad_values_name_the_argument(field, value):

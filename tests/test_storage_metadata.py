@@ -75,6 +75,14 @@ def test_values_with_commas_are_quoted_and_multiline_prompts_survive():
     assert parsed["Model"] == "my, model" and parsed["prompt"] == "line one\nline two, with comma"
 
 
+def test_an_empty_prompt_leaves_no_empty_first_line_as_in_a1111():
+    text = format_parameters(GenerationRequest(prompt="", seed=5), 5, "m")
+    assert text.startswith("Steps: 20, ") and parse_parameters(text)["prompt"] == ""
+    text = format_parameters(GenerationRequest(prompt="", negative_prompt="blurry", seed=5), 5, "m")
+    assert text.startswith("Negative prompt: blurry\nSteps: ")
+    assert parse_parameters(text)["negative_prompt"] == "blurry" and parse_parameters(text)["prompt"] == ""
+
+
 def test_a1111_written_parameters_parse():
     text = (
         "masterpiece, 1girl\nNegative prompt: lowres, bad anatomy\n"

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 TAG_RE = re.compile(r"<(\w+):([^>]+)>")
 LORA_TYPES = ("lora", "lyco")
+MAX_WEIGHT = 100.0  # |W| past this only overflows the merged weights (NaN pictures); users go to about 2
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def _weight(tag: str, text: str) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"{tag}: weight {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{tag}: weight {text!r} is not a finite number")
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise ValueError(f"{tag}: weight {text!r} must be a number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
     return value
 
 

@@ -93,8 +93,14 @@ class GenerationRequest:
     def validate(self) -> None:
         """Raise ValueError naming the first bad argument and its value."""
         for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+            text = getattr(self, name)
+            if not isinstance(text, str):
+                raise ValueError(f"{name} must be a string, got {text!r}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate, e.g. a JSON "\ud800" or a mis-decoded file name
+                raise ValueError(f"{name} is not valid Unicode: character {error.start} is a lone surrogate, "
+                                 f"at the end of {text[max(error.start - 20, 0):error.start + 1]!r}") from None
         for name in ("width", "height"):
             value = _require_int(name, getattr(self, name))
             if value <= 0 or value % 8:
