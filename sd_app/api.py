@@ -242,6 +242,8 @@ def to_image_request(body: Img2ImgRequest, clip_skip: int = 1,
     from sd_app.images import decode_image
 
     _refuse_unsupported(body)
+    if not 0 <= body.denoising_strength <= 1:  # as the library would, by the A1111 field's name
+        raise ValueError(f"denoising_strength must be between 0 and 1, got {body.denoising_strength!r}")
     if len(body.init_images) != 1:
         raise ValueError(f"init_images must hold exactly one base64 image, got {len(body.init_images)}")
     blur = body.mask_blur

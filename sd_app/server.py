@@ -151,6 +151,7 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     from sd_app.api import build_api_router
+    from sd_app.api_listings import build_listings_router
     from sd_app.api_models import build_models_router
     from sd_app.api_png_info import build_png_info_router
     from sd_app.ui import CSS, build_demo
@@ -171,6 +172,7 @@ def create_app(
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
     app.include_router(build_models_router(engine))
     app.include_router(build_png_info_router())
+    app.include_router(build_listings_router())
     demo = build_demo(engine, tracker=tracker, max_queue=max_queue, local_paths=local_paths)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())
     app = gr.mount_gradio_app(

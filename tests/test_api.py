@@ -317,7 +317,7 @@ def test_txt2img_hires_fix(live_server):
         ({"init_images": ["!!notbase64!!"]}, "init_images[0] is not valid base64"),
         ({"init_images": [base64.b64encode(b"hello").decode()]}, "init_images[0] is not a readable image"),
         ({"init_images": []}, "init_images must hold exactly one base64 image, got 0"),
-        ({"denoising_strength": 1.5}, "strength must be between 0 and 1, got 1.5"),
+        ({"denoising_strength": 1.5}, "denoising_strength must be between 0 and 1, got 1.5"),
         ({"mask": "BLACK"}, "mask is all black: nothing to repaint"),
         ({"inpainting_fill": 7}, "inpainting_fill must be one of 0 fill, 1 original, 2 latent noise"),
         ({"resize_mode": 3}, "resize_mode must be one of 0 just resize, 1 crop and resize, 2 resize and fill"),
@@ -386,3 +386,15 @@ def test_png_info_reads_back_what_txt2img_wrote_as_a1111_parses_it(live_server):
     for bad in ("not base64 at all!", base64.b64encode(b"not an image").decode()):
         answer = httpx.post(url, json={"image": bad}, timeout=60)
         assert answer.status_code == 422 and "image is not" in answer.json()["detail"]
+
+
+def test_a1111_listings_of_features_sd_app_lacks_answer_empty_and_memory_is_reported(live_server):
+    url = f"{live_server.url}/sdapi/v1"
+    for route, empty in (("prompt-styles", []), ("face-restorers", []), ("hypernetworks", []), ("script-info", []),
+                         ("scripts", {"txt2img": [], "img2img": []})):
+        response = httpx.get(f"{url}/{route}", timeout=30)
+        assert response.status_code == 200 and response.json() == empty, route
+    memory = httpx.get(f"{url}/memory", timeout=30).json()
+    assert 0 < memory["ram"]["free"] <= memory["ram"]["total"]
+    assert memory["ram"]["used"] == memory["ram"]["total"] - memory["ram"]["free"]
+    assert memory["cuda"] == {"error": "no CUDA device"} or memory["cuda"]["system"]["total"] > 0
