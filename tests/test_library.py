@@ -86,13 +86,48 @@ def test_checkpoint_lookup_by_title_stem_and_hash_and_ambiguity(a1111):
     assert library.find("checkpoint", "sd15") == entry
     assert library.find("checkpoint", short) == entry
     _file(a1111 / "models" / "Lora" / "x" / "dup.safetensors")
-    _file(a1111 / "models" / "LyCORIS" / "y" / "dup.safetensors")
+    _file(a1111 / "models" / "LyCORIS" / "y" / "dup.safetensors", {"w": torch.ones(2)})
     _file(a1111 / "models" / "Lora" / "other" / "hada.safetensors")
     library.refresh()
-    with pytest.raises(ModelLoadError, match="'dup' is ambiguous"):
+    with pytest.raises(ModelLoadError, match="'dup' is ambiguous: .* differ; rename one of them"):
         library.find("lora", "dup")
     assert library.find("lora", "y/dup").path.parent.name == "y"
     assert library.find("lora", "hada").path.parent.name == "LyCORIS"  # the exact name wins over a stem
+
+
+def test_one_name_under_two_roots_a1111_and_comfyui(tmp_path):
+    """A checkpoint kept in both an A1111 and a ComfyUI tree: copies of one file are one model; different files
+    of one name are told apart by the title's hash, as GET /sd-models and sd-app models show it."""
+    webui, comfy = tmp_path / "webui" / "models", tmp_path / "ComfyUI" / "models"
+    first = _file(webui / "Stable-diffusion" / "v1-5.safetensors", {"w": torch.zeros(2)})
+    shutil.copy(first, _file(comfy / "checkpoints" / "v1-5.safetensors"))
+    _file(webui / "Lora" / "ink.safetensors", {"w": torch.ones(2)})
+    (comfy / "loras").mkdir(parents=True)
+    os.link(webui / "Lora" / "ink.safetensors", comfy / "loras" / "ink.safetensors")  # one file, two names
+    library = ModelLibrary([webui.parent, comfy.parent], shipped=False)
+    assert library.find("checkpoint", "v1-5.safetensors").path == first
+    assert library.find("lora", "ink").path.parent.name == "Lora"
+    other = _file(comfy / "checkpoints" / "v1-5.safetensors", {"w": torch.ones(3)})  # now a different file
+    library.refresh()
+    with pytest.raises(ModelLoadError, match="ambiguous: .* differ; name it by its title with the hash"):
+        library.find("checkpoint", "v1-5.safetensors")
+    for path in (first, other):
+        title = f"v1-5.safetensors [{library.hashes.short_hash(path)}]"
+        assert library.find("checkpoint", title).path == path
+
+
+def test_symlinked_subfolders_are_walked_once(tmp_path):
+    """A shared store linked into the LoRA folder is listed (A1111 walks with followlinks); a link back up the
+    tree does not loop."""
+    store = tmp_path / "store"
+    _file(store / "linked-lora.safetensors")
+    loras = tmp_path / "webui" / "models" / "Lora"
+    loras.mkdir(parents=True)
+    (loras / "shared").symlink_to(store, target_is_directory=True)
+    (store / "loop").symlink_to(loras, target_is_directory=True)
+    library = ModelLibrary([tmp_path / "webui"], shipped=False)
+    assert [e.name for e in library.files("lora")] == ["shared/linked-lora"]
+    assert library.find("lora", "linked-lora").path == loras / "shared" / "linked-lora.safetensors"
 
 
 def test_new_files_are_found_without_a_refresh_and_listings_are_cached(a1111):

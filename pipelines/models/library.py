@@ -15,6 +15,7 @@ checkpoints and VAEs (``sd_model_checkpoint``, ``sd_vae``). Short hashes are A11
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from collections.abc import Iterable, Sequence
@@ -169,14 +170,29 @@ def kind_folders(root: Path, kind: str) -> list[Path]:
     return found
 
 
+def walk(folder: Path) -> list[Path]:
+    """Every file and folder under ``folder``, sorted, symlinked folders followed as A1111 does (``os.walk``
+    with ``followlinks``; a shared model store linked into place is common), each real folder once (no loop)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        found.extend(Path(top) / name for name in (*folders, *files))
+    return sorted(found)
+
+
 def _weights_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
+    return sum(p.stat().st_size for p in walk(folder) if p.suffix == ".safetensors" and p.is_file())
 
 
 def _entries(folder: Path, kind: str, label: str) -> Iterable[ModelFile]:
     """Every model file of ``kind`` under ``folder`` (walked), diffusers folders as one entry."""
     diffusers_roots: list[Path] = []
-    for path in sorted(folder.rglob("*")):
+    for path in walk(folder):
         if any(path.is_relative_to(d) for d in diffusers_roots) or any(p.startswith(".") for p in path.parts[-1:]):
             continue
         relative = path.relative_to(folder).as_posix()
@@ -251,7 +267,7 @@ class ModelLibrary:
                     entries.extend(
                         ModelFile(p.relative_to(folder).as_posix(), "vae", p, "safetensors", p.stat().st_size,
                                   folder=str(folder))
-                        for p in sorted(folder.rglob("*.vae.safetensors"))
+                        for p in walk(folder) if p.name.lower().endswith(".vae.safetensors")
                     )
         entries.sort(key=lambda e: (e.folder != "shipped", e.name.lower()))
         with self._lock:
@@ -280,12 +296,32 @@ class ModelLibrary:
             known = ", ".join(e.name for e in self.files(kind) if e.refused is None) or "none"
             raise ModelNotFound(f"no {kind} named {text!r} in the model folders (available: {known})")
         if len(matches) > 1:
+            matches = self._one_of(matches, text)
+        if len(matches) > 1:
             paths = ", ".join(str(m.path) for m in matches)
-            raise ModelNotFound(f"{kind} name {text!r} is ambiguous: {paths}; use the name with its folder")
+            advice = ("name it by its title with the hash, 'name [hash]' (sd-app models lists them)"
+                      if kind == "checkpoint" else "rename one of them")
+            raise ModelNotFound(f"{kind} name {text!r} is ambiguous: {paths} differ; {advice}")
         entry = matches[0]
         if entry.refused:
             raise ModelLoadError(f"{entry.path}: refused: {entry.refused}")
         return entry
+
+    def _one_of(self, matches: list[ModelFile], text: str) -> list[ModelFile]:
+        """The entries of one name (under several roots) that ``text`` means: those of its hash when it is a title
+        ``name [hash]``, and one of them when they are copies of one file (the same real path, or the same bytes:
+        an A1111 and a ComfyUI folder sharing a checkpoint)."""
+        _, _, rest = text.partition(" [")
+        wanted = rest[:-1].strip().lower() if rest.endswith("]") else ""
+        usable = [m for m in matches if m.refused is None]
+        if wanted:
+            matches = [m for m in usable if self.hashes.short_hash(m.weights).startswith(wanted)] or matches
+        if len(matches) > 1 and len(usable) == len(matches):
+            real = {m.weights.resolve() for m in matches}
+            if len(real) == 1 or (len({m.size for m in matches}) == 1
+                                  and len({self.hashes.sha256(m.weights) for m in matches}) == 1):
+                return matches[:1]
+        return matches
 
     def _matches(self, kind: str, text: str) -> list[ModelFile]:
         entries = self.files(kind)
