@@ -121,6 +121,25 @@ def test_wrong_width_sdxl_and_pickles_name_the_file(pipe, prompt, message):
     assert steps == []
 
 
+def test_an_embedding_dropped_in_after_start_is_used_and_a_lora_tag_is_no_word(tiny_model, tmp_path):
+    """A1111 reloads embeddings when their folder changes: a word must not silently stay text because its file
+    came later. A ``<lora:name>`` tag is not a word: a refused embedding of that name does not fail it."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / "charname.pt").write_bytes(b"pickle")
+    pipe = load_pipeline(tiny_model, device="cpu", dtype=torch.float32, library=ModelLibrary([tmp_path], shipped=False))
+    networks = pipe.extra_networks
+    assert networks.embeddings(["a newemb photo", "<lora:charname:0.8> a cat"]) == {}
+    with pytest.raises(ModelLoadError, match=r"charname\.pt.*refused"):
+        networks.embeddings(["charname, a cat"])
+    (folder / "late").mkdir()
+    fx.embedding(folder / "late" / "newemb.safetensors", torch.ones(2, 32))  # in a new subfolder, no refresh
+    found = networks.embeddings(["a newemb photo"])
+    assert list(found) == ["newemb"] and torch.equal(found["newemb"].vectors, torch.ones(2, 32))
+    output = pipe(GenerationRequest(prompt="a newemb photo", **REQUEST))
+    assert output.extra["TI hashes"].startswith("newemb: ")
+
+
 # ---- clip skip ------------------------------------------------------------------------------------------
 
 

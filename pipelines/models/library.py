@@ -18,7 +18,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,10 +170,9 @@ def kind_folders(root: Path, kind: str) -> list[Path]:
     return found
 
 
-def walk(folder: Path) -> list[Path]:
-    """Every file and folder under ``folder``, sorted, symlinked folders followed as A1111 does (``os.walk``
-    with ``followlinks``; a shared model store linked into place is common), each real folder once (no loop)."""
-    found: list[Path] = []
+def _tree(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` of ``folder`` following symlinked folders as A1111 does (a shared model store linked into place
+    is common), each real folder once (a link back up the tree does not loop)."""
     seen: set[str] = set()
     for top, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -181,8 +180,25 @@ def walk(folder: Path) -> list[Path]:
             folders[:] = []
             continue
         seen.add(real)
-        found.extend(Path(top) / name for name in (*folders, *files))
-    return sorted(found)
+        yield top, folders, files
+
+
+def walk(folder: Path) -> list[Path]:
+    """Every file and folder under ``folder``, sorted (symlinked folders followed, :func:`_tree`)."""
+    return sorted(Path(top) / name for top, folders, files in _tree(folder) for name in (*folders, *files))
+
+
+def folder_stamp(folders: Iterable[Path]) -> tuple[tuple[str, int], ...]:
+    """The modification times of ``folders`` and every folder under them: a file added, removed or renamed in
+    any of them changes it."""
+    stamp = []
+    for folder in folders:
+        for top, _, _ in _tree(folder):
+            try:
+                stamp.append((top, os.stat(top).st_mtime_ns))
+            except OSError:
+                continue
+    return tuple(stamp)
 
 
 def _weights_size(folder: Path) -> int:
@@ -232,6 +248,7 @@ class ModelLibrary:
     hashes: HashCache = field(default_factory=HashCache)
     shipped: bool = True  # list the embedded model and the shipped example LoRAs
     _listing: dict[str, list[ModelFile]] = field(default_factory=dict, init=False, repr=False)
+    _stamps: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +264,19 @@ class ModelLibrary:
                 self._listing.clear()
             else:
                 self._listing.pop(kind, None)
+
+    def current_files(self, kind: str) -> list[ModelFile]:
+        """``files(kind)``, rescanned first when a folder of that kind changed since the listing (a file added,
+        removed or renamed): for the kinds a prompt uses without naming them in a lookup, embeddings, whose
+        words must not silently stay text because the file came after the listing."""
+        folders = [folder for root in self.roots for folder in kind_folders(root, kind)]
+        stamp = folder_stamp(folders)
+        with self._lock:
+            changed = self._stamps.get(kind) != stamp
+            if changed:
+                self._listing.pop(kind, None)
+                self._stamps[kind] = stamp
+        return self.files(kind)
 
     def files(self, kind: str) -> list[ModelFile]:
         """Every entry of ``kind``, refused pickles included, sorted by name."""

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipelines.generation.extra_networks import NetworkTag, TextualInversion
+from pipelines.generation.extra_networks import NetworkTag, TextualInversion, strip_network_tags
 from pipelines.models.embeddings import read_embedding
 from pipelines.models.errors import ModelLoadError
 from pipelines.models.lora import LoraPatcher, WeightedLora
@@ -80,10 +80,11 @@ class LibraryNetworks:
         return {"Lora hashes": hashes_text([(tag.name, w.lora.short_hash) for tag, w in zip(tags, weighted)])}
 
     def embeddings(self, texts: Sequence[str]) -> dict[str, TextualInversion]:
-        """Embeddings whose file names occur as words in ``texts`` (the encoder then matches their tokens)."""
-        joined = "\n".join(texts)
+        """Embeddings whose file names occur as words in ``texts`` outside ``<lora:...>`` tags (the encoder then
+        matches their tokens), from the embedding folders as they are now."""
+        joined = "\n".join(strip_network_tags(text) for text in texts)  # a LoRA and an embedding may share a name
         found: dict[str, TextualInversion] = {}
-        for entry in self.library.files("embedding"):
+        for entry in self.library.current_files("embedding"):
             name = entry.stem
             if not re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", joined, flags=re.IGNORECASE):
                 continue
