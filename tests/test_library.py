@@ -148,6 +148,14 @@ def test_header_metadata_and_base_model(a1111, tmp_path):
         == "SDXL"
     assert base_model(read_header(_file(tmp_path / "e2.safetensors", {"emb_params": torch.zeros(1, 1024)}))) == "SD 2.x"
     assert base_model(read_header(_file(tmp_path / "v2.safetensors", metadata={"ss_v2": "True"}))) == "SD 2.x"
+    # no metadata: the cross-attention key projection's width, as kohya and PEFT spell its key
+    for key, width, base in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
+                              1024, "SD 2.x"),
+                             ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight", 768,
+                              "SD 1.x"),
+                             ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_down.weight", 2048,
+                              "SDXL")):
+        assert base_model(read_header(_file(tmp_path / "bare.safetensors", {key: torch.zeros(4, width)}))) == base
     ckpt = library.describe(library.find("checkpoint", "sd15"))
     assert ckpt["base_model"] == "SD 1.x"
     cut = tmp_path / "cut" / "models" / "Lora" / "cut.safetensors"

@@ -45,6 +45,34 @@ def test_separate_vae_file_replaces_the_models_vae(tiny_pipe, single_file, tiny_
     assert torch.allclose(loaded.components.vae.decoder.conv_out.bias, torch.full((3,), 0.01))
 
 
+def test_older_key_layouts_load_as_a1111_loads_them(tiny_pipe, single_file, tiny_config, tmp_path):
+    """CLIP keys without ``text_model.`` (transformers 3 era merges), a diffusers VAE with pre-0.14 attention
+    names, and a diffusers VAE folder."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(single_file)
+    prefix = "cond_stage_model.transformer.text_model."
+    old = {("cond_stage_model.transformer." + k[len(prefix):] if k.startswith(prefix) else k): v
+           for k, v in state.items()}
+    assert not any(k.startswith(prefix) for k in old)
+    save_file(old, tmp_path / "old-text.safetensors")
+    loaded = load_pipeline(tmp_path / "old-text.safetensors", device="cpu", config=tiny_config, dtype=torch.float32)
+    assert _same_weights(loaded.components.text_encoder, tiny_pipe.components.text_encoder)
+    vae = tiny_pipe.components.vae
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    deprecated = {}
+    for key, value in vae.state_dict().items():
+        for new, former in renames.items():
+            key = key.replace(new, former) if ".attentions." in key else key
+        deprecated[key] = value.float().contiguous()
+    assert any(".query." in k for k in deprecated)
+    save_file(deprecated, tmp_path / "vae-deprecated.safetensors")
+    vae.save_pretrained(tmp_path / "vae-folder")
+    for vae_file in (tmp_path / "vae-deprecated.safetensors", tmp_path / "vae-folder"):
+        loaded = load_pipeline(single_file, device="cpu", config=tiny_config, vae=vae_file, dtype=torch.float32)
+        assert _same_weights(loaded.components.vae, vae), vae_file
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
 def test_pickle_files_are_refused_with_advice(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"

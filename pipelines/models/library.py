@@ -133,7 +133,9 @@ def base_model(header: SafetensorsHeader) -> str:
         return "SD 2.x"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "SD 1.x"
-    widths = {shape[-1] for k, shape in keys.items() if k.endswith("attn2.to_k.lora_down.weight") and shape}
+    # A cross-attention key projection's input width is the text encoder's: kohya, diffusers and PEFT spellings.
+    cross_keys = ("attn2.to_k.lora_down.weight", "attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight")
+    widths = {shape[-1] for k, shape in keys.items() if k.endswith(cross_keys) and shape}
     widths |= {shape[-1] for k, shape in keys.items() if len(keys) == 1 and shape}  # an embedding's width
     if widths & {768}:
         return "SD 1.x"

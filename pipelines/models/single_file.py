@@ -8,6 +8,7 @@ with diffusers' own single-file converters against configs shipped in this packa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-
     refuse_pickle(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
@@ -44,7 +44,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_prefix(path: Path, state: dict[str, Any], prefix: str, what: str) -> None:
-
     if not any(key.startswith(prefix) for key in state):
         raise ModelLoadError(
             f"{path}: not an SD 1.x checkpoint in the original layout (no '{prefix}*' keys for the {what}); "
@@ -54,14 +53,12 @@ def _check_prefix(path: Path, state: dict[str, Any], prefix: str, what: str) -> 
 
 def _assert_materialized(path: Path, name: str, module: torch.nn.Module) -> None:
     """Converters may leave weights they did not find on the meta device: treat that as an error."""
-
     missing = [key for key, value in module.state_dict().items() if value.is_meta]
     if missing:
         raise ModelLoadError(f"{path}: {name} weights missing from the checkpoint, e.g. {missing[:3]}")
 
 
 def _convert(path: Path, name: str, build: Any) -> Any:
-
     try:
         module = build()
     except ModelLoadError:
@@ -70,6 +67,32 @@ def _convert(path: Path, name: str, build: Any) -> Any:
         raise ModelLoadError(f"{path}: cannot load the {name} (wrong model type or shapes?): {error}") from error
     _assert_materialized(path, name, module)
     return module
+
+
+# Checkpoints saved with transformers < 4.x (many merges of the NovelAI lineage) lack ``text_model.`` in the CLIP
+# keys; A1111 (``modules/sd_models.py``, ``checkpoint_dict_replacements_sd1``) and kohya rename them so.
+_OLD_TEXT_KEYS = tuple(TEXT_PREFIX + part for part in ("embeddings.", "encoder.", "final_layer_norm."))
+
+
+def with_current_text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the old CLIP key layout (``cond_stage_model.transformer.encoder...``) renamed to the current
+    one (``cond_stage_model.transformer.text_model.encoder...``); other keys unchanged."""
+    if not any(key.startswith(_OLD_TEXT_KEYS) for key in state):
+        return state
+    return {(TEXT_PREFIX + "text_model." + key[len(TEXT_PREFIX):] if key.startswith(_OLD_TEXT_KEYS) else key): value
+            for key, value in state.items()}
+
+
+# diffusers' VAE attention names before 0.14 (``query``, ``key``, ``value``, ``proj_attn``); diffusers' own
+# from_pretrained still renames them.
+_OLD_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+_NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def with_current_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-layout VAE's state with the pre-0.14 attention names renamed to the current ones."""
+    return {_OLD_ATTENTION.sub(lambda m: f"{m.group(1)}{_NEW_ATTENTION[m.group(2)]}.", key): value
+            for key, value in state.items()}
 
 
 def unet_in_channels(state: dict[str, torch.Tensor]) -> int:
@@ -86,8 +109,7 @@ def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype
     from transformers.models.clip.modeling_clip import CLIPTextModel
     from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
-
-    state = read_safetensors(path)
+    state = with_current_text_keys(read_safetensors(path))
     for prefix, what in ((UNET_PREFIX, "U-Net"), (VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
         _check_prefix(path, state, prefix, what)
     options = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtypes["model"]}
@@ -120,15 +142,21 @@ def load_single_file(path: Path, config_dir: Path, dtypes: dict[str, torch.dtype
 
 
 def load_vae_file(path: Path, config_dir: Path, dtype: torch.dtype) -> AutoencoderKL:
-    """A standalone VAE file: original layout (with or without ``first_stage_model.``) or diffusers layout."""
+    """A standalone VAE: a file in the original layout (with or without ``first_stage_model.``) or the diffusers
+    layout (old attention names too), or a diffusers VAE folder (``config.json`` and safetensors weights)."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: a VAE folder needs a diffusers config.json beside its weights")
+        return _convert(path, "VAE", lambda: AutoencoderKL.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, torch_dtype=dtype))
     state = read_safetensors(path)
     options = {"config": str(config_dir), "subfolder": "vae", "local_files_only": True, "torch_dtype": dtype}
     if any(key.startswith("encoder.down_blocks.") for key in state):  # already diffusers layout
         def build() -> AutoencoderKL:
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir), subfolder="vae"))
-            vae.load_state_dict(state, strict=True)
+            vae.load_state_dict(with_current_attention_keys(state), strict=True)
             return vae.to(dtype)
     else:
         def build() -> AutoencoderKL:
