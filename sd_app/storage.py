@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-SLUG_MAX = 60
+SLUG_MAX = 60  # characters
+SLUG_MAX_BYTES = 180  # a file name is at most 255 bytes (ext4, APFS, NTFS in UTF-16): room for NNNNN-SEED- and .png
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _NUMBER_RE = re.compile(r"^(\d{5})-")
 
@@ -28,16 +29,35 @@ def slugify(prompt: str, max_length: int = SLUG_MAX) -> str:
     text = "".join(c if c.isprintable() else " " for c in text)
     text = re.sub(r"[^\w.-]+", " ", text)  # separators, brackets, punctuation -> space
     text = re.sub(r"[\s_]+", "_", text.strip()).strip("._-")
-    text = text[:max_length].rstrip("._-")
+    text = _fit(text, max_length).rstrip("._-")
     if not text or text.lower().split(".")[0] in _WINDOWS_RESERVED:
         text = f"img_{text}" if text else "untitled"
-    return text[:max_length]
+    return _fit(text, max_length)
+
+
+def _fit(text: str, max_length: int) -> str:
+    """``text`` cut to ``max_length`` characters and ``SLUG_MAX_BYTES`` bytes of UTF-8 (whole characters)."""
+    text = text[:max_length]
+    while len(text.encode("utf-8")) > SLUG_MAX_BYTES:
+        text = text[:-1]
+    return text
 
 
 def next_number(folder: Path) -> int:
     """One more than the highest ``NNNNN-`` number in ``folder`` (0 for an empty folder)."""
     numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBER_RE.match(p.name))]
     return max(numbers, default=-1) + 1
+
+
+def _create_temp(folder: Path, prefix: str) -> tuple[int, str]:
+    """A new file of a random name in ``folder``, open for writing, with the mode the umask gives (0644
+    usually; ``tempfile.mkstemp``'s 0600 would keep the images from other users and a web server)."""
+    while True:
+        name = str(folder / f"{prefix}{secrets.token_hex(8)}.png")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
+        except FileExistsError:
+            continue
 
 
 def _write_temp_png(image: Image.Image, folder: Path, parameters: str | None, prefix: str = ".tmp-") -> str:
@@ -47,7 +67,7 @@ def _write_temp_png(image: Image.Image, folder: Path, parameters: str | None, pr
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    handle, temp_name = tempfile.mkstemp(prefix=prefix, suffix=".png", dir=folder)
+    handle, temp_name = _create_temp(folder, prefix)
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=info)

@@ -23,12 +23,28 @@ from sd_app.storage import save_png, slugify
         ("", "untitled"),
         ("(masterpiece:1.2), cat", "masterpiece_1.2_cat"),
         ("x" * 200, "x" * 60),
+        (chr(0x20000) * 100, chr(0x20000) * 45),  # 4 bytes each: 180 bytes, a name within 255 with room left
     ],
 )
 def test_slugify(prompt, expected):
     slug = slugify(prompt)
     assert slug == expected
-    assert "/" not in slug and "\\" not in slug and len(slug) <= 60
+    assert "/" not in slug and "\\" not in slug and len(slug) <= 60 and len(slug.encode()) <= 180
+
+
+def test_a_long_prompt_of_wide_characters_is_written_and_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    image = Image.new("RGB", (8, 8), "red")
+    written = save_png(image, tmp_path, 4294967295, chr(0x20000) * 100)  # was: "File name too long"
+    assert written.is_file() and len(written.name.encode()) <= 255
+    previous = os.umask(0o027)
+    try:
+        mode = stat.S_IMODE(save_png(image, tmp_path, 1, "x").stat().st_mode)
+    finally:
+        os.umask(previous)
+    assert mode == 0o640  # 0666 less the umask, as other tools write (mkstemp's 0600 kept them private)
 
 
 def test_save_png_numbers_never_overwrite_and_keep_metadata(tmp_path):
