@@ -12,7 +12,6 @@ import csv
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +143,9 @@ def keep_best(ranking: FileRanking, k: int, folder: str | Path) -> list[Path]:
 
 def _copy_new(source: Path, folder: Path, stem: str, suffix: str) -> Path:
     """Copy ``source`` to ``folder/stem.suffix`` (or ``stem-2.suffix``...), atomically, never replacing a file."""
-    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    from sd_app.storage import create_temp_file
+
+    handle, temp_name = create_temp_file(folder, suffix=suffix)
     os.close(handle)
     try:
         shutil.copyfile(source, temp_name)

@@ -49,11 +49,11 @@ def next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _create_temp(folder: Path, prefix: str) -> tuple[int, str]:
+def create_temp_file(folder: Path, prefix: str = ".tmp-", suffix: str = ".png") -> tuple[int, str]:
     """A new file of a random name in ``folder``, open for writing, with the mode the umask gives (0644
     usually; ``tempfile.mkstemp``'s 0600 would keep the images from other users and a web server)."""
     while True:
-        name = str(folder / f"{prefix}{secrets.token_hex(8)}.png")
+        name = str(folder / f"{prefix}{secrets.token_hex(8)}{suffix}")
         try:
             return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
         except FileExistsError:
@@ -67,7 +67,7 @@ def _write_temp_png(image: Image.Image, folder: Path, parameters: str | None, pr
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    handle, temp_name = _create_temp(folder, prefix)
+    handle, temp_name = create_temp_file(folder, prefix)
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=info)
