@@ -116,6 +116,19 @@ def test_one_name_under_two_roots_a1111_and_comfyui(tmp_path):
         assert library.find("checkpoint", title).path == path
 
 
+def test_a_users_lora_shadows_a_shipped_example_of_its_name(tmp_path):
+    from pipelines.models.library import SHIPPED_LORA_DIR
+
+    shipped = ModelLibrary([], shipped=True).find("lora", "hexagon")
+    assert shipped.folder == "shipped"
+    mine = _file(tmp_path / "webui" / "models" / "Lora" / "hexagon.safetensors", {"w": torch.ones(2)})
+    library = ModelLibrary([tmp_path / "webui"], shipped=True)
+    assert library.find("lora", "hexagon").path == mine
+    shutil.copy(SHIPPED_LORA_DIR / "hexagon.safetensors", mine)  # a copy of the example: still the user's
+    library.refresh()
+    assert library.find("lora", "hexagon").path == mine
+
+
 def test_symlinked_subfolders_are_walked_once(tmp_path):
     """A shared store linked into the LoRA folder is listed (A1111 walks with followlinks); a link back up the
     tree does not loop."""

@@ -342,7 +342,11 @@ class ModelLibrary:
     def _one_of(self, matches: list[ModelFile], text: str) -> list[ModelFile]:
         """The entries of one name (under several roots) that ``text`` means: those of its hash when it is a title
         ``name [hash]``, and one of them when they are copies of one file (the same real path, or the same bytes:
-        an A1111 and a ComfyUI folder sharing a checkpoint)."""
+        an A1111 and a ComfyUI folder sharing a checkpoint). A user's file shadows a shipped example of its name."""
+        own = [m for m in matches if m.folder != "shipped"]
+        matches = own or matches
+        if len(matches) == 1:
+            return matches
         _, _, rest = text.partition(" [")
         wanted = rest[:-1].strip().lower() if rest.endswith("]") else ""
         usable = [m for m in matches if m.refused is None]
