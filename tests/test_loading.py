@@ -43,6 +43,12 @@ def test_separate_vae_file_replaces_the_models_vae(tiny_pipe, single_file, tiny_
     vae_file = tmp_path / "vae.safetensors"
     loaded = load_pipeline(single_file, device="cpu", config=tiny_config, vae=vae_file, dtype=torch.float32)
     assert torch.allclose(loaded.components.vae.decoder.conv_out.bias, torch.full((3,), 0.01))
+    from pipelines.models.hashing import file_hash
+
+    # A1111's infotext names a separate VAE: "VAE hash" (AutoV2 of the file) and "VAE"
+    extra = loaded.generate("a red circle", seed=3, steps=2, width=64, height=64).extra
+    assert extra["VAE hash"] == file_hash(vae_file) and extra["VAE"] == "vae.safetensors"
+    assert "VAE" not in tiny_pipe.generate("a red circle", seed=3, steps=2, width=64, height=64).extra
 
 
 def test_older_key_layouts_load_as_a1111_loads_them(tiny_pipe, single_file, tiny_config, tmp_path):

@@ -228,8 +228,9 @@ class TextToImagePipeline:
     def activate_networks(self, prompt: str, negative_prompt: str) -> dict[str, str]:
         """Merge the prompt's ``<lora:...>`` LoRAs (none: the base model) and name the embeddings it uses.
 
-        Returns the infotext pairs ``Lora hashes`` and ``TI hashes`` (A1111's). ValueError when the
-        prompt has LoRA tags and this pipeline has no ``extra_networks``, or the negative prompt has any.
+        Returns the infotext pairs beyond the model's: ``VAE hash`` and ``VAE`` (a separate VAE), ``Lora hashes``
+        and ``TI hashes`` (A1111's). ValueError when the prompt has LoRA tags and this pipeline has no
+        ``extra_networks``, or the negative prompt has any.
         """
         _, tags = parse_network_tags(prompt)
         if parse_network_tags(negative_prompt)[1]:
@@ -237,8 +238,8 @@ class TextToImagePipeline:
         if self.extra_networks is None:
             if tags:
                 raise ValueError(f"the prompt names LoRA {tags[0].name!r} but this pipeline has no model library")
-            return {}
-        used = self.extra_networks.activate(tags)
+            return self.components.vae_pairs()
+        used = {**self.components.vae_pairs(), **self.extra_networks.activate(tags)}
         embeddings = self.embeddings_for(prompt, negative_prompt)
         names = [n for text in (prompt, negative_prompt)
                  for n in tokenize_prompt(self.components.tokenizer, text, embeddings).embeddings_used]

@@ -109,6 +109,10 @@ def load_pipeline(
 
             vae_config = path if path.is_dir() and config is None else config_dir  # a folder's own VAE shape
             components.vae = load_vae_file(Path(vae), vae_config, dtypes["model"])
+            components.vae_name = Path(vae).name
+            weights = Path(vae) if Path(vae).is_file() else next(iter(sorted(Path(vae).glob("*.safetensors"))), None)
+            if weights is not None:
+                components.vae_hash = library.hashes.short_hash(weights) if library is not None else file_hash(weights)
     if str(spec).strip() == "embedded":
         components.name = EMBEDDED_MODEL_DIR.name
     from pipelines.models.tiny_decoder import find_tiny_decoder, load_tiny_decoder
