@@ -44,8 +44,17 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from pipelines.models.modes import modes_by_key
     from sd_app.benchmark import format_table, measure_startup, run_benchmark
+    from sd_app.checks import check_device
 
-    modes = modes_by_key(args.modes.split(",")) if args.modes else None
+    check_device(args.device)
+    for option, value, least in (("--repeats", args.repeats, 1), ("--steps", args.steps, 1), ("--size", args.size, 8)):
+        if value < least:
+            raise ValueError(f"{option} must be at least {least}, got {value}")
+    if args.size % 8:
+        raise ValueError(f"--size must be a multiple of 8, got {args.size}")
+    if args.modes is not None and not [mode for mode in args.modes.split(",") if mode.strip()]:
+        raise ValueError("--modes names no mode; leave it out for the default set")
+    modes = modes_by_key([mode.strip() for mode in args.modes.split(",") if mode.strip()]) if args.modes else None
     with tempfile.TemporaryDirectory(prefix="sd-app-bench-") as workdir:
         model = _model_path(args.model, Path(workdir))
         results = run_benchmark(

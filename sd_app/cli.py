@@ -148,7 +148,23 @@ def run_info() -> int:
     return 0
 
 
-ONE_SHOT_COMMANDS = ("generate", "score")  # their process skips work it does not need (sd_app.lifetime)
+ONE_SHOT_COMMANDS = ("generate", "score")
+# The library names a bad value by its field (A1111's name); the command line says the flag. Fields not here
+# are their flag already (``mask_blur`` -> ``--mask-blur``).
+FLAGS_OF_FIELDS = {
+    "cfg_scale": "--cfg", "negative_prompt": "--negative", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size",
+    "hr_resize_y": "--hires-size", "hr_second_pass_steps": "--hires-steps", "denoising_strength": "--strength",
+    "init_image": "--init-image",
+}
+FLAG_FIELDS = ("steps", "seed", "width", "height", "n", "eta", "sampler", "strength", "mask_blur", "padding",
+               "clip_skip", "vae_decoder", "prune_to", "prune_at", "keep")
+
+
+def flag_message(message: str) -> str:
+    """A library error that begins with a request field, begun with the ``generate`` flag for it instead."""
+    field, space, rest = message.partition(" ")
+    flag = FLAGS_OF_FIELDS.get(field) or ("--" + field.replace("_", "-") if field in FLAG_FIELDS else None)
+    return f"{flag}{space}{rest}" if flag else message  # their process skips work it does not need (sd_app.lifetime)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +219,8 @@ def run_command(args: argparse.Namespace) -> int:
             return run_bench(args)
         return run_info()
     except (ValueError, OSError) as error:
-        print(f"sd-app: error: {error}", file=sys.stderr)
+        message = flag_message(str(error)) if args.command == "generate" else str(error)
+        print(f"sd-app: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sd-app: interrupted", file=sys.stderr)

@@ -40,15 +40,18 @@ def test_random_seed_is_written_into_metadata(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--width", "500"], "width must be a positive multiple of 8, got 500"),
-        (["--steps", "0"], "steps must be between 1 and 150, got 0"),
-        (["--seed", "-5"], "seed must be -1 (random)"),
+        (["--width", "500"], "--width must be a positive multiple of 8, got 500"),
+        (["--steps", "0"], "--steps must be between 1 and 150, got 0"),
+        (["--seed", "-5"], "--seed must be -1 (random)"),
         (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
-        (["--cfg", "nan"], "cfg_scale must be a finite number"),
-        (["--n", "17"], "n must be between 1 and 16, got 17"),
+        (["--cfg", "nan"], "--cfg must be a finite number"),
+        (["--n", "17"], "--n must be between 1 and 16, got 17"),
+        (["--hires-scale", "9"], "--hires-scale must be between 1 and 8, got 9"),
+        (["--hires-scale", "2", "--hires-steps", "999"], "--hires-steps must be"),
+        (["--negative", "\udfff"], "--negative is not valid Unicode"),
         (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: DPM++ 2M, DPM++ 2M Uniform"),
         (["--model", "/no/such/model"], "model not found: /no/such/model"),
-        (["--vae-decoder", "fast"], "vae_decoder must be one of Full, TAESD, got 'fast'"),
+        (["--vae-decoder", "fast"], "--vae-decoder must be one of Full, TAESD, got 'fast'"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, capsys):
