@@ -258,3 +258,11 @@ def test_dpmpp_sde_is_stochastic_and_seed_reproducible(tiny_pipe):
     assert np.array_equal(np.asarray(alone.images[0]), np.asarray(again.images[0]))
     diff = np.abs(np.asarray(batch.images[1], dtype=np.int16) - np.asarray(alone.images[0], dtype=np.int16))
     assert diff.max() <= 2
+
+
+@pytest.mark.parametrize(("name", "same_as"), [("Euler a Automatic", "Euler a"), ("DPM++ 2M automatic", "DPM++ 2M"),
+                                               ("UniPC Automatic", "UniPC")])
+def test_a_schedule_type_of_automatic_in_the_name_is_the_samplers_own(name, same_as):
+    """The README: a schedule type may follow the name, Automatic included (A1111's "Schedule type" values)."""
+    assert resolve_sampler(name) == resolve_sampler(same_as)
+    assert resolve_sampler("DPM++ 2M Automatic", "Karras") == resolve_sampler("DPM++ 2M", "Karras")

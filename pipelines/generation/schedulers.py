@@ -187,10 +187,10 @@ def resolve_sampler(name: str, schedule: str | None = None) -> Sampler:
     named_schedule = None
     sampler_name = _match(text, list(SAMPLERS) + list(SAMPLER_ALIASES))
     if sampler_name is None:
-        for suffix in sorted((*SCHEDULE_OPTIONS, SGM_UNIFORM), key=len, reverse=True):  # "SGM Uniform" first
+        for suffix in sorted((*SCHEDULE_OPTIONS, SGM_UNIFORM, AUTOMATIC), key=len, reverse=True):  # "SGM Uniform" 1st
             if text.casefold().endswith(" " + suffix.casefold()):
                 sampler_name = _match(text[: -len(suffix) - 1], list(SAMPLERS) + list(SAMPLER_ALIASES))
-                named_schedule = suffix
+                named_schedule = suffix if suffix != AUTOMATIC else None  # "Euler a Automatic": the sampler's own
                 if sampler_name is not None:
                     break
     if sampler_name is None:
