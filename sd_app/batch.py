@@ -64,9 +64,11 @@ def read_prompts(path: Path, base: GenerationRequest) -> list[GenerationRequest]
     if path.suffix.lower() not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompts file must end in .txt or .jsonl")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is not the prompt's
     except OSError as error:
         raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     requests = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()

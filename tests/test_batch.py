@@ -30,6 +30,11 @@ def test_read_prompts_txt_and_jsonl(tmp_path):
     jsonl.write_text('{"prompt": "a", "seed": 4, "n": 2}\n\n{"prompt": "b", "negative_prompt": "c"}\n')
     first, second = read_prompts(jsonl, BASE)
     assert (first.seed, first.n, first.steps) == (4, 2, 2) and second.negative_prompt == "c"
+    txt.write_bytes("\ufeffa red circle\n".encode())  # saved by Notepad: a byte order mark first
+    assert [r.prompt for r in read_prompts(txt, BASE)] == ["a red circle"]
+    txt.write_bytes(b"a caf\xe9\n")  # Latin-1
+    with pytest.raises(ValueError, match=r"p.txt: not UTF-8 text \(byte 5"):
+        read_prompts(txt, BASE)
 
 
 @pytest.mark.parametrize(
