@@ -161,7 +161,8 @@ FLAG_FIELDS = ("steps", "seed", "width", "height", "n", "eta", "sampler", "stren
 
 
 def flag_message(message: str) -> str:
-    """A library error that begins with a request field, begun with the ``generate`` flag for it instead."""
+    """A library error that begins with a request field, begun with the flag for it instead (``generate``'s,
+    which ``serve`` shares for its defaults)."""
     field, space, rest = message.partition(" ")
     flag = FLAGS_OF_FIELDS.get(field) or ("--" + field.replace("_", "-") if field in FLAG_FIELDS else None)
     return f"{flag}{space}{rest}" if flag else message  # their process skips work it does not need (sd_app.lifetime)
@@ -219,7 +220,7 @@ def run_command(args: argparse.Namespace) -> int:
             return run_bench(args)
         return run_info()
     except (ValueError, OSError) as error:
-        message = flag_message(str(error)) if args.command == "generate" else str(error)
+        message = flag_message(str(error)) if args.command in ("generate", "serve") else str(error)
         print(f"sd-app: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -122,12 +122,17 @@ class Engine:
         return checkpoint, vae_path(library, checkpoint, self.vae)
 
     def check_selection(self) -> None:
-        """An error now, naming it, when the selected checkpoint or VAE cannot be found; loads nothing.
+        """An error now, naming it, when the selected checkpoint, VAE or reranker cannot be found; loads nothing.
         (``selection`` finds the VAE file or raises; ``resolve_spec`` does the same for the checkpoint.)"""
         from pipelines.models.loading import resolve_spec
 
         checkpoint, _ = self.selection()
         resolve_spec(checkpoint)
+        if self.reranker is not None:  # the reranker folder too, checked as its loading checks it
+            from pipelines.rerank.clip_scorer import check_clip_folder, resolve_clip_folder, tokenizer_folder
+
+            folder = resolve_clip_folder(self.reranker)
+            check_clip_folder(folder, tokenizer_folder(folder), folder)
 
     def pipeline(self) -> TextToImagePipeline:
         """The text-to-image pipeline of the selected checkpoint and VAE, loaded on first call."""

@@ -274,7 +274,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-loaded must be at least 1, got {args.max_loaded}")
     from pipelines.generation.request import GenerationRequest
 
-    vae_decoder = GenerationRequest(vae_decoder=args.vae_decoder).vae_decoder  # A1111's name, or a clear error
+    # A1111's names and ranges, or a clear error, as generate checks them
+    vae_decoder = GenerationRequest(vae_decoder=args.vae_decoder, clip_skip=args.clip_skip).vae_decoder
     engine = Engine(
         model=args.model, vae=args.vae, reranker=reranker, output_dir=args.out, device=args.device, limits=limits,
         models_dirs=args.models_dir, max_loaded=args.max_loaded, clip_skip=args.clip_skip, scorers=scorer_specs(args),

@@ -199,17 +199,23 @@ def test_serve_refuses_public_host_without_auth(capsys):
     assert "refusing to serve on 0.0.0.0 without auth" in err and "--insecure" in err and "Traceback" not in err
 
 
-def test_serve_stops_at_its_start_on_a_missing_model(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--model", "{missing}"], "model not found: {missing}"),
+     (["--reranker", "{missing}"], "reranker folder not found: {missing}"),
+     (["--clip-skip", "0"], "--clip-skip must be between 1 and 12, got 0")],
+)
+def test_serve_stops_at_its_start_on_a_missing_model_or_a_bad_default(tmp_path, option, message):
     import subprocess
     import sys
 
-    missing = tmp_path / "missing.safetensors"
+    missing = str(tmp_path / "missing.safetensors")
     done = subprocess.run(
-        [sys.executable, "-m", "sd_app.cli", "serve", "--port", "7861", "--model", str(missing), "--out",
-         str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "sd_app.cli", "serve", "--port", "7861", *[o.format(missing=missing) for o in option],
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
     )  # (were it to serve, the timeout ends the test)
     assert done.returncode == 2, done.stderr
-    assert f"model not found: {missing}" in done.stderr and "serving on" not in done.stderr
+    assert message.format(missing=missing) in done.stderr and "serving on" not in done.stderr
     assert "Traceback" not in done.stderr
 
 
