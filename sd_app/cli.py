@@ -6,6 +6,7 @@ Errors in input exit with status 2 and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -219,6 +220,9 @@ def run_command(args: argparse.Namespace) -> int:
 
             return run_bench(args)
         return run_info()
+    except BrokenPipeError:  # the reader went away (`sd-app models --json | head -1`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
+        return 1
     except (ValueError, OSError) as error:
         message = flag_message(str(error)) if args.command in ("generate", "serve") else str(error)
         print(f"sd-app: error: {message}", file=sys.stderr)

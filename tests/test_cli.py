@@ -193,3 +193,15 @@ def test_bad_image_input_is_one_clear_line_and_writes_nothing(tiny_model, init_f
     assert code == 2 and message.format(dir=init_files) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    """`sd-app models --json | head -1`: the pipe closes under the writer; no error line, no traceback."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "sd_app.cli", "models", "--json", "--no-hash"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before it writes anything
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 1 and err == ""
