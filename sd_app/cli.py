@@ -225,6 +225,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
     except (ValueError, OSError) as error:
         message = flag_message(str(error)) if args.command in ("generate", "serve") else str(error)
+        message = message.replace("pass convert=True", "add --convert") if args.command == "score" else message
         print(f"sd-app: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

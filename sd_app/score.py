@@ -51,6 +51,21 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """``--keep-best``, ``--into`` and ``--csv`` can be honoured; ValueError naming the option otherwise."""
+    from sd_app.checks import check_output_folder
+
+    if args.keep_best is not None and args.keep_best < 1:
+        raise ValueError(f"--keep-best must be at least 1, got {args.keep_best}")
+    if args.into is not None:
+        check_output_folder(args.into, "--into")
+    if args.csv is not None:
+        csv = Path(args.csv).expanduser()
+        if csv.is_dir():
+            raise ValueError(f"--csv {args.csv}: a folder; name the file to write")
+        check_output_folder(csv.parent, "--csv")
+
+
 def _rank_against_prompt(args: argparse.Namespace) -> int:
     from pipelines.rerank.contrastive import ContrastiveScorer
     from sd_app.arguments import scorer_specs
@@ -59,6 +74,7 @@ def _rank_against_prompt(args: argparse.Namespace) -> int:
 
     if (args.keep_best is None) != (args.into is None):
         raise ValueError("--keep-best K and --into DIR go together")
+    check_outputs(args)  # before anything is scored
     specs = scorer_specs(args)
     paths = expand_paths(args.images)  # a missing file or an empty folder fails before any model loads
     engine = Engine(reranker=None if str(args.reranker).lower() == "none" else args.reranker, scorers=specs,

@@ -159,6 +159,14 @@ def test_score_command_ranks_a_folder_with_scorers_csv_and_keep(folder, tiny_cli
     assert sorted(p.name for p in into.iterdir()) == expected
     assert main(["score", str(folder), "--prompt", PROMPT, "--scorer", "pickscore"]) == 2
     assert "needs its file" in capsys.readouterr().err
+    # outputs that cannot be written are refused before anything is scored (no table printed)
+    refused = ((["--csv", str(tmp_path)], f"--csv {tmp_path}: a folder"),
+               (["--keep-best", "0", "--into", str(into)], "--keep-best must be at least 1, got 0"),
+               (["--keep-best", "1", "--into", str(table)], f"--into {table}: exists and is not a folder"))
+    for options, message in refused:
+        assert main(["score", str(folder), "--prompt", PROMPT, "--reranker", str(tiny_clip), *options]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == "", options
 
 
 def test_engine_records_each_score_and_the_minimum_in_the_metadata(tiny_model, tiny_clip, head, tmp_path):
