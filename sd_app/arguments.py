@@ -101,6 +101,35 @@ def scores_wanted(args: argparse.Namespace, scorers_named: bool, n: int) -> bool
     return n > 1 or bool(args.min_score) or scorers_named or args.score
 
 
+def check_flag_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+    """ValueError for ``generate`` flags that the other flags make meaningless (they would be silently ignored):
+    ranking flags without ranking, image-to-image and hires fix settings without an init image or a hires fix,
+    ``--extra-rounds`` without ``--min-score``, ``--server-auth`` without ``--server``. ``defaults``: the
+    parser's defaults, to tell a flag given from one left alone."""
+
+    def given(name: str) -> bool:
+        return getattr(args, name) != getattr(defaults, name)
+
+    def refuse(names: tuple[str, ...], reason: str) -> None:
+        flags = [f"--{name.replace('_', '-')}" for name in names if given(name)]
+        if flags:
+            raise ValueError(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect {reason}")
+
+    if args.no_rerank or (args.reranker.lower() == "none" and not args.scorer):
+        refuse(("scorer", "score", "rerank_by", "keep"), "without reranking (--no-rerank or --reranker "
+               "none): nothing is scored, so nothing is ranked")
+    if args.init_image is None:
+        refuse(("mask_blur", "masked_content", "only_masked", "padding", "invert_mask", "resize_mode",
+                "outpaint_sides"), "without --init-image")
+        if args.hires_scale is None and args.hires_size is None:
+            refuse(("strength", "hires_steps", "hires_upscaler"), "without --init-image or a hires fix "
+                   "(--hires-scale or --hires-size)")
+    if not args.min_score:
+        refuse(("extra_rounds",), "without --min-score")
+    if args.server is None:
+        refuse(("server_auth", "server_timeout"), "without --server")
+
+
 def ranking_options(args: argparse.Namespace, specs: tuple) -> dict:
     """``engine.generate`` options of the scorer flags: scorers and weights, minimum scores, extra rounds."""
     from pipelines.rerank.scorer_specs import parse_min_scores

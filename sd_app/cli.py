@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from sd_app.arguments import (
     add_generation_arguments,
+    check_flag_combinations,
     ranking_options,
     request_from_args,
     scorer_specs,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate locally, or on ``--server`` (the warm path: no torch in this process)."""
+    check_flag_combinations(args, build_parser().parse_args(["generate", args.prompt]))
     if args.server is not None:
         from sd_app.remote import run_remote_generate
 

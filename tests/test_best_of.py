@@ -88,7 +88,7 @@ def test_cli_reranks_by_default_and_no_rerank_keeps_order(tiny_model, clip_dir, 
     lines = capsys.readouterr().out.strip().splitlines()
     scores = [float(line.split("CLIP score ")[1]) for line in lines]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
-    assert main([*args, "--out", str(tmp_path / "b"), "--no-rerank", "--keep", "3"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-rerank"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("seed ")[1].split()[0] for line in lines] == ["9", "10", "11"]
 

@@ -178,8 +178,8 @@ def test_cli_lists_the_pruned_and_the_kept_images_name_them(tiny_model, tmp_path
     captured = capsys.readouterr()
     assert "4 of 4 image(s) (2 rounds: the pruned finished when no kept one passed)" in captured.err
     assert not [line for line in captured.out.splitlines() if line.startswith("pruned")]  # all 4 finished
-    for bad, message in [(["--prune-to", "4", "--prune-at", "2"], "prune_to must be between 1 and n - 1 = 3"),
-                         (["--prune-to", "2", "--prune-at", "4"], "prune_at must be a step between 1 and steps - 1"),
+    for bad, message in [(["--prune-to", "4", "--prune-at", "2"], "--prune-to must be between 1 and n - 1 = 3"),
+                         (["--prune-to", "2", "--prune-at", "4"], "--prune-at must be a step between 1 and steps - 1"),
                          (["--prune-to", "2", "--prune-at", "2", "--no-rerank"], "needs a reranker")]:
         assert main([*args, *bad]) == 2
         err = capsys.readouterr().err
