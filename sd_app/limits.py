@@ -33,18 +33,24 @@ class RequestLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
+    def check_text(self, name: str, text: str, count_tokens: Callable[[str], TokenCount] | None = None) -> None:
+        """Raise ValueError if the prompt ``text`` is longer than allowed: in characters first (cheap), then in
+        CLIP tokens when ``count_tokens`` is given. For every served use of a prompt (generating, inspecting,
+        ranking), since some of that work grows faster than the prompt."""
+        if len(text) > self.max_prompt_chars:
+            raise ValueError(
+                f"{name} is {len(text)} characters long; this server accepts up to {self.max_prompt_chars}"
+            )
+        if count_tokens is not None:
+            tokens = count_tokens(text).tokens
+            if tokens > self.max_prompt_tokens:
+                raise ValueError(f"{name} is {tokens} CLIP tokens; this server accepts up to {self.max_prompt_tokens}")
+
     def check(self, request: GenerationRequest, count_tokens: Callable[[str], TokenCount], rounds: int = 1) -> None:
         """Raise ValueError if ``request`` asks for more than these limits allow (``rounds``: the most rounds of
         candidates a minimum score may generate, each counted as work)."""
         for name in ("prompt", "negative_prompt"):
-            text = getattr(request, name)
-            if len(text) > self.max_prompt_chars:
-                raise ValueError(
-                    f"{name} is {len(text)} characters long; this server accepts up to {self.max_prompt_chars}"
-                )
-            tokens = count_tokens(text).tokens
-            if tokens > self.max_prompt_tokens:
-                raise ValueError(f"{name} is {tokens} CLIP tokens; this server accepts up to {self.max_prompt_tokens}")
+            self.check_text(name, getattr(request, name), count_tokens)
         sizes = {"": (request.width, request.height)}  # what each pass denoises and decodes
         if request.hires is not None:
             sizes["hires fix "] = request.hires.target_size(request.width, request.height)[0]  # upscaled cover

@@ -587,6 +587,9 @@ class UiHandlers:
 
         with reported_to_user("inspect"):
             pipe = self.engine.pipeline()
+            for name, text in (("prompt", prompt or ""), ("negative_prompt", negative or "")):
+                if self.engine.limits is not None:  # before any work that grows with the prompt
+                    self.engine.limits.check_text(name, text, pipe.count_tokens)
             rows = token_rows(pipe.components.tokenizer, prompt or "")
             shapes = embedding_shapes(
                 pipe,

@@ -71,6 +71,8 @@ class RerankView:
                 paths += image_files(folder)
             if not paths:
                 raise ValueError("Drop some images or type a folder.")
+            if self.engine.limits is not None:  # characters; CLIP reads its first 77 tokens
+                self.engine.limits.check_text("prompt", prompt or "")
             weights = weights_for(chosen, weights_text, self.engine.default_weights())
             scorer = self.engine.ranking_scorer(weights)
             ranking = rank_files(paths, prompt or "", scorer)

@@ -103,3 +103,13 @@ def test_api_and_cli_take_the_mode(live_server, tiny_model, tiny_clip, tmp_path,
                  "--n", "2", "--model", str(tiny_model), "--reranker", str(tiny_clip), "--out", str(tmp_path),
                  "--rerank-by", "contrastive"]) == 0
     assert "Contrastive score" in capsys.readouterr().out
+
+
+def test_counterfactuals_of_a_huge_prompt_read_what_clip_reads():
+    """Only the first 77 words can reach CLIP, so only they are changed; the work (quadratic in the colour words,
+    for each a new string of the prompt's length) stays bounded for a 400,000-character prompt."""
+    made = counterfactual_captions("red blue " * 50_000)
+    assert len(made) == 12 and all(c.kind == "colour swap" for c in made)
+    made = counterfactual_captions("red " * 80 + "blue circle")
+    assert made and all(c.text.endswith(" red red red blue circle") for c in made)  # words 78- never change
+    assert not [c for c in made if c.kind == "colour swap"]  # blue is past them: nothing to swap with

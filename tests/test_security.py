@@ -282,3 +282,22 @@ def test_host_name_parsing():
     with pytest.raises(ValueError, match="--cors-origin"):
         AccessPolicy.build("127.0.0.1", cors_origins=["evil.example"])
     assert json.loads(json.dumps(sorted(policy.allowed_hosts)))
+
+
+def test_inspect_and_rerank_views_keep_the_prompt_limits(guarded, tmp_path):
+    """Inspect's counterfactual captions and token table grow with the prompt: bounded as generation is."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    url, auth, _ = guarded
+    import base64
+
+    # gradio_client's own auth= is Gradio's login form; this server asks for HTTP Basic
+    basic = "Basic " + base64.b64encode(":".join(auth).encode()).decode() if auth else None
+    client = Client(url, verbose=False, analytics_enabled=False, headers={"Authorization": basic} if basic else None)
+    with pytest.raises(AppError, match="prompt is 150 CLIP tokens; this server accepts up to 100"):
+        client.predict("red " * 150, "", 7, 64, 64, 2, "", api_name="/inspect")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(AppError, match="prompt is 24000 characters long; this server accepts up to 20000"):
+        client.predict([handle_file(str(tmp_path / "a.png"))], "", "red " * 6000, ["clip"], "", api_name="/rerank")

@@ -17,7 +17,9 @@ Scene nouns (background, sky, ...) keep their count. Plurals come from ``inflect
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 COLOUR_WORDS = (
@@ -33,6 +35,9 @@ SCENE_NOUNS = frozenset({"background", "sky", "ground", "wall", "floor", "scene"
 ADJECTIVES = frozenset({*COLOUR_WORDS, "big", "small", "large", "tiny", "little", "huge", "bright", "dark",
                         "light", "shiny", "round", "square", "wooden", "metal", "glass", "old", "new"})
 _WORD = re.compile(r"[A-Za-z]+")
+# CLIP reads the first 77 tokens and a word is at least one: later words never reach the scorer. Reading only
+# these keeps the colour pairs (quadratic in the colours) bounded for any prompt.
+MAX_WORDS = 77
 
 
 @dataclass(frozen=True)
@@ -80,33 +85,37 @@ def counterfactual_captions(prompt: str, max_captions: int = 12) -> list[Counter
     import inflect
 
     grammar = inflect.engine()
-    words = [_Word(m.group(), m.start(), m.end()) for m in _WORD.finditer(prompt)]
+    words = [_Word(m.group(), m.start(), m.end()) for m in itertools.islice(_WORD.finditer(prompt), MAX_WORDS)]
     colours = [i for i, w in enumerate(words) if w.lower in COLOUR_WORDS]
+    def changes() -> Iterator[tuple[dict[int, str], str]]:
+        for a_pos, a in enumerate(colours):  # who has which colour
+            for b in colours[a_pos + 1 :]:
+                if words[a].lower != words[b].lower:
+                    yield {a: words[b].text.lower(), b: words[a].text.lower()}, "colour swap"
+        for i, word in enumerate(words):  # how many
+            noun = _noun_after(words, i)
+            if noun is None or words[noun].lower in SCENE_NOUNS:
+                continue
+            if word.lower in SINGULAR_COUNTS:
+                plural = grammar.plural_noun(words[noun].text)
+                for number in ("two", "several"):
+                    yield {i: number, noun: plural}, "count"
+            elif word.lower in NUMBER_WORDS:
+                singular = grammar.singular_noun(words[noun].text) or words[noun].text
+                yield {i: grammar.a(singular).split()[0], noun: singular}, "count"
+        used = {words[i].lower for i in colours}
+        spare = [c for c in REPLACEMENT_COLOURS if c not in used]
+        for i in colours:  # which colour
+            for colour in spare[:2]:
+                yield {i: colour}, "attribute"
+
     made: list[Counterfactual] = []
-
-    def add(changes: dict[int, str], kind: str) -> None:
-        text = _replace(prompt, changes, words)
-        if text.lower() != prompt.lower() and all(text.lower() != c.text.lower() for c in made):
+    seen = {prompt.lower()}
+    for change, kind in changes():  # in that order, until there are enough
+        if len(made) == max_captions:
+            break
+        text = _replace(prompt, change, words)
+        if text.lower() not in seen:
+            seen.add(text.lower())
             made.append(Counterfactual(text, kind))
-
-    for a_pos, a in enumerate(colours):  # who has which colour
-        for b in colours[a_pos + 1 :]:
-            if words[a].lower != words[b].lower:
-                add({a: words[b].text.lower(), b: words[a].text.lower()}, "colour swap")
-    for i, word in enumerate(words):  # how many
-        noun = _noun_after(words, i)
-        if noun is None or words[noun].lower in SCENE_NOUNS:
-            continue
-        if word.lower in SINGULAR_COUNTS:
-            plural = grammar.plural_noun(words[noun].text)
-            for number in ("two", "several"):
-                add({i: number, noun: plural}, "count")
-        elif word.lower in NUMBER_WORDS:
-            singular = grammar.singular_noun(words[noun].text) or words[noun].text
-            add({i: grammar.a(singular).split()[0], noun: singular}, "count")
-    used = {words[i].lower for i in colours}
-    spare = [c for c in REPLACEMENT_COLOURS if c not in used]
-    for i in colours:  # which colour
-        for colour in spare[:2]:
-            add({i: colour}, "attribute")
-    return made[:max_captions]
+    return made
