@@ -52,7 +52,8 @@ def build_demo(
     default_scorers = ", ".join(f"{k}:{v:g}" for k, v in engine.default_weights().items()) if engine.scorers else ""
     defaults = GenerationRequest()
     with gr.Blocks(title="sd-app", analytics_enabled=False) as demo:
-        session = gr.State(UserSession)
+        session = gr.State(UserSession)  # the Generate view's results (and Inspect's, Rerank's)
+        image_session = gr.State(UserSession)  # the Image to image view's own: its gallery, Send and Cancel
         gr.Markdown("## sd-app · Stable Diffusion 1.x with CLIP reranking")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
@@ -337,9 +338,9 @@ def build_demo(
         image_inputs = [
             editor, mask_upload, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_width, i_height, i_seed, i_n,
             i_rerank, strength, mask_blur, masked_content, inpaint_area, padding, mask_mode, resize_mode, outpaint,
-            sides, i_vae_decoder, session,
+            sides, i_vae_decoder, image_session,
         ]
-        gr.on(
+        image_event = gr.on(
             [i_generate.click, i_prompt.submit],
             handlers.image_to_image,
             image_inputs,
@@ -348,8 +349,10 @@ def build_demo(
             concurrency_id=MODEL_GROUP,
             concurrency_limit=1,
         )
-        i_cancel.click(handlers.cancel, session, i_status, concurrency_limit=None, api_name=False)
-        i_gallery.select(handlers.select_candidate, session, i_parameters, queue=False, api_name=False)
+        # Cancel also drops the view's job from the queue when it has not started (Gradio's cancels)
+        i_cancel.click(handlers.cancel, image_session, i_status, concurrency_limit=None, api_name=False,
+                       cancels=[image_event])
+        i_gallery.select(handlers.select_candidate, image_session, i_parameters, queue=False, api_name=False)
         send_result.click(
             handlers.send_result_to_image,
             session,
@@ -363,7 +366,8 @@ def build_demo(
              inpaint_area, padding, mask_mode, tabs],
             api_name=False,
         )
-        cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel")
+        cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel",
+                            cancels=[generate_event])
         reuse.click(handlers.reuse_seed, session, seed, queue=False, api_name=False)
         gallery.select(handlers.select_candidate, session, parameters, queue=False, api_name=False)
         inspect_button.click(

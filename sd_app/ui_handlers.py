@@ -311,6 +311,7 @@ class UiHandlers:
         try:
             base = self.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
             base["vae_decoder"] = vae_decoder or "Full"
+            base["clip_skip"] = self.engine.clip_skip  # the server's (this view has no slider), as the API's img2img
             request, notes = image_request(
                 base, editor, mask, number("denoising strength", strength), integer("mask blur", mask_blur),
                 masked_content, inpaint_area, integer("padding", padding), mask_mode, resize_mode,
@@ -362,6 +363,8 @@ class UiHandlers:
         finally:
             if worker.is_alive():  # the client went away or the event was cancelled: stop the work too
                 cancel.set()
+            if session.cancel is cancel:
+                session.cancel = None  # Cancel now has nothing of this job's to stop
 
     def _work(
         self,
@@ -419,7 +422,9 @@ class UiHandlers:
         if isinstance(error, GenerationCancelled):
             yield f"Cancelled ({error}).", skip, skip, skip, skip
             return
-        raise user_error(error_message(error))
+        message = error_message(error)
+        yield f"Failed: {message}", skip, skip, skip, skip  # not "Waiting for the model…" under the popup
+        raise user_error(message)
 
     @staticmethod
     def _finished(
@@ -517,8 +522,9 @@ class UiHandlers:
         from sd_app.checkpoints import AUTOMATIC_VAE, OWN_VAE
 
         names = [e.name for e in self.engine.library().files("vae") if e.refused is None]
+        choices = [AUTOMATIC_VAE, OWN_VAE, *names]
         current = self.engine.vae
-        return [AUTOMATIC_VAE, OWN_VAE, *names] + ([current] if current and current not in names else [])
+        return choices + ([current] if current and current not in choices else [])  # e.g. a --vae path
 
     def switch_model(self, checkpoint: str, vae: str) -> tuple[Any, ...]:
         """Load the chosen checkpoint and VAE after the running job (the old model is freed)."""

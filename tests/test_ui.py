@@ -315,3 +315,55 @@ def test_send_a_result_and_a_png_to_image_to_image(live_server, tmp_path):
     filled = UiHandlers.send_png_to_image(path, UiHandlers.png_info(path)[0])
     assert filled[0]["background"].size == (64, 64) and filled[1] == "a square" and filled[6] == 5
     assert filled[7:13] == (0.55, 7, "original", "Only masked", 12, "Inpaint not masked")
+
+
+def test_cancel_says_so_only_for_a_job_and_each_view_keeps_its_own_results(client, live_server):
+    """Cancel after a job finished has nothing to stop. In the page: each Cancel button also drops its view's
+    queued job (Gradio's ``cancels``, which the browser carries out), and Generate and Image to image keep their
+    results, selection, seed and cancel switch apart (one shared state mixed them up)."""
+    client.predict(*generate_args(n=1), api_name="/generate")
+    assert client.predict(api_name="/cancel") == "Nothing to cancel."
+    config = build_demo(live_server.engine).config
+    dependencies = {d.get("api_name"): d for d in config["dependencies"]}
+    states = {c["id"] for c in config["components"] if c.get("type") == "state"}
+    generate, image = dependencies["generate"], dependencies["img2img"]
+    cancelled = [d["cancels"] for d in config["dependencies"] if d.get("cancels")]
+    assert [generate["id"]] in cancelled and [image["id"]] in cancelled
+    generate_state, = states & set(generate["inputs"])
+    image_state, = states & set(image["inputs"])
+    assert generate_state != image_state
+
+
+def test_image_to_image_takes_the_servers_clip_skip_and_the_vae_list_has_no_twins(live_server, monkeypatch):
+    from dataclasses import replace
+
+    from sd_app.ui_jobs import JobTracker
+
+    engine = replace(live_server.engine, clip_skip=2, vae="None")  # serve --clip-skip 2, VAE "None" chosen
+    handlers = UiHandlers(engine, JobTracker())
+    seen = []
+
+    def capture(request, *args, **kwargs):
+        seen.append(request)
+        yield ("captured",)
+
+    monkeypatch.setattr(handlers, "_stream", capture)
+    drawing = _drawing()
+    editor = {"background": drawing, "layers": [], "composite": drawing}
+    list(handlers.image_to_image(editor, None, "a square", "", "Euler", 2, 7, 64, 64, 5, 1, False, 0.5, 4, "original",
+                                 "Whole picture", 32, "Inpaint masked", "just resize", 0, [], "Full", UserSession()))
+    assert seen[0].clip_skip == 2  # as the API's img2img and the Generate slider's default
+    assert handlers.vae_choices().count("None") == 1 and handlers.vae_choices().count("Automatic") == 1
+
+
+def test_a_failed_generation_says_so_in_the_status_line(client, live_server, monkeypatch):
+    from pipelines.generation.denoising import DenoisingRun
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(DenoisingRun, "run", failing)
+    job = client.submit(*generate_args(n=1), api_name="/generate")
+    with pytest.raises(AppError, match="disk caught fire"):
+        job.result(timeout=60)
+    assert any(str(update[0]).startswith("Failed: ") for update in job.outputs() if update)
