@@ -363,7 +363,7 @@ def build_demo(
             handlers.send_png_to_image,
             [png_file, png_text],
             [editor, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_seed, strength, mask_blur, masked_content,
-             inpaint_area, padding, mask_mode, tabs],
+             inpaint_area, padding, mask_mode, resize_mode, i_vae_decoder, tabs],
             api_name=False,
         )
         cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel",

@@ -724,7 +724,7 @@ class UiHandlers:
             request = request_from_parameters(params)
             settings = image_settings_from_parameters(params)
         except ValueError:  # no usable parameters: send the picture alone
-            return ({"background": image, "layers": [], "composite": image}, *([skip] * 12),
+            return ({"background": image, "layers": [], "composite": image}, *([skip] * 14),
                     gr.Tabs(selected="img2img"))
         return (
             {"background": image, "layers": [], "composite": image},
@@ -740,5 +740,7 @@ class UiHandlers:
             INPAINT_AREAS[1] if settings.get("inpaint_full_res") else INPAINT_AREAS[0],
             settings.get("padding", skip),
             MASK_MODES[1] if settings.get("invert_mask") else MASK_MODES[0],
+            settings.get("resize_mode", "just resize") if settings else skip,  # A1111 writes only another mode
+            request.vae_decoder,
             gr.Tabs(selected="img2img"),
         )

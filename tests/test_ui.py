@@ -315,6 +315,7 @@ def test_send_a_result_and_a_png_to_image_to_image(live_server, tmp_path):
     filled = UiHandlers.send_png_to_image(path, UiHandlers.png_info(path)[0])
     assert filled[0]["background"].size == (64, 64) and filled[1] == "a square" and filled[6] == 5
     assert filled[7:13] == (0.55, 7, "original", "Only masked", 12, "Inpaint not masked")
+    assert filled[13:15] == ("just resize", "Full") and len(filled) == 16  # resize mode, VAE decoder, the tab
 
 
 def test_cancel_says_so_only_for_a_job_and_each_view_keeps_its_own_results(client, live_server):
