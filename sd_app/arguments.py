@@ -250,18 +250,22 @@ def image_from_args(args: argparse.Namespace):  # noqa: ANN201 - (ImageCondition
     return image_conditioning(init, mask, outpaint=outpaint, **settings)
 
 
+def parse_hires_size(text: str, name: str) -> tuple[int, int]:
+    """A hires fix's "resize to" ``WxH`` (A1111's hr_resize_x, hr_resize_y; 0 keeps the aspect); ValueError
+    naming ``name`` otherwise."""
+    x, sep, y = text.lower().partition("x")
+    if not sep or not x.strip().isdigit() or not y.strip().isdigit():
+        raise ValueError(f"{name} must look like 1024x768 (0 keeps the aspect), got {text!r}")
+    return int(x), int(y)
+
+
 def hires_from_args(args: argparse.Namespace):  # noqa: ANN201 - HiresFix | None
     """The hires fix of ``--hires-scale`` / ``--hires-size``, or None."""
     if args.hires_scale is None and args.hires_size is None:
         return None
     from pipelines.generation.conditioning import HiresFix
 
-    resize_x = resize_y = 0
-    if args.hires_size is not None:
-        x, sep, y = args.hires_size.lower().partition("x")
-        if not sep or not x.strip().isdigit() or not y.strip().isdigit():
-            raise ValueError(f"--hires-size must look like 1024x768 (0 keeps the aspect), got {args.hires_size!r}")
-        resize_x, resize_y = int(x), int(y)
+    resize_x, resize_y = parse_hires_size(args.hires_size, "--hires-size") if args.hires_size is not None else (0, 0)
     return HiresFix(
         scale=2.0 if args.hires_scale is None else args.hires_scale,
         upscaler=args.hires_upscaler,

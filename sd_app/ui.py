@@ -119,6 +119,10 @@ def build_demo(
                                     0, 1, value=hires_defaults.denoising_strength, step=0.01,
                                     label="Denoising strength",
                                 )
+                            hires_resize = gr.Textbox(
+                                "", label="Or resize to WxH (A1111's hires resize; 0 keeps the aspect)",
+                                placeholder="e.g. 1024x768; empty: Upscale by",
+                            )
                         with gr.Row():
                             clip_skip = gr.Slider(*LIMITS["clip_skip"], value=engine.clip_skip, step=1,
                                                   label="Clip skip", elem_id="clip-skip")
@@ -314,7 +318,7 @@ def build_demo(
         hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
         generate_inputs = [
             prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip,
-            scorer_text, min_score, extra_rounds, session, prune_to, prune_at, vae_decoder,
+            scorer_text, min_score, extra_rounds, session, prune_to, prune_at, vae_decoder, hires_resize,
         ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
@@ -390,7 +394,8 @@ def build_demo(
         send_button.click(
             handlers.send_to_generate,
             png_text,
-            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, clip_skip, vae_decoder, tabs],
+            [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, clip_skip, vae_decoder,
+             hires_resize, tabs],
             api_name=False,
         )
     demo.queue(default_concurrency_limit=1, max_size=max_queue)

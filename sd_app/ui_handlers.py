@@ -203,8 +203,8 @@ class UiHandlers:
     ) -> GenerationRequest:
         """The validated request for the Generate view's fields; ValueError names the bad one.
 
-        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength) of the hires fix;
-        ``pruning``: (prune_to, prune_at) of early pruning, (0, 0) for none.
+        ``hires``: (enabled, scale, upscaler, second-pass steps, denoising strength[, resize to "WxH", empty for
+        the scale]) of the hires fix; ``pruning``: (prune_to, prune_at) of early pruning, (0, 0) for none.
         """
         settings = cls.request_settings(prompt, negative, sampler, steps, cfg, width, height, seed, n)
         settings["clip_skip"] = integer("clip_skip", clip_skip)
@@ -212,13 +212,18 @@ class UiHandlers:
         settings["vae_decoder"] = vae_decoder or "Full"
         if hires is not None and hires[0]:
             from pipelines.generation.conditioning import HiresFix
+            from sd_app.arguments import parse_hires_size
 
-            _, scale, upscaler, hires_steps, denoise = hires
+            _, scale, upscaler, hires_steps, denoise, *resize = hires
+            size = (resize[0] or "").strip() if resize else ""
+            resize_x, resize_y = parse_hires_size(size, "resize to") if size else (0, 0)
             settings["hires"] = HiresFix(
                 scale=number("hr_scale", scale),
                 upscaler=upscaler,
                 steps=integer("hr_second_pass_steps", hires_steps),
                 denoising_strength=number("denoising_strength", denoise),
+                resize_x=resize_x,
+                resize_y=resize_y,
             )
         return GenerationRequest(**settings)
 
@@ -247,6 +252,7 @@ class UiHandlers:
         prune_to: Any = 0,
         prune_at: Any = 0,
         vae_decoder: str = "Full",
+        hires_resize: str | None = "",
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
@@ -259,7 +265,7 @@ class UiHandlers:
         from pipelines.rerank.scorer_specs import parse_min_scores, parse_weights
 
         rerank_by = rerank or "off"
-        hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise)
+        hires = (hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise, hires_resize)
         try:
             request = self.build_request(
                 prompt, negative, sampler, steps, cfg, width, height, seed, n, hires, clip_skip, (prune_to, prune_at),
@@ -700,6 +706,7 @@ class UiHandlers:
             hires.denoising_strength,
             request.clip_skip,
             request.vae_decoder,
+            f"{hires.resize_x}x{hires.resize_y}" if hires.resize_x or hires.resize_y else "",
             gr.Tabs(selected="generate"),
         )
 

@@ -368,3 +368,20 @@ def test_a_failed_generation_says_so_in_the_status_line(client, live_server, mon
     with pytest.raises(AppError, match="disk caught fire"):
         job.result(timeout=60)
     assert any(str(update[0]).startswith("Failed: ") for update in job.outputs() if update)
+
+
+def test_hires_resize_goes_from_png_info_into_generate_and_into_the_picture(client):
+    """A1111's ``Hires resize: WxH`` (what --hires-size writes) survives Send to Generate (it fell back to the
+    scale) and the view's "resize to" box makes that size."""
+    text = ("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Denoising strength: 0.5, "
+            "Hires resize: 128x64, Hires steps: 1, Hires upscaler: Latent")
+    filled = UiHandlers.send_to_generate(text)
+    assert filled[8:13] == (True, 2.0, "Latent", 1, 0.5) and filled[15] == "128x64"
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix (5), clip skip,
+    # scorers, minimum score, extra rounds, prune to, prune at, VAE decoder, hires resize
+    args = ("a cat", "", "Euler", 2, 7, 64, 64, 5, 1, "off", True, 2, "Latent", 1, 0.5, 1, "", "", 3, 0, 0, "Full")
+    status, _, gallery, parameters, _ = client.predict(*args, "128x64", api_name="/generate")
+    assert Image.open(gallery[0]["image"]).size == (128, 64)
+    assert parse_parameters(parameters)["Hires resize"] == "128x64"
+    with pytest.raises(AppError, match="resize to must look like 1024x768"):
+        client.predict(*args, "big", api_name="/generate")
