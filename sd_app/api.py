@@ -36,8 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipelines.generation.conditioning import LATENT_UPSCALERS, MASKED_CONTENT, PIXEL_UPSCALERS, RESIZE_MODES
 from pipelines.generation.request import GenerationRequest
 from pipelines.generation.schedulers import SAMPLERS, resolve_sampler, schedule_names
+from sd_app.api_errors import http_error
 from sd_app.metadata import VERSION, image_pairs
-from sd_app.ui_jobs import Busy, JobTracker
+from sd_app.ui_jobs import JobTracker
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -368,16 +369,6 @@ def samplers_list() -> list[dict[str, Any]]:
     return rows
 
 
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 async def run_cancelling_on_disconnect(work: Callable[[], Any], http: Request, cancel: threading.Event) -> Any:
     """Run ``work`` in a worker thread; set ``cancel`` if the client goes away meanwhile (its queued or
     running job then stops within a step). Errors become HTTP answers with a ``detail``."""
@@ -404,32 +395,6 @@ async def run_cancelling_on_disconnect(work: Callable[[], Any], http: Request, c
     return outcome["result"]
 
 
-def http_error(error: Exception) -> HTTPException:
-    """The HTTP answer for an error raised while generating."""
-    import torch
-
-    from pipelines.generation.text_to_image import GenerationCancelled
-    from pipelines.models.errors import IncompatibleModel, ModelLoadError, ModelNotFound
-
-    if isinstance(error, HTTPException):
-        return error
-    if isinstance(error, Busy):
-        return HTTPException(status_code=503, detail=str(error))
-    if isinstance(error, GenerationCancelled):
-        return HTTPException(status_code=409, detail=f"interrupted: {error}")
-    if isinstance(error, (ModelNotFound, IncompatibleModel)):  # a name or a LoRA the request chose
-        return HTTPException(status_code=422, detail=str(error))
-    if isinstance(error, (ModelLoadError, OSError)):  # the server's model files, not the request
-        return HTTPException(status_code=500, detail=f"model could not be loaded: {error}")
-    if isinstance(error, ValueError):
-        return HTTPException(status_code=422, detail=str(error))
-    _free_memory()
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return HTTPException(status_code=503, detail="out of memory: try a smaller size or fewer images")
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return HTTPException(status_code=500, detail=f"generation failed: {first_line[:300]}")
-
-
 def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     """The ``/sdapi/v1`` routes for one engine; no state outside ``engine`` and ``tracker``."""
     router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -441,6 +406,12 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
         from sd_app.api_models import apply_options, check_server_options, client_switch
 
         overrides = check_options(body.override_settings or {}, "override_settings")
+        if engine.limits is not None:  # what can be told without the model, before queueing behind other jobs
+            rounds = 1 + body.extra_rounds if body.min_score is not None and body.min_score != {} else 1
+            try:
+                engine.limits.check(request, None, rounds=rounds)
+            except ValueError as error:
+                raise HTTPException(status_code=422, detail=str(error)) from None
         cancel = threading.Event()
         client = http.client.host if http.client else ""
 

@@ -111,7 +111,7 @@ def build_models_router(engine: Engine) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
     async def in_thread(work: Any) -> Any:
-        from sd_app.api import http_error
+        from sd_app.api_errors import http_error
 
         try:
             return await anyio.to_thread.run_sync(work)

@@ -2,7 +2,8 @@
 
 A1111's option values: ``sd_model_checkpoint`` is a checkpoint's title (``sub/model.safetensors
 [hash]``), its name, file name, stem or short hash; ``sd_vae`` is ``Automatic`` (a ``<checkpoint
-stem>.vae.safetensors`` beside the checkpoint, else the checkpoint's own), ``None`` (the checkpoint's
+stem>.vae.safetensors`` beside the checkpoint, else a VAE of the folders whose file name starts with the
+checkpoint's stem, else the checkpoint's own), ``None`` (the checkpoint's
 own) or a VAE's name. Paths and ``embedded`` work too, as on the command line; a client of the server
 (HTTP API, browser UI) names library entries only (:func:`client_selection`). At most ``max_loaded``
 pipelines stay in memory (1 by default: a switch frees the old model before loading the new).
@@ -44,9 +45,15 @@ def vae_path(library: ModelLibrary, checkpoint: str, spec: str | None) -> str | 
     """The VAE file for an ``sd_vae`` value (None: the checkpoint's own)."""
     if spec is None or spec == OWN_VAE:
         return None
-    if spec == AUTOMATIC_VAE:
-        beside = Path(checkpoint).with_name(Path(checkpoint).stem + ".vae.safetensors")
-        return str(beside) if checkpoint.endswith(".safetensors") and beside.is_file() else None
+    if spec == AUTOMATIC_VAE:  # A1111's find_vae_near_checkpoint
+        if not checkpoint.endswith(".safetensors"):
+            return None
+        stem = Path(checkpoint).stem
+        beside = Path(checkpoint).with_name(stem + ".vae.safetensors")
+        if beside.is_file():
+            return str(beside)
+        named = [e for e in library.files("vae") if e.refused is None and e.path.name.startswith(stem)]
+        return str(named[0].path) if named else None  # models/VAE/<checkpoint stem>*.safetensors
     if Path(spec).expanduser().is_file():
         return spec
     return str(library.find("vae", spec).path)

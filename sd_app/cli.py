@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -171,6 +172,18 @@ def flag_message(message: str) -> str:
     return f"{flag}{space}{rest}" if flag else message  # their process skips work it does not need (sd_app.lifetime)
 
 
+def show_warnings_as_notes() -> None:
+    """Library warnings as one ``sd-app: note:`` line each, without the file path and source line that Python
+    prints (e.g. LCM's note on a CFG above 2); torchsde's rounding notice at a Brownian tree's edge (a query
+    1e-7 below its start, harmless) not at all. For the process's own command line only."""
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        print(f"sd-app: note: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", message=r"Should have ta>=t0", category=UserWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sd-app`` console script. ``argv=None`` (the process's own command line, as the
     console script and ``python -m sd_app.cli`` call it) also lets ``generate`` and ``serve`` import only
@@ -179,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     while ``serve`` starts (``sd_app.lifetime``); a caller passing ``argv`` keeps its imports and its process
     as they are."""
     args = build_parser().parse_args(argv)
+    if argv is None:
+        show_warnings_as_notes()
     one_shot = argv is None and args.command in ONE_SHOT_COMMANDS
     if one_shot or (argv is None and args.command == "serve"):
         from sd_app.lifetime import pause_gc

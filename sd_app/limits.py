@@ -46,9 +46,12 @@ class RequestLimits:
             if tokens > self.max_prompt_tokens:
                 raise ValueError(f"{name} is {tokens} CLIP tokens; this server accepts up to {self.max_prompt_tokens}")
 
-    def check(self, request: GenerationRequest, count_tokens: Callable[[str], TokenCount], rounds: int = 1) -> None:
+    def check(
+        self, request: GenerationRequest, count_tokens: Callable[[str], TokenCount] | None, rounds: int = 1
+    ) -> None:
         """Raise ValueError if ``request`` asks for more than these limits allow (``rounds``: the most rounds of
-        candidates a minimum score may generate, each counted as work)."""
+        candidates a minimum score may generate, each counted as work). Without ``count_tokens`` (no model at
+        hand: a server refusing before it queues) prompts are checked in characters only."""
         for name in ("prompt", "negative_prompt"):
             self.check_text(name, getattr(request, name), count_tokens)
         sizes = {"": (request.width, request.height)}  # what each pass denoises and decodes

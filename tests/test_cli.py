@@ -213,3 +213,19 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path):
     child.stdout.close()  # before it writes anything
     err = child.stderr.read().decode()
     assert child.wait(timeout=300) == 1 and err == ""
+
+
+def test_library_warnings_are_one_line_notes(tiny_model, tmp_path):
+    """LCM at CFG 5 warns (it was distilled for CFG 1-2): one 'sd-app: note:' line, no file path, no source line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sd_app.cli", "generate", "a red circle", "--model", str(tiny_model), "--sampler", "LCM",
+         "--cfg", "5", "--steps", "2", "--width", "64", "--height", "64", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "note:" in line]
+    assert notes and all(line.startswith("sd-app: note: ") for line in notes), done.stderr
+    assert "UserWarning" not in done.stderr and ".py:" not in done.stderr

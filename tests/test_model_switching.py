@@ -262,3 +262,24 @@ def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server)
     params = parse_parameters(parameters)
     assert params["Lora hashes"].startswith("ink: ") and params["TI hashes"].startswith("fits: ")
     assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+
+
+def test_automatic_vae_is_a1111s_near_the_checkpoint(tmp_path):
+    """A1111's find_vae_near_checkpoint: <stem>.vae.safetensors beside it, else a VAE whose file name starts
+    with the checkpoint's stem, else the checkpoint's own."""
+    from pipelines.models.library import ModelLibrary
+    from sd_app.checkpoints import vae_path
+
+    models = tmp_path / "models"
+    checkpoint = models / "Stable-diffusion" / "dream-v2.safetensors"
+    for path in (checkpoint, models / "VAE" / "dream-v2-ft.safetensors", models / "VAE" / "other.safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.zeros(1)}, str(path))
+    library = ModelLibrary([tmp_path], shipped=False)
+    assert vae_path(library, str(checkpoint), "Automatic") == str(models / "VAE" / "dream-v2-ft.safetensors")
+    beside = checkpoint.with_name("dream-v2.vae.safetensors")
+    save_file({"w": torch.zeros(1)}, str(beside))
+    library.refresh()
+    assert vae_path(library, str(checkpoint), "Automatic") == str(beside)
+    assert vae_path(library, str(models / "Stable-diffusion" / "plain.safetensors"), "Automatic") is None
+    assert vae_path(library, str(checkpoint), "None") is None

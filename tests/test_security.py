@@ -301,3 +301,31 @@ def test_inspect_and_rerank_views_keep_the_prompt_limits(guarded, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(AppError, match="prompt is 24000 characters long; this server accepts up to 20000"):
         client.predict([handle_file(str(tmp_path / "a.png"))], "", "red " * 6000, ["clip"], "", api_name="/rerank")
+
+
+def test_an_over_limit_request_is_refused_before_it_queues(guarded):
+    """The size and work limits need no model: a request over them gets its 422 at once, not after the job
+    running before it (it used to wait in the queue first)."""
+    url, auth, engine = guarded
+    started = threading.Event()
+    release = threading.Event()
+    original = engine.generate
+
+    def slow_generate(*args, **kwargs):
+        started.set()
+        release.wait(timeout=60)
+        return original(*args, **kwargs)
+
+    engine.generate = slow_generate  # the running job holds the model until released
+    try:
+        first = threading.Thread(target=lambda: httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "seed": 8},
+                                                           auth=auth, timeout=120))
+        first.start()
+        assert started.wait(timeout=60)
+        response = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "width": 256, "height": 256}, auth=auth,
+                              timeout=10)  # would time out waiting behind the first
+        assert response.status_code == 422 and "this server accepts up to 16384" in response.json()["detail"]
+    finally:
+        release.set()
+        engine.generate = original
+        first.join(timeout=120)
