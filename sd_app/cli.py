@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate locally, or on ``--server`` (the warm path: no torch in this process)."""
-    check_flag_combinations(args, build_parser().parse_args(["generate", args.prompt]))
+    check_flag_combinations(args, build_parser().parse_args(["generate", "defaults"]))  # the flags' defaults
     if args.server is not None:
         from sd_app.remote import run_remote_generate
 

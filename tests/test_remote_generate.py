@@ -165,4 +165,4 @@ def test_the_cold_generate_path_imports_only_what_it_runs(tiny_model, tiny_clip,
     assert len(list(tmp_path.glob("*.png"))) == 2 and " written to " in out.stderr
     bad = subprocess.run([sys.executable, "-c", code.replace("'--n', '2'", "'--n', '0'")], capture_output=True,
                          text=True, cwd=REPO)
-    assert bad.returncode == 2 and "sd-app: error: n must be" in bad.stderr
+    assert bad.returncode == 2 and "sd-app: error: --n must be" in bad.stderr
