@@ -227,7 +227,8 @@ def build_demo(
                                 )
                         with gr.Accordion("Outpainting", open=False):
                             with gr.Row():
-                                outpaint = gr.Slider(0, 512, value=0, step=8, label="Pad the canvas by, px")
+                                outpaint = gr.Slider(0, 512, value=0, step=8,
+                                                     label="Pad the canvas by, px (Masked content turns to fill)")
                                 sides = gr.CheckboxGroup(list(SIDES), value=list(SIDES), label="Sides")
                 i_status = gr.Markdown("", elem_id="img2img-status")
                 i_previews = gr.Gallery(label="Live latent previews", columns=4, height=160, format="png")
@@ -354,6 +355,8 @@ def build_demo(
             concurrency_limit=1,
         )
         # Cancel also drops the view's job from the queue when it has not started (Gradio's cancels)
+        outpaint.change(handlers.outpaint_content, [outpaint, masked_content], masked_content, queue=False,
+                        api_name=False)
         i_cancel.click(handlers.cancel, image_session, i_status, concurrency_limit=None, api_name=False,
                        cancels=[image_event])
         i_gallery.select(handlers.select_candidate, image_session, i_parameters, queue=False, api_name=False)

@@ -465,6 +465,13 @@ class UiHandlers:
         return status, gr.update(), items, best.parameters, files
 
     @staticmethod
+    def outpaint_content(pixels: Any, current: str) -> Any:
+        """Masked content when the canvas is padded: "fill" (the new border starts from the colours around it,
+        as the CLI's --outpaint and A1111's outpainting scripts do) unless the user chose another than the
+        default "original"; unchanged otherwise."""
+        return "fill" if pixels and current == "original" else gr.update()
+
+    @staticmethod
     def cancel(session: UserSession) -> str:
         """Set the running job's cancel event; the pipeline stops within one step."""
         if session.cancel is None or session.cancel.is_set():

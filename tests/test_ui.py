@@ -9,6 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import gradio as gr
 import httpx
 import numpy as np
 import pytest
@@ -385,3 +386,9 @@ def test_hires_resize_goes_from_png_info_into_generate_and_into_the_picture(clie
     assert parse_parameters(parameters)["Hires resize"] == "128x64"
     with pytest.raises(AppError, match="resize to must look like 1024x768"):
         client.predict(*args, "big", api_name="/generate")
+
+
+def test_padding_the_canvas_turns_masked_content_to_fill_unless_chosen():
+    assert UiHandlers.outpaint_content(64, "original") == "fill"  # the CLI's --outpaint default, A1111's scripts'
+    assert UiHandlers.outpaint_content(64, "latent noise") == gr.update()  # the user's own choice stays
+    assert UiHandlers.outpaint_content(0, "original") == gr.update()
