@@ -689,11 +689,17 @@ class UiHandlers:
     @staticmethod
     def send_to_generate(text: str) -> tuple[Any, ...]:
         """Fill the Generate view (hires fix included) from a parameters text and switch to it."""
-        from pipelines.generation.conditioning import HiresFix
+        from pipelines.generation.conditioning import LATENT_UPSCALERS, PIXEL_UPSCALERS, HiresFix
         from sd_app.metadata import parse_parameters, request_from_parameters
 
         try:
-            request = request_from_parameters(parse_parameters(text or ""))
+            params = parse_parameters(text or "")
+            upscaler = params.get("Hires upscaler")
+            if upscaler is not None and upscaler not in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS):
+                # e.g. A1111's R-ESRGAN 4x+: fill in the rest rather than refuse the whole text
+                gr.Warning(f"Hires upscaler {upscaler!r} is not one of sd-app's; Latent is chosen instead")
+                params["Hires upscaler"] = "Latent"
+            request = request_from_parameters(params)
         except ValueError as error:
             raise user_error(str(error)) from None
         hires = request.hires or HiresFix()

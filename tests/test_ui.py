@@ -378,6 +378,8 @@ def test_hires_resize_goes_from_png_info_into_generate_and_into_the_picture(clie
             "Hires resize: 128x64, Hires steps: 1, Hires upscaler: Latent")
     filled = UiHandlers.send_to_generate(text)
     assert filled[8:13] == (True, 2.0, "Latent", 1, 0.5) and filled[15] == "128x64"
+    foreign = UiHandlers.send_to_generate(text.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+"))
+    assert foreign[:8] == filled[:8] and foreign[10] == "Latent"  # the rest is filled in, not refused
     # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix (5), clip skip,
     # scorers, minimum score, extra rounds, prune to, prune at, VAE decoder, hires resize
     args = ("a cat", "", "Euler", 2, 7, 64, 64, 5, 1, "off", True, 2, "Latent", 1, 0.5, 1, "", "", 3, 0, 0, "Full")
