@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, HTTPException, Request
 
 from sd_app.a1111_fields import check_options
+from sd_app.checkpoints import vae_shown
 
 if TYPE_CHECKING:
     from sd_app.engine import Engine
@@ -57,7 +58,7 @@ def options_payload(engine: Engine) -> dict[str, Any]:
     """``GET /options``: the options sd-app has (A1111's names)."""
     return {
         "sd_model_checkpoint": selected_title(engine),
-        "sd_vae": engine.vae or "Automatic",
+        "sd_vae": vae_shown(engine.library(), engine.vae),
         "CLIP_stop_at_last_layers": engine.clip_skip,
         "sd_vae_decode_method": engine.vae_decoder,
         "sd_checkpoints_limit": engine.max_loaded,
@@ -167,7 +168,8 @@ def client_switch(engine: Engine, wanted: Mapping[str, Any]) -> tuple[str | None
         return {value, str(path.resolve())} if path.exists() else {value}
 
     def shown() -> tuple[set[str], set[str]]:
-        return {selected_title(engine), *spellings(str(engine.model))}, spellings(engine.vae or "Automatic")
+        vae = vae_shown(engine.library(), engine.vae)
+        return {selected_title(engine), *spellings(str(engine.model))}, {vae, *spellings(engine.vae or vae)}
 
     return client_selection(engine.library(), wanted.get("sd_model_checkpoint"), wanted.get("sd_vae"), shown)
 

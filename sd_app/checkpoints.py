@@ -90,9 +90,22 @@ def client_selection(
                 raise ModelNotFound(f"{kind} {text!r}: the server takes the names of its model folders' files, "
                                     f"not paths (GET /sdapi/v1/{listing} lists them)") from None
             raise
-        return "embedded" if entry.folder == "shipped" else entry.name  # selected by its name, as GET /options shows
+        # The entry's own path (a library file, never one the client chose): a name alone could be ambiguous
+        # again (the same name under two roots, told apart by the title's hash).
+        return "embedded" if entry.folder == "shipped" else str(entry.path)
 
     return named("checkpoint", checkpoint, ("embedded",)), named("vae", vae, (AUTOMATIC_VAE, OWN_VAE))
+
+
+def vae_shown(library: ModelLibrary, vae: str | None) -> str:
+    """An engine's VAE selection as A1111's ``sd_vae`` shows it: ``None`` for the checkpoint's own (no separate
+    VAE is not ``Automatic``, which may find one), a library VAE by its name, anything else as it is."""
+    if vae is None:
+        return OWN_VAE
+    for entry in library.files("vae"):
+        if str(entry.path) == vae:
+            return entry.name
+    return vae
 
 
 def entry_title(entry: ModelFile, short_hash: str | None) -> str:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hmac
 import ipaddress
+import json
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
@@ -116,14 +117,23 @@ MAX_ECHOED_INPUT = 200  # characters of a refused value a 422 repeats back
 
 
 def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    """FastAPI's validation errors (field, message) with each refused value shown only when short: a 422 never
-    sends a client's megabytes back to it."""
+    """FastAPI's validation errors (field, message) with each refused value shown only when it is short and
+    plain JSON: a 422 never sends a client's megabytes back, and never fails on what it would echo (bytes of a
+    form body, NaN, a lone surrogate)."""
+    from fastapi.encoders import jsonable_encoder
+
     details = []
     for error in errors:
         detail = {key: error[key] for key in ("type", "loc", "msg") if key in error}
-        shown = repr(error.get("input"))
-        if "input" in error and len(shown) <= MAX_ECHOED_INPUT:
-            detail["input"] = error["input"]
+        if "input" in error:
+            try:
+                shown = jsonable_encoder(error["input"])
+                text = json.dumps(shown, allow_nan=False, ensure_ascii=False)
+                text.encode("utf-8")
+            except (TypeError, ValueError, UnicodeError):
+                shown, text = None, ""
+            if text and len(text) <= MAX_ECHOED_INPUT:
+                detail["input"] = shown
         details.append(detail)
     return details
 
@@ -141,7 +151,7 @@ def create_app(
     """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``.
 
     Outermost first: our own Host names only and no cross-site writes (``policy``, loopback names by
-    default), bounded request bodies, then HTTP Basic auth if ``credentials``. Every error is JSON with
+    default), HTTP Basic auth if ``credentials``, then bounded request bodies. Every error is JSON with
     a ``detail``. ``local_paths``: the UI's Rerank view may read typed folders and copy anywhere (only for a
     server that answers on loopback addresses alone).
     """
@@ -181,9 +191,11 @@ def create_app(
     # Gradio accepts only uploaded files as handler inputs once an app "has launched"; mount_gradio_app
     # never sets that flag (gradio 6.31), which let an API call hand a handler any path on the server.
     demo.has_launched = True
+    # The last added runs first: Host and Origin, then auth (a client without the password gets 401 before
+    # any of its body is read), then the body's size (a chunked body is read and counted here, whole).
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if credentials:
         app.add_middleware(BasicAuthMiddleware, credentials=credentials)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(HostOriginGuard, policy=policy or AccessPolicy.build(DEFAULT_HOST))
     return app
 

@@ -73,7 +73,7 @@ def build_demo(
                 with gr.Row():
                     checkpoint = gr.Dropdown(handlers.checkpoint_choices(), value=handlers.checkpoint_value(),
                                              label="Checkpoint", elem_id="checkpoint", scale=3)
-                    vae = gr.Dropdown(handlers.vae_choices(), value=engine.vae or "Automatic", label="VAE",
+                    vae = gr.Dropdown(handlers.vae_choices(), value=handlers.vae_value(), label="VAE",
                                       elem_id="vae", scale=2)
                     refresh_models = gr.Button("🔄 Refresh", size="sm", elem_id="refresh-models", scale=0)
                 with gr.Row():

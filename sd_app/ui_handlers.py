@@ -531,13 +531,19 @@ class UiHandlers:
                 return entry.name
         return model
 
+    def vae_value(self) -> str:
+        """The dropdown's spelling of the selected VAE ("None": the checkpoint's own)."""
+        from sd_app.checkpoints import vae_shown
+
+        return vae_shown(self.engine.library(), self.engine.vae)
+
     def vae_choices(self) -> list[str]:
         from sd_app.checkpoints import AUTOMATIC_VAE, OWN_VAE
 
         names = [e.name for e in self.engine.library().files("vae") if e.refused is None]
         choices = [AUTOMATIC_VAE, OWN_VAE, *names]
-        current = self.engine.vae
-        return choices + ([current] if current and current not in choices else [])  # e.g. a --vae path
+        current = self.vae_value()
+        return choices + ([current] if current not in choices else [])  # e.g. a --vae path
 
     def switch_model(self, checkpoint: str, vae: str) -> tuple[Any, ...]:
         """Load the chosen checkpoint and VAE after the running job (the old model is freed)."""
@@ -547,17 +553,17 @@ class UiHandlers:
         try:
             # The dropdowns' names, or the current selection as shown; a crafted call naming a path is refused.
             chosen = client_selection(self.engine.library(), checkpoint, vae,
-                                      lambda: ({self.checkpoint_value()}, {self.engine.vae or "Automatic"}))
+                                      lambda: ({self.checkpoint_value()}, {self.vae_value()}))
             self.engine.switch(*chosen)
         except ValueError as error:
             gr.Warning(str(error))
-            return f"Not switched: {error}", self.checkpoint_value(), self.engine.vae or "Automatic"
+            return f"Not switched: {error}", self.checkpoint_value(), self.vae_value()
         except Exception as error:  # noqa: BLE001
             log.exception("switching the model failed")
             free_memory()
             message = error_message(error)
-            return f"Not switched: {message}", self.checkpoint_value(), self.engine.vae or "Automatic"
-        return (f"Loaded {self.checkpoint_value()} (VAE {self.engine.vae or 'Automatic'}) in "
+            return f"Not switched: {message}", self.checkpoint_value(), self.vae_value()
+        return (f"Loaded {self.checkpoint_value()} (VAE {self.vae_value()}) in "
                 f"{time.monotonic() - started:.1f} s", gr.update(), gr.update())
 
     def refresh_models(self) -> tuple[Any, Any, Any]:

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -231,12 +232,12 @@ def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server)
     known = hashes(url)
     client = Client(url, verbose=False, analytics_enabled=False)
     status, checkpoint, vae = client.predict("tiny-b", "Automatic", api_name="/switch_model")
-    assert status.startswith("Loaded tiny-b") and engine.model == "tiny-b"
+    assert status.startswith("Loaded tiny-b") and Path(engine.model).name == "tiny-b"  # the library entry's path
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="missing is not in the list of choices"):
         client.predict("missing", "Automatic", api_name="/switch_model")
-    assert engine.model == "tiny-b"
+    assert Path(engine.model).name == "tiny-b"
     # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix, clip skip
     hires_off = (False, 2, "Latent", 0, 0.7)
     status, _, _, parameters, _ = client.predict("a red circle", "", "Euler", 2, 7, 64, 64, 3, 1, "off", *hires_off, 2,
@@ -262,6 +263,28 @@ def test_ui_dropdowns_switch_the_model_and_clip_skip_reaches_the_picture(server)
     params = parse_parameters(parameters)
     assert params["Lora hashes"].startswith("ink: ") and params["TI hashes"].startswith("fits: ")
     assert options(url, sd_model_checkpoint="tiny-a").status_code == 200
+
+
+def test_a_title_picks_one_of_two_same_named_files_and_options_post_back_unchanged(tmp_path, tiny_config):
+    """Over HTTP a checkpoint is named by its title when the name is ambiguous; GET /options shows the VAE
+    selection as it is ("None": the checkpoint's own, not "Automatic", which would find dream-ft), so posting it
+    back changes nothing."""
+    from sd_app.api_models import apply_options, options_payload
+    from sd_app.engine import Engine
+
+    webui, comfy = tmp_path / "webui" / "models", tmp_path / "ComfyUI" / "models"
+    first = write_random_model(tiny_config, webui / "Stable-diffusion" / "dream", seed=1)
+    second = write_random_model(tiny_config, comfy / "checkpoints" / "dream", seed=2)
+    (webui / "VAE").mkdir(parents=True)
+    shutil.copy(first / "vae" / "diffusion_pytorch_model.safetensors", webui / "VAE" / "dream-ft.safetensors")
+    engine = Engine(model=str(first), reranker=None, output_dir=tmp_path / "out", device="cpu",
+                    models_dirs=[webui.parent, comfy.parent])
+    before = options_payload(engine)
+    assert before["sd_vae"] == "None"
+    assert apply_options(engine, before) == before and engine.selection() == (str(first), None)
+    short = engine.library().hashes.short_hash(second / "unet" / "diffusion_pytorch_model.safetensors")
+    apply_options(engine, {"sd_model_checkpoint": f"dream [{short}]"})  # the title /sd-models lists
+    assert engine.selection()[0] == str(second)
 
 
 def test_automatic_vae_is_a1111s_near_the_checkpoint(tmp_path):

@@ -113,6 +113,10 @@ def test_body_size_and_request_limits(guarded):
     response = httpx.post(f"{url}/sdapi/v1/txt2img", auth=auth, timeout=60, headers=json_type,
                           content=(b" " * 50_000 for _ in range(5)))
     assert response.status_code == 413 and "limit of 200000 bytes" in response.json()["detail"]
+    if auth is not None:  # no password: refused before any of the body is read (not read whole, then 413)
+        response = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=60, headers=json_type,
+                              content=(b" " * 50_000 for _ in range(5)))
+        assert response.status_code == 401
     whole = json.dumps({**BASE, "seed": 4}).encode()
     response = httpx.post(f"{url}/sdapi/v1/txt2img", auth=auth, timeout=120, headers=json_type,
                           content=iter([whole[:10], whole[10:]]))  # a chunked body within the limit arrives whole
@@ -164,6 +168,13 @@ def test_a_refused_value_is_echoed_back_only_when_short(live_server):
     assert detail["loc"] == ["body", "init_images"] and "list" in detail["msg"] and "input" not in detail
     response = httpx.post(url, json={**BASE, "init_images": "x"}, timeout=60)
     assert response.json()["detail"][0]["input"] == "x"  # short: shown, as FastAPI does
+    # what cannot be echoed as JSON is left out, never a 500: a form body (bytes), NaN, a lone surrogate
+    for content, kind in ((b'{"prompt": "x"}', "application/x-www-form-urlencoded"),
+                          (b'{"prompt": "x", "steps": NaN}', "application/json"),
+                          (b'{"prompt": "x", "steps": "\\ud800"}', "application/json")):
+        response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", content=content, timeout=60,
+                              headers={"Content-Type": kind})
+        assert response.status_code == 422, (content, response.text)
 
 
 def test_a1111_defaults_of_unimplemented_fields_are_accepted(live_server):
