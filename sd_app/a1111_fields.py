@@ -97,7 +97,8 @@ def check_options(options: Any, field: str = "options") -> dict[str, Any]:
     )
     if refused:
         raise ValueError(
-            f"{field}: not supported by sd-app: {', '.join(refused)} (supported: {', '.join(OPTIONS)})"
+            f"{field}: not supported by sd-app: {', '.join(refused)} (supported: {', '.join(OPTIONS)}; "
+            f"{', '.join(SERVER_OPTIONS)} at the server's value)"
         )
     wanted = {name: options[name] for name in OPTIONS + SERVER_OPTIONS if name in options}
     for name in ("sd_model_checkpoint", "sd_vae"):

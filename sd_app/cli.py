@@ -152,7 +152,7 @@ def run_info() -> int:
     return 0
 
 
-ONE_SHOT_COMMANDS = ("generate", "score")
+ONE_SHOT_COMMANDS = ("generate", "score")  # their process skips work it does not need (sd_app.lifetime)
 # The library names a bad value by its field (A1111's name); the command line says the flag. Fields not here
 # are their flag already (``mask_blur`` -> ``--mask-blur``).
 FLAGS_OF_FIELDS = {
@@ -169,7 +169,7 @@ def flag_message(message: str) -> str:
     which ``serve`` shares for its defaults)."""
     field, space, rest = message.partition(" ")
     flag = FLAGS_OF_FIELDS.get(field) or ("--" + field.replace("_", "-") if field in FLAG_FIELDS else None)
-    return f"{flag}{space}{rest}" if flag else message  # their process skips work it does not need (sd_app.lifetime)
+    return f"{flag}{space}{rest}" if flag else message
 
 
 def show_warnings_as_notes() -> None:

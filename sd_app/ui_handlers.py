@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sd_app.ui")
 PREVIEW_PX = 192  # longest side of live latent previews
 THUMB_PX = 64  # per-step thumbnails in the Inspect view
+MAX_TEXTS = 64  # texts one request scores images against (Inspect's extra texts, the Score tab)
 
 
 class UserSession:
@@ -369,8 +370,8 @@ class UiHandlers:
         finally:
             if worker.is_alive():  # the client went away or the event was cancelled: stop the work too
                 cancel.set()
-            if session.cancel is cancel:
-                session.cancel = None  # Cancel now has nothing of this job's to stop
+            if session.cancel is cancel and not cancel.is_set():
+                session.cancel = None  # finished: Cancel now has nothing of this job's to stop
 
     def _work(
         self,
@@ -473,8 +474,9 @@ class UiHandlers:
 
     @staticmethod
     def cancel(session: UserSession) -> str:
-        """Set the running job's cancel event; the pipeline stops within one step."""
-        if session.cancel is None or session.cancel.is_set():
+        """Set the running job's cancel event; the pipeline stops within one step. (Its queued job, if any, the
+        page drops itself: the button's ``cancels``.)"""
+        if session.cancel is None:
             return "Nothing to cancel."
         session.cancel.set()
         return "Cancelling…"
@@ -615,6 +617,7 @@ class UiHandlers:
             for name, text in (("prompt", prompt or ""), ("negative_prompt", negative or "")):
                 if self.engine.limits is not None:  # before any work that grows with the prompt
                     self.engine.limits.check_text(name, text, pipe.count_tokens)
+            extra = self.texts_to_score(texts)
             rows = token_rows(pipe.components.tokenizer, prompt or "")
             shapes = embedding_shapes(
                 pipe,
@@ -635,7 +638,6 @@ class UiHandlers:
             result = session.last_result
             if result is not None:
                 scorer = self.engine.scorer()
-                extra = [line.strip() for line in (texts or "").splitlines() if line.strip()]
                 if scorer is None:
                     shapes += "\n\nNo reranker is loaded, so there is no similarity table or map."
                 else:
@@ -646,11 +648,25 @@ class UiHandlers:
 
     # ---- Score ------------------------------------------------------------------------------
 
+    def texts_to_score(self, texts: str | None) -> list[str]:
+        """The non-empty lines of ``texts``: at most ``MAX_TEXTS``, each within the server's prompt limit (each is
+        encoded and scored against every image; ValueError otherwise)."""
+        lines = [line.strip() for line in (texts or "").splitlines() if line.strip()]
+        if len(lines) > MAX_TEXTS:
+            raise ValueError(f"at most {MAX_TEXTS} texts, one per line; got {len(lines)}")
+        if self.engine.limits is not None:
+            for line in lines:
+                self.engine.limits.check_text("a text", line)
+        return lines
+
     def score(self, files: list[str] | None, texts: str) -> list[list[Any]]:
         """Zero-shot table: for each uploaded image, every text with cosine, logit and probability."""
         from pipelines.rerank.clip_scorer import load_image_file
 
-        lines = [line.strip() for line in (texts or "").splitlines() if line.strip()]
+        try:
+            lines = self.texts_to_score(texts)
+        except ValueError as error:
+            raise user_error(str(error)) from None
         if not files:
             raise user_error("Upload at least one image.")
         if not lines:

@@ -309,6 +309,8 @@ def test_inspect_and_rerank_views_keep_the_prompt_limits(guarded, tmp_path):
     client = Client(url, verbose=False, analytics_enabled=False, headers={"Authorization": basic} if basic else None)
     with pytest.raises(AppError, match="prompt is 150 CLIP tokens; this server accepts up to 100"):
         client.predict("red " * 150, "", 7, 64, 64, 2, "", api_name="/inspect")
+    with pytest.raises(AppError, match="at most 64 texts, one per line; got 65"):  # each encoded and scored
+        client.predict("red", "", 7, 64, 64, 2, "a\n" * 65, api_name="/inspect")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(AppError, match="prompt is 24000 characters long; this server accepts up to 20000"):
         client.predict([handle_file(str(tmp_path / "a.png"))], "", "red " * 6000, ["clip"], "", api_name="/rerank")

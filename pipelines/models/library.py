@@ -182,6 +182,7 @@ def _tree(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
             folders[:] = []
             continue
         seen.add(real)
+        folders.sort()  # walked in name order: a folder reachable twice is named by the same path everywhere
         yield top, folders, files
 
 

@@ -112,7 +112,7 @@ def counterfactual_captions(prompt: str, max_captions: int = 12) -> list[Counter
     made: list[Counterfactual] = []
     seen = {prompt.lower()}
     for change, kind in changes():  # in that order, until there are enough
-        if len(made) == max_captions:
+        if len(made) >= max_captions:
             break
         text = _replace(prompt, change, words)
         if text.lower() not in seen:

@@ -7,11 +7,11 @@ sampling; Ho et al. 2020, Fig. 6). It is decoded cheaply, by default with the li
 the previews (no VAE: a VAE decode of the embedded model costs about 7 U-Net steps), and scored by the
 request's reranker, or by ``early_scorer``: the app passes the model's preview scorer where its folder has
 one (``clip_preview/``, a CLIP taught what finished images such previews become). The kept candidates go
-on from where they are, so each is the very image its seed gives without pruning
-(tests/test_early_pruning.py). Compute: N K + M (steps - K) U-Net steps and M VAE decodes instead of N
-steps and N decodes. Asked to (``hold_pruned``), the pruned candidates' runs are set aside after step K
-(:class:`HeldRuns`), so a caller that needs them after all (a minimum score the kept ones missed) finishes
-them from step K, not from their seeds.
+on from where they are, so each is the very image its seed gives without pruning, to the last bits of a
+batched convolution (one 8-bit level at most; tests/test_early_pruning.py). Compute: N K + M (steps - K)
+U-Net steps and M VAE decodes instead of N steps and N decodes. Asked to (``hold_pruned``), the pruned
+candidates' runs are set aside after step K (:class:`HeldRuns`), so a caller that needs them after all (a
+minimum score the kept ones missed) finishes them from step K, not from their seeds.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class HeldRuns:
         progress: bool = False,
     ) -> dict[int, Image.Image]:
         """Run every held candidate to the end and decode it: generation index -> image. Each is the image its
-        seed gives without pruning. ``on_step`` counts candidate-steps; the runs are used up."""
+        seed gives without pruning (to one 8-bit level). ``on_step`` counts candidate-steps; the runs are used up."""
         import torch
 
         request, total, done = self.request, self.steps_left, [0]

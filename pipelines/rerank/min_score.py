@@ -100,8 +100,8 @@ def _finish_pruned(
     progress: bool,
 ) -> tuple[list[Image.Image], list[int]]:
     """The pruned candidates finished from the step they were pruned at, in ``pending``'s order: each its
-    seed's own image, as without pruning. Progress is told in a pruned round's candidate-steps, so that
-    every round moves it by the same amount."""
+    seed's own image, as without pruning (to one 8-bit level). Progress is told in a pruned round's
+    candidate-steps, so that every round moves it by the same amount."""
     from pipelines.rerank.early_pruning import pruned_request_steps
 
     unit, left = pruned_request_steps(held.request), held.steps_left
