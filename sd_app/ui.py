@@ -401,5 +401,8 @@ def build_demo(
              hires_resize, tabs],
             api_name=False,
         )
+        # The page was built at start: each page load shows the selection as it is now
+        demo.load(handlers.current_settings, None, [checkpoint, vae, clip_skip, vae_decoder, i_vae_decoder],
+                  queue=False, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo

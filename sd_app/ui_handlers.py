@@ -533,6 +533,14 @@ class UiHandlers:
                 return entry.name
         return model
 
+    def current_settings(self) -> tuple[Any, ...]:
+        """The server's selection as it is now, for a page being opened (the page was built at start; a switch
+        over the HTTP API or from another page may have changed it since): checkpoint and VAE dropdowns,
+        clip skip, and the two views' VAE decoders."""
+        return (gr.update(choices=self.checkpoint_choices(), value=self.checkpoint_value()),
+                gr.update(choices=self.vae_choices(), value=self.vae_value()),
+                self.engine.clip_skip, self.engine.vae_decoder, self.engine.vae_decoder)
+
     def vae_value(self) -> str:
         """The dropdown's spelling of the selected VAE ("None": the checkpoint's own)."""
         from sd_app.checkpoints import vae_shown

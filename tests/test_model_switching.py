@@ -306,3 +306,23 @@ def test_automatic_vae_is_a1111s_near_the_checkpoint(tmp_path):
     assert vae_path(library, str(checkpoint), "Automatic") == str(beside)
     assert vae_path(library, str(models / "Stable-diffusion" / "plain.safetensors"), "Automatic") is None
     assert vae_path(library, str(checkpoint), "None") is None
+
+
+def test_a_page_opened_after_a_switch_shows_the_selection_as_it_is(server):
+    """The page is built once, at start; each page load asks for the current checkpoint, VAE and clip skip."""
+    from sd_app.ui import build_demo
+    from sd_app.ui_handlers import UiHandlers
+    from sd_app.ui_jobs import JobTracker
+
+    url, engine = server
+    config = build_demo(engine).config
+    loads = [d for d in config["dependencies"] if d["targets"] and d["targets"][0][1] == "load"]
+    checkpoint = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "checkpoint")
+    assert any(checkpoint in d["outputs"] for d in loads)
+    assert options(url, sd_model_checkpoint="tiny-b", CLIP_stop_at_last_layers=2).status_code == 200
+    try:
+        shown, vae, clip_skip, *_ = UiHandlers(engine, JobTracker()).current_settings()
+        current = httpx.get(f"{url}/sdapi/v1/options").json()
+        assert shown["value"] == "tiny-b" and vae["value"] == current["sd_vae"] and clip_skip == 2
+    finally:
+        assert options(url, sd_model_checkpoint="tiny-a", CLIP_stop_at_last_layers=1).status_code == 200
