@@ -166,9 +166,16 @@ def _refuse_unsupported(body: GenerationFields) -> None:
             firstphase_width=body.firstphase_width,
             firstphase_height=body.firstphase_height,
         )
-        same = ("use same sampler", (body.sampler_name or "").casefold())  # A1111's UI spells "unset" so
-        if body.hr_sampler_name and body.hr_sampler_name.casefold() not in same:
-            refused["hr_sampler_name"] = body.hr_sampler_name
+        if body.hr_sampler_name and body.hr_sampler_name.casefold() != "use same sampler":  # A1111's UI's "unset"
+            # The same sampler by either field, an alias or a name with its schedule (e.g. "k_euler" for "Euler")
+            first = body.sampler_name or body.sampler_index
+            try:
+                same = sampler_from_fields(body.hr_sampler_name, body.scheduler) == sampler_from_fields(
+                    first, body.scheduler)
+            except ValueError:
+                same = False
+            if not same:
+                refused["hr_sampler_name"] = body.hr_sampler_name
         same = ("use same scheduler", (body.scheduler or "").casefold(), "automatic")
         if body.hr_scheduler and body.hr_scheduler.casefold() not in same:
             refused["hr_scheduler"] = body.hr_scheduler

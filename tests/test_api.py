@@ -404,3 +404,15 @@ def test_a1111_listings_of_features_sd_app_lacks_answer_empty_and_memory_is_repo
     assert 0 < memory["ram"]["free"] <= memory["ram"]["total"]
     assert memory["ram"]["used"] == memory["ram"]["total"] - memory["ram"]["free"]
     assert memory["cuda"] == {"error": "no CUDA device"} or memory["cuda"]["system"]["total"] > 0
+
+
+def test_a_hires_sampler_named_another_way_is_the_same_sampler(live_server):
+    """hr_sampler_name is compared as a sampler, not as text: an alias, or a first pass named by sampler_index."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "seed": 6}
+    for fields in ({"hr_sampler_name": "k_euler_a"}, {"sampler_name": None, "sampler_index": "Euler a",
+                                                      "hr_sampler_name": "Euler a"}):
+        response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **hires, **fields}, timeout=120)
+        assert response.status_code == 200, (fields, response.text)
+    response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **hires, "hr_sampler_name": "Euler"},
+                          timeout=60)
+    assert response.status_code == 422 and "hr_sampler_name is not supported" in response.json()["detail"]
