@@ -92,19 +92,35 @@ class HeldRuns:
     ) -> dict[int, Image.Image]:
         """Run every held candidate to the end and decode it: generation index -> image. Each is the image its
         seed gives without pruning (to one 8-bit level). ``on_step`` counts candidate-steps; the runs are used up."""
-        import torch
-
-        request, total, done = self.request, self.steps_left, [0]
-        finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
+        request, runs, total = self.request, self.runs, self.steps_left
+        self.runs = []
         with pipe.generating():
             pipe.activate_networks(request.prompt, request.negative_prompt)  # the prompt's LoRAs, as when started
-            for indices, run in self.runs:
-                latents = run.run(on_step=_counting(on_step, done, run.n, total), cancel=cancel, progress=progress)
-                finished.update(zip(indices, latents, strict=True))
-            self.runs = []
-            order = sorted(finished)
-            images = pipe.decode(torch.stack([finished[i] for i in order]), request.vae_decoder)
-        return dict(zip(order, images, strict=True))
+            return _finish_runs(pipe, runs, request.vae_decoder, on_step, [0], total, cancel, progress)
+
+
+def _finish_runs(
+    pipe: TextToImagePipeline,
+    runs: list[tuple[list[int], DenoisingRun]],
+    vae_decoder: str,
+    on_step: StepCallback | None,
+    done: list[int],
+    total: int,
+    cancel: threading.Event | None,
+    progress: bool,
+) -> dict[int, Image.Image]:
+    """Run each (generation indices, run of them) to its end and decode the images: generation index -> image,
+    in generation order. Call inside ``pipe.generating()``; ``on_step`` counts candidate-steps, ``done`` of
+    ``total`` (``_counting``)."""
+    import torch
+
+    finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
+    for indices, run in runs:
+        latents = run.run(on_step=_counting(on_step, done, run.n, total), cancel=cancel, progress=progress)
+        finished.update(zip(indices, latents, strict=True))
+    order = sorted(finished)
+    images = pipe.decode(torch.stack([finished[i] for i in order]), vae_decoder)
+    return dict(zip(order, images, strict=True))
 
 
 def preview_scorer_folder(model_folder: Path) -> Path | None:
@@ -188,21 +204,19 @@ def early_pruned_images(
             runs.append((start, run))
         clean = torch.cat([run.clean for _, run in runs])  # [N, C, h, w], x0 predicted at step K
         ranking = rank_early((early_scorer or scorer).score(decode_clean(pipe, clean, decoder), prompt), keep)
-        finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
         held = HeldRuns(request) if hold_pruned else None
+        kept: list[tuple[list[int], DenoisingRun]] = []  # (generation indices, run of them)
         for start, run in runs:
             rows = [i - start for i in sorted(ranking.kept) if start <= i < start + run.n]
             dropped = [i - start for i in sorted(ranking.pruned) if start <= i < start + run.n]
             if held is not None and dropped:
                 aside = run.split_off(dropped) if rows else run  # [len(dropped), ...] at step K
                 held.runs.append(([start + row for row in dropped], aside))
-            if not rows:
-                continue
-            run.keep(rows)
-            latents = run.run(on_step=_counting(on_step, done, len(rows), total), cancel=cancel, progress=progress)
-            finished.update({start + row: latent for row, latent in zip(rows, latents, strict=True)})
-        images = pipe.decode(torch.stack([finished[i] for i in sorted(finished)]), request.vae_decoder)  # M images
-    return images, ranking, extra, held
+            if rows:
+                run.keep(rows)
+                kept.append(([start + row for row in rows], run))
+        finished = _finish_runs(pipe, kept, request.vae_decoder, on_step, done, total, cancel, progress)
+    return [finished[i] for i in sorted(finished)], ranking, extra, held  # the M kept images
 
 
 def pruned_candidates(request: GenerationRequest, ranking: EarlyRanking) -> list[PrunedCandidate]:
