@@ -54,26 +54,25 @@ class RequestLimits:
         hand: a server refusing before it queues) prompts are checked in characters only."""
         for name in ("prompt", "negative_prompt"):
             self.check_text(name, getattr(request, name), count_tokens)
-        sizes = {"": (request.width, request.height)}  # what each pass denoises and decodes
-        if request.hires is not None:
-            sizes["hires fix "] = request.hires.target_size(request.width, request.height)[0]  # upscaled cover
-        for which, (width, height) in sizes.items():
+        # The hires fix's second pass denoises and decodes the upscaled cover of the first
+        cover = request.hires.target_size(request.width, request.height)[0] if request.hires is not None else None
+        sizes = [("", (request.width, request.height))] + ([("hires fix ", cover)] if cover is not None else [])
+        for which, (width, height) in sizes:
             if width * height > self.max_image_pixels:
                 raise ValueError(
                     f"{which}{width}x{height} is {width * height} pixels per image; this server accepts up to "
                     f"{self.max_image_pixels} ({_square(self.max_image_pixels)})"
                 )
-        first = request.width * request.height * request.steps
-        hires_steps = request.total_steps - request.steps if request.hires is not None else 0
-        second = sizes["hires fix "][0] * sizes["hires fix "][1] * hires_steps if hires_steps else 0
-        work = (first + second) * request.n * rounds
+        hires_steps = request.total_steps - request.steps if cover is not None else 0
+        second = cover[0] * cover[1] * hires_steps if cover is not None else 0
+        work = (request.width * request.height * request.steps + second) * request.n * rounds
         if work <= self.max_pixel_steps:
             return
         shown = f"{request.width}x{request.height}x{request.steps}"
         formula = "width x height x steps"
         if second:
-            width, height = sizes["hires fix "]
-            shown, formula = f"({shown} + {width}x{height}x{hires_steps})", f"({formula} + the hires pass's)"
+            shown = f"({shown} + {cover[0]}x{cover[1]}x{hires_steps})"
+            formula = f"({formula} + the hires pass's)"
         shown, formula = f"{shown}x{request.n}", f"{formula} x images"
         if rounds > 1:
             raise ValueError(
