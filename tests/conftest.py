@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -48,3 +49,15 @@ def tiny_inpainting_pipe(tiny_inpainting_model):
     from pipelines.models.loading import load_pipeline
 
     return load_pipeline(tiny_inpainting_model, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def diffusers_warnings():
+    """Warnings diffusers logs while the test runs (its loggers are children of ``diffusers``)."""
+    records: list[logging.LogRecord] = []
+    recorder = logging.Handler(logging.WARNING)
+    recorder.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(recorder)
+    yield records
+    logger.removeHandler(recorder)

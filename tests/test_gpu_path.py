@@ -45,6 +45,17 @@ def test_force_upcast_keeps_an_fp16_vae_in_fp32_but_not_a_bf16_one(tiny_model):
     assert not vae_needs_fp32(allowed) and vae_needs_fp32(AutoencoderKL.from_config(TINY_VAE).half())
 
 
+def test_the_fp32_vae_casts_log_no_diffusers_warning(tiny_model, diffusers_warnings):
+    """diffusers 0.42 warns "should be kept in float32: []" on any ``ModelMixin.to(dtype)``: the fp16 load's
+    force_upcast and the fp32 retry cast the VAE without it (the user would see it on every GPU load)."""
+    half = load_pipeline(tiny_model, device="cpu", dtype=torch.float16)
+    assert half.components.vae.dtype == torch.float32
+    bf16 = load_pipeline(tiny_model, device="cpu", dtype=torch.bfloat16)
+    upcast_to_fp32(bf16.components.vae)
+    assert bf16.components.vae.dtype == torch.float32
+    assert [r.getMessage() for r in diffusers_warnings] == []
+
+
 def _nan_below_fp32(module, inputs, output):
     """A decoder that overflows in reduced precision, as SD VAEs do in fp16 on some latents."""
     return output if output.dtype == torch.float32 else torch.full_like(output, float("nan"))

@@ -146,6 +146,8 @@ def load_vae_file(path: Path, config_dir: Path, dtype: torch.dtype) -> Autoencod
     layout (old attention names too), or a diffusers VAE folder (``config.json`` and safetensors weights)."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
+    from pipelines.speed.vae_precision import cast_module
+
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: a VAE folder needs a diffusers config.json beside its weights")
@@ -155,13 +157,9 @@ def load_vae_file(path: Path, config_dir: Path, dtype: torch.dtype) -> Autoencod
     options = {"config": str(config_dir), "subfolder": "vae", "local_files_only": True, "torch_dtype": dtype}
     if any(key.startswith("encoder.down_blocks.") for key in state):  # already diffusers layout
         def build() -> AutoencoderKL:
-            import torch
-
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir), subfolder="vae"))
             vae.load_state_dict(with_current_attention_keys(state), strict=True)
-            # torch's own cast: diffusers' ModelMixin.to logs a "should be kept in float32: []" warning on
-            # every dtype cast, even for a model that keeps no module in float32 (diffusers 0.42).
-            return torch.nn.Module.to(vae, dtype)
+            return cast_module(vae, dtype)
     else:
         def build() -> AutoencoderKL:
             return AutoencoderKL.from_single_file(state, **options)

@@ -64,6 +64,8 @@ def build_decoder(config: dict, decoder_state: dict[str, torch.Tensor], source: 
     import torch
     from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
 
+    from pipelines.speed.vae_precision import cast_module
+
     try:
         with torch.device("meta"):  # no random initialisation: every decoder weight comes from the file
             model = AutoencoderTiny.from_config(config)
@@ -81,8 +83,7 @@ def build_decoder(config: dict, decoder_state: dict[str, torch.Tensor], source: 
         model.decoder.load_state_dict(state, assign=True)
     except RuntimeError as error:
         raise ModelLoadError(f"{source}: tensor shapes do not fit the tiny decoder ({error})") from error
-    # nn.Module's own cast: diffusers' ModelMixin.to warns about fp32-only modules, and this decoder has none
-    return torch.nn.Module.to(model, dtype).eval().requires_grad_(False)
+    return cast_module(model, dtype).eval().requires_grad_(False)
 
 
 def load_tiny_decoder(path: Path, dtype: torch.dtype) -> AutoencoderTiny:

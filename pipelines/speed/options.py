@@ -71,10 +71,10 @@ def apply_speed_options(components: SDComponents, options: SpeedOptions) -> None
     """Apply memory format, fusion and compilation to the U-Net and VAE in place."""
     import torch
 
-    from pipelines.speed.vae_precision import vae_needs_fp32
+    from pipelines.speed.vae_precision import cast_module, vae_needs_fp32
 
     if vae_needs_fp32(components.vae):
-        components.vae.to(torch.float32)
+        cast_module(components.vae, torch.float32)
     components.unet = speed_up(components.unet, options, components.vae)
     if components.tiny_decoder is not None and options.channels_last:
         components.tiny_decoder.to(memory_format=torch.channels_last)

@@ -11,11 +11,12 @@ bf16 has fp32's exponent range, so ``force_upcast`` does not apply to it (the re
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 class NonFiniteDecode(FloatingPointError):
@@ -27,12 +28,22 @@ def vae_needs_fp32(vae: Any) -> bool:
     return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
 
 
+def cast_module(module: ModuleT, dtype: torch.dtype) -> ModuleT:
+    """``module.to(dtype)`` through torch's own ``nn.Module.to``, in place, returning ``module``.
+
+    diffusers 0.42's ``ModelMixin.to`` logs "There are modules in AutoencoderKL that should be kept in float32:
+    []" on every dtype cast, even for models that keep no module in fp32 (``_keep_in_fp32_modules`` is None
+    for its VAEs); the cast itself is the same.
+    """
+    return torch.nn.Module.to(module, dtype)
+
+
 def upcast_to_fp32(model: torch.nn.Module) -> None:
     """Convert ``model`` to fp32 in place, repacking any prepacked convolutions (``conv_packing``)."""
     from pipelines.speed.conv_packing import packed_convolutions, plain_weights
 
     with plain_weights(packed_convolutions(model)):
-        model.to(torch.float32)
+        cast_module(model, torch.float32)
 
 
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
