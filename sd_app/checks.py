@@ -22,23 +22,9 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
 
 
 def check_device(device: str | None, option: str = "--device") -> None:
-    """``device`` names a device torch has here (cpu, cuda, cuda:N, mps); ValueError otherwise."""
+    """``device`` names a device torch has here (cpu, cuda, cuda:N, mps); ValueError naming ``option`` otherwise."""
     if device is None:
         return
-    import torch
+    from pipelines.speed.devices import checked_device
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"{option} {device!r}: not a device; use cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{option} {device}: no CUDA device is available on this machine; use cpu")
-        if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"{option} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"{option} {device}: Apple's MPS is not available on this machine; use cpu")
-    elif parsed.type != "cpu":
-        raise ValueError(f"{option} {device}: sd-app runs on cpu, cuda or mps")
+    checked_device(device, option)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.generation.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest, require_request
 from sd_app.checkpoints import PipelineCache, checkpoint_path, vae_path
 from sd_app.metadata import format_parameters
 from sd_app.storage import save_png
@@ -272,6 +272,7 @@ class Engine:
     ) -> GenerationResult:
         """Run ``request`` (see ``_generate`` for ``options``) after any running job; ``checkpoint`` and ``vae``
         switch for this request only and back (A1111's ``override_settings``)."""
+        require_request(request)  # before waiting for the lock or loading a model
         with self._use_lock, self._selected(checkpoint, vae):
             return self._generate(request, **options)
 

@@ -6,6 +6,7 @@ Every front end (CLI, UI, HTTP, batch) builds a ``GenerationRequest``; its range
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -25,6 +26,20 @@ LIMITS: dict[str, tuple[float, float]] = {
     "clip_skip": (1, 12),
 }
 VAE_DECODERS = ("Full", "TAESD")  # A1111's "VAE type for decode" (sd_vae_decode_method)
+INTEGER_FIELDS = ("width", "height", "steps", "n", "seed", "cache_interval", "clip_skip", "prune_to", "prune_at")
+REAL_FIELDS = ("cfg_scale", "guidance_cutoff", "eta")
+
+
+def as_python_number(value: object) -> object:
+    """A NumPy (or other ``numbers``) integer as ``int`` and real as ``float``, so scripts may pass
+    ``np.int64`` seeds; bools and anything else unchanged, for validation to refuse."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def canonical_decoder(name: object) -> object:
@@ -87,8 +102,11 @@ class GenerationRequest:
     vae_decoder: str = "Full"  # "TAESD": the model's tiny decoder (pipelines.models.tiny_decoder)
 
     def __post_init__(self) -> None:
+        for name in INTEGER_FIELDS + REAL_FIELDS:
+            object.__setattr__(self, name, as_python_number(getattr(self, name)))
         object.__setattr__(self, "vae_decoder", canonical_decoder(self.vae_decoder))
         self.validate()
+        object.__setattr__(self, "sampler", resolve_sampler(self.sampler).label)  # "euler a" -> "Euler a"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad argument and its value."""
@@ -203,3 +221,12 @@ class GenerationRequest:
         if settings["vae_decoder"] == "Full":
             del settings["vae_decoder"]  # likewise with the full VAE decoder
         return settings
+
+
+def require_request(request: object) -> GenerationRequest:
+    """``request`` if it is a ``GenerationRequest``; ValueError otherwise (a dict of settings included:
+    ``GenerationRequest(**settings)`` makes one)."""
+    if not isinstance(request, GenerationRequest):
+        hint = "; build one with GenerationRequest(**settings)" if isinstance(request, dict) else ""
+        raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}{hint}")
+    return request

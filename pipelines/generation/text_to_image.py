@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.generation.denoising import GenerationCancelled, StepCallback, StepInfo  # noqa: F401 - public here too
 from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
-from pipelines.generation.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest, require_request
 from pipelines.generation.schedulers import build_scheduler, guidance_warning
 
 if TYPE_CHECKING:
@@ -117,8 +117,7 @@ class TextToImagePipeline:
         """
 
         # 1. Check inputs (the request validates itself) and resolve a random seed.
-        if not isinstance(request, GenerationRequest):
-            raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
+        require_request(request)
         if request.prune_to:
             raise ValueError("early pruning (prune_to) needs a scorer: run it with pipelines.rerank.best_of.best_of_n")
         request = request.resolved()

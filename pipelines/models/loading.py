@@ -74,7 +74,7 @@ def cached_repo(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 def load_pipeline(
     spec: str | Path = "embedded",
     *,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     vae: str | Path | None = None,
     config: str | Path | None = None,
@@ -90,8 +90,11 @@ def load_pipeline(
     ``library``: where ``<lora:name:1>`` and embeddings in prompts are found (default: what ships
     with the package, e.g. the example LoRA ``<lora:hexagon:1>``).
     """
-    device = device or default_device()
-    dtypes = {"model": dtype or default_dtype(device), "text": text_encoder_dtype(device)}
+    from pipelines.speed.devices import checked_device, checked_float_dtype
+
+    device = checked_device(device) if device is not None else default_device()
+    dtype = checked_float_dtype(dtype) if dtype is not None else default_dtype(device)
+    dtypes = {"model": dtype, "text": text_encoder_dtype(device)}
     path = resolve_spec(spec)
     refuse_pickle(path)
     config_dir = Path(config) if config else SD1_CONFIG_DIR

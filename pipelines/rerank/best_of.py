@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.generation.extra_networks import strip_network_tags
 from pipelines.generation.prompts import parse_emphasis
-from pipelines.generation.request import GenerationRequest
+from pipelines.generation.request import GenerationRequest, require_request
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -92,6 +92,7 @@ def best_of_n(
     (by ``early_scorer`` when given, else by ``scorer``), and with ``hold_pruned`` ``held`` has their runs,
     stopped where they were pruned, for the caller to finish if it needs them.
     """
+    require_request(request)
     check_keep(keep, request.n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -116,11 +116,15 @@ class ClipScorer:
         """
         from transformers import AutoTokenizer
 
+        from pipelines.speed.devices import checked_device, checked_float_dtype
+
+        device = torch.device(checked_device(device) if device is not None else
+                              "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = checked_float_dtype(dtype)
         folder = resolve_clip_folder(spec, cache_dir=cache_dir)
         processor_folder = resolve_clip_folder(processor_dir, cache_dir=cache_dir) if processor_dir else folder
         tokenizer_dir = tokenizer_folder(processor_folder)
         check_clip_folder(folder, tokenizer_dir, processor_folder)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             with quiet_loading():
                 model = load_clip_model(folder)
