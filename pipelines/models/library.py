@@ -125,16 +125,19 @@ def base_model(header: SafetensorsHeader) -> str:
     if meta.get("ss_v2") == "True":
         return "SD 2.x"
     keys = header.shapes
-    if any(k.startswith(("lora_te1_", "lora_te2_", "conditioner.embedders.")) for k in keys) or (
+    sdxl_prefixes = ("lora_te1_", "lora_te2_", "conditioner.embedders.", "text_encoders.clip_g.")  # last: ComfyUI's
+    if any(k.startswith(sdxl_prefixes) or (k.startswith("bundle_emb.") and k.endswith(".clip_g")) for k in keys) or (
         set(keys) >= {"clip_l", "clip_g"}
     ):
         return "SDXL"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
+    if any(k.startswith(("cond_stage_model.model.", "text_encoders.clip_h.")) for k in keys):
         return "SD 2.x"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "SD 1.x"
-    # A cross-attention key projection's input width is the text encoder's: kohya, diffusers and PEFT spellings.
-    cross_keys = ("attn2.to_k.lora_down.weight", "attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight")
+    # A cross-attention key projection's input width is the text encoder's: kohya, diffusers, PEFT and diffusers'
+    # attention-processor spellings.
+    cross_keys = ("attn2.to_k.lora_down.weight", "attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight",
+                  "attn2.processor.to_k_lora.down.weight")
     widths = {shape[-1] for k, shape in keys.items() if k.endswith(cross_keys) and shape}
     widths |= {shape[-1] for k, shape in keys.items() if len(keys) == 1 and shape}  # an embedding's width
     if widths & {768}:

@@ -3,14 +3,21 @@
 Formats (DESIGN section 3): kohya LoRA and LyCORIS LoCon (``lora_down``/``lora_up``, ``alpha``; convolution
 downs [r, in, k, k]; ``lora_mid`` [r, r, k, k] is LoCon's CP decomposition), LyCORIS LoHa (``hada_*``,
 Hyeon-Woo et al. 2022, "FedPara"), LoKr (``lokr_*``, Kronecker product, Yeh et al. 2024, "LyCORIS"), full
-deltas (``diff``, ``diff_b``), and diffusers/PEFT (``lora_A``/``lora_B``, alpha from ``.alpha`` keys or the
-``lora_adapter_metadata`` header). Every delta is computed in fp32 and already scaled by alpha / rank
-(1 without alpha); the prompt's weight multiplies it when merged (``pipelines.models.lora``).
+deltas (``diff``, ``diff_b``), LyCORIS norm deltas (``w_norm``, ``b_norm``: a GroupNorm/LayerNorm's weight and
+bias), and diffusers/PEFT (``lora_A``/``lora_B``, alpha from ``.alpha`` keys or the ``lora_adapter_metadata``
+header, whose ``use_rslora`` makes the scale alpha / sqrt(rank): rank-stabilised LoRA, Kalajdzievski 2023, as
+PEFT's ``LoraConfig``). Every delta is computed in fp32 and already scaled by alpha / rank (1 without alpha);
+the prompt's weight multiplies it when merged (``pipelines.models.lora``). Key layouts: ``lora_keys``.
+
+Textual-inversion embeddings bundled in the file (kohya's ``bundle_emb.NAME.emb_params`` or
+``bundle_emb.NAME.string_to_param.*``) are kept as ``LoraFile.embeddings``; A1111 makes them usable as NAME in
+a prompt that uses the LoRA (``pipelines.models.networks``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +37,7 @@ class LoraModule:
     key: str  # the module key as the file spells it
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
+    rank_stabilized: bool = False  # PEFT's use_rslora: scale alpha / sqrt(rank)
 
     @property
     def kind(self) -> str:
@@ -40,6 +48,8 @@ class LoraModule:
             return "lokr"
         if "diff" in names or "diff_b" in names:
             return "full"
+        if "w_norm" in names or "b_norm" in names:
+            return "norm"
         return "locon" if "lora_mid.weight" in names else "lora"
 
 
@@ -52,6 +62,7 @@ class LoraFile:
     short_hash: str
     modules: dict[str, LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # bundled: name -> its tensors
 
 
 REQUIRED = {
@@ -60,7 +71,9 @@ REQUIRED = {
     "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
     "lokr": ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),  # and a w2 (checked in _lokr_factor)
     "full": ({"diff"}, {"diff_b"}),
+    "norm": ({"w_norm"},),  # and b_norm if the norm has a bias (ComfyUI skips a b_norm alone)
 }
+BUNDLE_PREFIX = "bundle_emb."  # kohya's bundled embeddings: bundle_emb.NAME.<the embedding file's key>
 
 
 def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
@@ -76,8 +89,14 @@ def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
     if base not in ("SD 1.x", "unknown"):
         raise IncompatibleModel(f"{path}: a LoRA for another base ({base}); this model is SD 1.x")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    bundled: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, tensor in state.items():
+        if key.startswith(BUNDLE_PREFIX):
+            embedding, _, inner = key.removeprefix(BUNDLE_PREFIX).partition(".")
+            if embedding and inner:
+                bundled.setdefault(embedding, {})[inner] = tensor
+                continue
         parts = split_key(key)
         if parts is None:
             unknown.append(key)
@@ -87,21 +106,22 @@ def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
         hint = " (DoRA's dora_scale is not supported)" if any("dora_scale" in k for k in unknown) else ""
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ModelLoadError(f"{path}: {len(unknown)} key(s) are no LoRA/LyCORIS key of SD 1.x: {shown}{hint}")
-    if not grouped:
+    if not grouped and not bundled:
         raise ModelLoadError(f"{path}: no LoRA weights in it")
-    peft_alphas = _peft_alphas(metadata)
+    peft_configs = _peft_configs(metadata)
     modules = {}
     for key, tensors in grouped.items():
+        config = _peft_config(key, peft_configs)
         alpha_tensor = tensors.pop("alpha", None)
-        alpha = float(alpha_tensor.float().item()) if alpha_tensor is not None else _peft_alpha(key, peft_alphas)
-        module = LoraModule(key, tensors, alpha)
+        alpha = float(alpha_tensor.float().item()) if alpha_tensor is not None else _peft_alpha(key, config)
+        module = LoraModule(key, tensors, alpha, rank_stabilized=_is_true(config.get("use_rslora")))
         if not any(required <= set(tensors) for required in REQUIRED[module.kind]):
             raise ModelLoadError(f"{path}: module {key} has an incomplete {module.kind} ({', '.join(sorted(tensors))})")
         modules[key] = module
-    return LoraFile(name, path, short_hash, modules, metadata)
+    return LoraFile(name, path, short_hash, modules, metadata, bundled)
 
 
-def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
+def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
     """diffusers' ``lora_adapter_metadata`` (PEFT LoraConfig fields prefixed by component), per component."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
@@ -117,26 +137,39 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def _peft_alpha(key: str, configs: dict[str, dict]) -> float | None:
-    """PEFT's lora_alpha for a module (alpha_pattern first: a pattern matching the module path's end)."""
+def _peft_config(key: str, configs: dict[str, dict]) -> dict:
+    """The PEFT LoraConfig fields of the component a ``unet.``/``text_encoder.`` module key is in ({} if none)."""
     for component, prefix in PEFT_PREFIXES.items():
         if key.startswith(prefix + ".") and component in configs:
-            config, path = configs[component], key[len(prefix) + 1 :]
-            for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-                if re.search(rf"(^|\.){pattern}$", path):
-                    return float(alpha)
-            return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
-    return None
+            return configs[component]
+    return {}
+
+
+def _peft_alpha(key: str, config: dict) -> float | None:
+    """PEFT's lora_alpha for a module (alpha_pattern first: a pattern matching the module path's end)."""
+    path = key.partition(".")[2]
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", path):
+            return float(alpha)
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def _is_true(value: object) -> bool:
+    """A JSON flag: true, or the text "true" (any case)."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
 def module_delta(module: LoraModule, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(weight delta [shape], bias delta or None) in fp32, scaled by alpha / rank; ValueError on a shape mismatch."""
+    """(weight delta [shape], bias delta or None) in fp32, scaled by alpha / rank (alpha / sqrt(rank) when
+    rank-stabilised); ValueError on a shape mismatch."""
     t = {name: tensor.float() for name, tensor in module.tensors.items()}
     rank: int | None = None
     bias = t.get("diff_b")
     kind = module.kind
     if kind == "full":
         weight = t.get("diff")
+    elif kind == "norm":  # LyCORIS NormModule: deltas of the norm's affine weight and bias, [C] each
+        weight, bias = t["w_norm"], t.get("b_norm")
     elif kind in ("lora", "locon"):
         up, down = t["lora_up.weight"], t["lora_down.weight"]
         rank = down.shape[0]
@@ -150,7 +183,9 @@ def module_delta(module: LoraModule, shape: tuple[int, ...]) -> tuple[torch.Tens
         weight = _hada_factor(t, "1", shape) * _hada_factor(t, "2", shape)  # Hadamard product
     else:
         weight, rank = _lokr(t, shape)
-    scale = module.alpha / rank if module.alpha is not None and rank else 1.0
+    scale = 1.0
+    if module.alpha is not None and rank:
+        scale = module.alpha / (math.sqrt(rank) if module.rank_stabilized else rank)
     if "scale" in t:
         scale = float(t["scale"].item())
     if weight is not None:

@@ -3,19 +3,28 @@
 ``<lora:name:...>`` names are looked up in the library's LoRA folders (``models/Lora``,
 ``models/LyCORIS``, ComfyUI's ``models/loras`` and the LoRAs shipped with the package), parsed once
 (a few are kept, keyed by path, mtime and size) and merged by a ``LoraPatcher``; embeddings come from
-the ``embeddings`` folders by file name. Infotext: A1111's ``Lora hashes`` and ``TI hashes``.
+the ``embeddings`` folders by file name, and from the LoRAs a prompt names when they bundle some (kohya's
+``bundle_emb``: A1111 registers them while the LoRA is loaded). Infotext: A1111's ``Lora hashes`` and
+``TI hashes`` (a bundled embedding's "hash" is its LoRA's name, as A1111 writes it).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipelines.generation.extra_networks import NetworkTag, TextualInversion, strip_network_tags
-from pipelines.models.embeddings import read_embedding
+from pipelines.generation.extra_networks import (
+    TAG_RE,
+    NetworkTag,
+    TextualInversion,
+    parse_tag,
+    strip_network_tags,
+)
+from pipelines.models.embeddings import embedding_from_tensors, read_embedding
 from pipelines.models.errors import ModelLoadError
 from pipelines.models.lora import LoraPatcher, WeightedLora
 from pipelines.models.lora_formats import LoraFile, read_lora
@@ -25,6 +34,7 @@ if TYPE_CHECKING:
     from pipelines.models.library import ModelFile, ModelLibrary
 
 KEPT_FILES = 8  # parsed LoRA / embedding files kept in memory
+log = logging.getLogger(__name__)
 
 
 def hashes_text(pairs: Sequence[tuple[str, str]]) -> str:
@@ -51,6 +61,7 @@ class LibraryNetworks:
         self.width = int(components.text_encoder.config.hidden_size)
         self._files: OrderedDict[tuple[str, int, int, str], Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._shadowed: set[tuple[str, str]] = set()  # (LoRA path, bundled name) warned about once
 
     def _cached(self, entry: ModelFile, kind: str, load: Any) -> Any:
         stat = entry.path.stat()
@@ -80,13 +91,14 @@ class LibraryNetworks:
         return {"Lora hashes": hashes_text([(tag.name, w.lora.short_hash) for tag, w in zip(tags, weighted)])}
 
     def embeddings(self, texts: Sequence[str]) -> dict[str, TextualInversion]:
-        """Embeddings whose file names occur as words in ``texts`` outside ``<lora:...>`` tags (the encoder then
-        matches their tokens), from the embedding folders as they are now."""
+        """Embeddings whose names occur as words in ``texts`` outside ``<lora:...>`` tags (the encoder then
+        matches their tokens): from the embedding folders as they are now, and bundled in a LoRA the texts
+        tag (an embedding file of the same name wins, as in A1111)."""
         joined = "\n".join(strip_network_tags(text) for text in texts)  # a LoRA and an embedding may share a name
         found: dict[str, TextualInversion] = {}
         for entry in self.library.current_files("embedding"):
             name = entry.stem
-            if not re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", joined, flags=re.IGNORECASE):
+            if not _mentions(joined, name):
                 continue
             if entry.refused:
                 raise ModelLoadError(f"{entry.path}: embedding {name!r} is in the prompt but refused: {entry.refused}")
@@ -95,4 +107,47 @@ class LibraryNetworks:
                 lambda entry=entry, name=name: read_embedding(entry.path, name, self.width,
                                                               self.library.network_hash(entry) or ""),
             )
+        found.update(self._bundled(texts, joined, taken={name.lower() for name in found}))
         return found
+
+    def _bundled(self, texts: Sequence[str], joined: str, taken: set[str]) -> dict[str, TextualInversion]:
+        """The embeddings bundled in the LoRAs ``texts`` tag that ``joined`` uses, except the names in ``taken``."""
+        bundled: dict[str, TextualInversion] = {}
+        for tag_name in _lora_tag_names(texts):
+            try:
+                lora = self.lora(tag_name)
+            except ModelLoadError:
+                continue  # merging the tags reports it; a LoRA that cannot be read bundles nothing
+            for name, tensors in lora.embeddings.items():
+                if not _mentions(joined, name):
+                    continue
+                if name.lower() in taken:
+                    if (str(lora.path), name) not in self._shadowed:
+                        self._shadowed.add((str(lora.path), name))
+                        log.warning("%s: bundled embedding %r not used: an embedding file of that name is", lora.path,
+                                    name)
+                    continue
+                taken.add(name.lower())
+                source = f"{lora.path} (embedding {name!r} bundled in the LoRA)"
+                bundled[name] = embedding_from_tensors(source, name, tensors, self.width, short_hash=tag_name)
+        return bundled
+
+
+def _mentions(text: str, name: str) -> bool:
+    """Whether ``name`` occurs in ``text`` as a word (any case: CLIP's tokenizer lowercases)."""
+    return re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", text, flags=re.IGNORECASE) is not None
+
+
+def _lora_tag_names(texts: Sequence[str]) -> list[str]:
+    """The names of the well-formed ``<lora:...>`` tags in ``texts``, in order, once each (a malformed tag is
+    refused where the tags are merged)."""
+    names: list[str] = []
+    for text in texts:
+        for match in TAG_RE.finditer(text):
+            try:
+                name = parse_tag(match.group(1), match.group(2)).name
+            except ValueError:
+                continue
+            if name not in names:
+                names.append(name)
+    return names
