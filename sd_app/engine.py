@@ -94,8 +94,10 @@ class Engine:
     limits: RequestLimits | None = None  # a server's bounds on one request (none for the CLI)
     models_dirs: Sequence[Path] = ()  # A1111 / ComfyUI folders: checkpoints, VAEs, LoRAs, embeddings
     max_loaded: int = 1  # checkpoints kept in memory (least recently used freed first)
-    clip_skip: int = 1  # the default for requests that do not say (A1111's CLIP_stop_at_last_layers option)
-    vae_decoder: str = "Full"  # the same for A1111's sd_vae_decode_method ("Full" or "TAESD")
+    # A1111's CLIP_stop_at_last_layers and sd_vae_decode_method ("Full" or "TAESD") options: what the UI and HTTP
+    # API put in a request that does not say; generate() runs a GenerationRequest as it is, its own values included
+    clip_skip: int = 1
+    vae_decoder: str = "Full"
     scorers: Sequence[ScorerSpec] = ()  # preference scorers beside the reranker CLIP, and their default weights
     _library: ModelLibrary | None = field(default=None, init=False, repr=False)
     _pipelines: PipelineCache | None = field(default=None, init=False, repr=False)
