@@ -165,7 +165,7 @@ def auth_client(serve_engine):
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/"), ("GET", "/config"), ("GET", "/sdapi/v1/samplers"), ("POST", "/sdapi/v1/txt2img"),
-     ("POST", "/sdapi/v1/interrupt"), ("POST", "/sdapi/v1/skip")],
+     ("POST", "/sdapi/v1/interrupt"), ("POST", "/sdapi/v1/skip"), ("GET", "/sdapi/v1/cmd-flags")],
 )
 def test_auth_refuses_ui_and_api_without_credentials(auth_client, method, path):
     for auth in (None, ("alice", "wrong"), ("mallory", "s3cret")):
@@ -181,6 +181,7 @@ def test_auth_lets_ui_and_api_in_with_credentials(auth_client):
     response = auth_client.post("/sdapi/v1/txt2img", json={**BASE, "seed": 3}, auth=auth)
     assert response.status_code == 200 and len(response.json()["images"]) == 1
     assert auth_client.post("/sdapi/v1/skip", auth=auth).json() == {"skipped": False}
+    assert auth_client.get("/sdapi/v1/cmd-flags", auth=auth).status_code == 200
 
 
 def test_credentials_parsing(tmp_path):
@@ -543,3 +544,33 @@ def test_interrupt_and_skip_reach_an_api_jobs_interruption_and_cancel_a_ui_job()
     ui_cancel = threading.Event()
     with tracker.job(4, ui_cancel, "ui"):  # the UI keeps nothing of a stopped job: its Cancel
         assert tracker.skip() and ui_cancel.is_set()
+
+
+def serve_flags(*options: str):
+    from sd_app.cli import build_parser
+
+    return build_parser().parse_args(["serve", *options])
+
+
+def test_cmd_flags_are_the_serve_options_with_the_credentials_masked(serve_engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sd_app.server import create_app
+
+    users = tmp_path / "users.txt"
+    users.write_text("bob:hunter2\n")
+    flags = serve_flags("--port", "7999", "--auth", "alice:s3cret", "--auth-file", str(users), "--allowed-host",
+                        "sd.example", "--out", str(tmp_path / "out"))
+    client = TestClient(create_app(serve_engine, credentials={"alice": "s3cret"}, flags=flags),
+                        base_url="http://127.0.0.1")
+    assert client.get("/sdapi/v1/cmd-flags").status_code == 401
+    response = client.get("/sdapi/v1/cmd-flags", auth=("alice", "s3cret"))
+    assert response.status_code == 200
+    shown = response.json()
+    assert "s3cret" not in response.text and "alice" not in response.text and str(users) not in response.text
+    assert shown["auth"] == shown["auth_file"] == "********"
+    assert shown["port"] == 7999 and shown["host"] == "127.0.0.1" and shown["allowed_host"] == ["sd.example"]
+    assert shown["out"] == str(tmp_path / "out") and shown["max_prompt_tokens"] == flags.max_prompt_tokens
+    assert shown["insecure"] is False and shown["command"] == "serve"
+    unset = create_app(serve_engine, flags=serve_flags())
+    assert TestClient(unset, base_url="http://127.0.0.1").get("/sdapi/v1/cmd-flags").json()["auth"] is None

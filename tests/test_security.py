@@ -55,7 +55,7 @@ def test_host_names(guarded):
         assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Host": host}, auth=auth).status_code == 200, host
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "sd.example.evil"):
         for method, path in (("GET", "/sdapi/v1/samplers"), ("GET", "/config"), ("POST", "/sdapi/v1/interrupt"),
-                             ("POST", "/sdapi/v1/skip")):
+                             ("POST", "/sdapi/v1/skip"), ("GET", "/sdapi/v1/cmd-flags")):
             response = httpx.request(method, f"{url}{path}", headers={"Host": host}, auth=auth)
             assert response.status_code == 403, (host, path)
             assert "not served here" in response.json()["detail"]
@@ -90,7 +90,7 @@ def test_cross_site_writes_are_refused(guarded):
         response = httpx.post(f"{url}{path}", auth=auth, headers={"Origin": url})
         assert response.status_code == 200, path
     if auth is not None:  # the new A1111 routes need the password like the others
-        for method, path in (("POST", "/sdapi/v1/skip"),):
+        for method, path in (("POST", "/sdapi/v1/skip"), ("GET", "/sdapi/v1/cmd-flags")):
             assert httpx.request(method, f"{url}{path}", headers={"Origin": url}).status_code == 401, path
             assert httpx.request(method, f"{url}{path}", auth=auth).status_code == 200, path
 
