@@ -2,9 +2,20 @@
 
 ``POST /sdapi/v1/txt2img`` (hires fix included), ``POST /sdapi/v1/img2img`` (img2img, inpainting),
 ``GET /sdapi/v1/samplers | schedulers | upscalers | latent-upscale-modes | progress`` and
-``POST /sdapi/v1/interrupt`` (the model routes, options included, are in ``sd_app.api_models``).
+``POST /sdapi/v1/interrupt | skip`` (the model routes, options included, are in ``sd_app.api_models``).
 Requests become the same ``GenerationRequest`` the UI and CLI
-build and run through the same ``Engine``. Differences from A1111, on purpose:
+build and run through the same ``Engine``.
+
+Interrupt and skip behave as A1111's (``modules/processing.py``, ``sd_samplers_common``): the interrupted
+request answers 200 with the images finished so far, ranked among themselves, then the images being denoised,
+decoded from the model's prediction of their clean latents at the step reached (A1111's ``last_latent``),
+unscored; ``info.interrupted`` says so, ``info.stopped_at_step`` gives each image's steps done (null when
+finished) and their infotexts add ``Stopped at step: K of N``. Interrupted before its first step, a request
+answers 200 with no images. A skip stops the batch of up to 4 images being denoised together (sd-app's batch;
+A1111's is ``batch_size``) the same way and the request goes on with the next batch; with early pruning, and
+while a minimum score's round finishes the candidates it pruned, it stops the request as an interrupt does.
+
+Differences from A1111, on purpose:
 
 - images come back best first by CLIP score when a reranker is loaded (``"rerank": false`` keeps
   generation order); ``info.all_seeds``, ``info.infotexts`` and ``info.clip_scores`` follow the
@@ -357,6 +368,8 @@ def build_info(
         "prompt_tokens": result.prompt_tokens.tokens if result.prompt_tokens else None,
         "prompt_chunks": result.prompt_tokens.chunks if result.prompt_tokens else None,
         "notes": notes or [],
+        "interrupted": result.interrupted,  # by POST /interrupt: the images not started are missing
+        "stopped_at_step": [c.stopped_at for c in result.candidates],  # stopped by an interrupt or a skip; null: done
     }
 
 
@@ -419,13 +432,16 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
                 engine.limits.check(request, None, rounds=rounds)
             except ValueError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
-        cancel = threading.Event()
+        from pipelines.generation.denoising import Interruption
+
+        cancel = threading.Event()  # the client went away: nothing is kept
+        interruption = Interruption()  # POST /interrupt or /skip: what was made is kept
         client = http.client.host if http.client else ""
 
         def work() -> GenerationResult:
             check_server_options(engine, overrides)
             checkpoint, vae = client_switch(engine, overrides)  # library names only (422 for a path)
-            with tracker.job(request.total_steps, cancel, "api", client=client) as job:
+            with tracker.job(request.total_steps, cancel, "api", client=client, interruption=interruption) as job:
                 if overrides and not body.override_settings_restore_afterwards:
                     apply_options(engine, overrides)  # A1111: the overrides stay, all of them
                 return engine.generate(
@@ -440,6 +456,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
                     save=body.save_images,
                     on_step=lambda info: tracker.step(job, info),
                     cancel=cancel,
+                    interruption=interruption,
                 )
 
         result = await run_cancelling_on_disconnect(work, http, cancel)
@@ -508,6 +525,10 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
     def interrupt() -> dict[str, Any]:
         return {"interrupted": tracker.interrupt()}
 
+    @router.post("/skip")
+    def skip() -> dict[str, Any]:
+        return {"skipped": tracker.skip()}
+
     return router
 
 
@@ -519,9 +540,10 @@ def progress_payload(
     """A1111's ``/progress`` answer for the tracker's current job; ``previews`` maps latents to tiles."""
     job = tracker.current()
     now = time.time()
+    asked = job.interruption if job is not None else None
     state = {
-        "skipped": False,
-        "interrupted": bool(job and job.cancel.is_set()),
+        "skipped": bool(asked and asked.skipped),
+        "interrupted": bool(job and (job.cancel.is_set() or (asked is not None and asked.interrupted))),
         "stopping_generation": False,
         "job": f"job-{job.id}" if job else "",
         "job_count": tracker.count(),

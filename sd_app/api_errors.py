@@ -1,7 +1,8 @@
 """The HTTP answer for an error raised while serving a request: which status, and a ``detail`` a client can read.
 
 The request's own mistakes (bad values, a name not in the model folders, a LoRA for another base) are 422; a
-busy queue or memory running out 503; an interrupt 409; the server's own files or failures 500.
+busy queue or memory running out 503; a cancelled job 409 (an interrupted one answers 200 with what it made,
+``sd_app.api``); the server's own files or failures 500.
 """
 
 from __future__ import annotations

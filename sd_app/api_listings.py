@@ -1,14 +1,23 @@
 """A1111 routes for what sd-app does not have (styles, face restorers, hypernetworks, scripts), answered in
-A1111's shapes with nothing in them, so a client that lists them before it generates works; and
-``GET /memory``: the machine's RAM and, on CUDA, the GPU's, as A1111 reports them.
+A1111's shapes with nothing in them, so a client that lists them before it generates works;
+``GET /memory``: the machine's RAM and, on CUDA, the GPU's, as A1111 reports them; and ``GET /cmd-flags``:
+the options ``sd-app serve`` was started with, as A1111 returns its command line (``vars(cmd_opts)``), with
+the credentials masked (A1111 returns its ``--api-auth`` in clear).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter
+
+# Words of an option's name that make its value a credential, or where one is: --auth, --auth-file, and any
+# later --hf-token, --api-key ... (--max-prompt-tokens counts tokens: not one of these words).
+SECRET_WORDS = frozenset({"auth", "token", "password", "passwd", "secret", "key", "credential", "credentials"})
+MASK = "********"
 
 
 def ram() -> dict[str, Any]:
@@ -32,8 +41,34 @@ def cuda_memory() -> dict[str, Any]:
             "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
 
 
-def build_listings_router() -> APIRouter:
+def public_flags(flags: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The serve options as JSON: paths as text, lists of them as lists; a credential option's value is masked
+    when set (None when unset), whatever its type."""
+    options = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags or {})
+    shown: dict[str, Any] = {}
+    for name, value in options.items():
+        if callable(value):
+            continue  # argparse's set_defaults(func=...), not an option
+        if SECRET_WORDS & set(name.lower().split("_")):
+            shown[name] = MASK if value not in (None, False, "", []) else value
+        else:
+            shown[name] = _json_value(value)
+    return shown
+
+
+def _json_value(value: Any) -> Any:
+    """JSON's types as they are, lists item by item, anything else (a Path) as its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    return str(value)
+
+
+def build_listings_router(flags: argparse.Namespace | Mapping[str, Any] | None = None) -> APIRouter:
+    """The routes above; ``flags``: the serve options ``GET /cmd-flags`` shows (none for an app built in code)."""
     router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
+    shown_flags = public_flags(flags)
 
     @router.get("/prompt-styles")
     def prompt_styles() -> list[dict[str, Any]]:
@@ -58,5 +93,9 @@ def build_listings_router() -> APIRouter:
     @router.get("/memory")
     def memory() -> dict[str, Any]:
         return {"ram": ram(), "cuda": cuda_memory()}
+
+    @router.get("/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return dict(shown_flags)
 
     return router

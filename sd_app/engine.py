@@ -23,6 +23,7 @@ from sd_app.storage import save_png
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pipelines.generation.denoising import Interruption
     from pipelines.generation.prompts import TokenCount
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
     from pipelines.models.library import ModelLibrary
@@ -45,6 +46,8 @@ class Candidate:
     path: Path | None = None
     details: dict[str, float] = field(default_factory=dict)  # every scorer's number behind the score
     passed: bool | None = None  # reached the minimum scores (None: no minimum asked)
+    # Steps done when an interrupt or a skip stopped it (its picture: the predicted clean latents); None: finished
+    stopped_at: int | None = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class GenerationResult:
     rounds: int = 1  # rounds of candidates generated (more than 1 only to reach the minimum scores)
     max_rounds: int = 1
     candidates_made: int = 0  # candidates started in all rounds, pruned ones included (request.n when one round)
+    interrupted: bool = False  # an interrupt stopped it: finished candidates first, then the stopped ones
 
     @property
     def passed(self) -> bool | None:
@@ -294,6 +298,7 @@ class Engine:
         on_round: Callable[[RoundReport], None] | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
+        interruption: Interruption | None = None,
     ) -> GenerationResult:
         """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs.
 
@@ -301,7 +306,8 @@ class Engine:
         ("clip", "contrastive" against counterfactual captions, or "mixed"), else the engine's default.
         ``min_score`` (name -> minimum, "" for the only scorer): generate up to ``extra_rounds`` more rounds
         of candidates with new seeds until one reaches them (``on_round`` hears after each round).
-        ValueError (nothing generated) when the request breaks the engine's ``limits``.
+        ValueError (nothing generated) when the request breaks the engine's ``limits``. ``interruption``: A1111's
+        interrupt and skip (``pipelines.rerank.best_of``); the candidates stopped on the way come last.
         """
         from pipelines.rerank.best_of import best_of_n
         from pipelines.rerank.contrastive import RERANK_MODES
@@ -329,13 +335,15 @@ class Engine:
 
             until = best_of_until_pass(
                 pipe, request, reranker, labels, extra_rounds, keep=keep, early_scorer=early_scorer, on_step=on_step,
-                on_round=on_round, cancel=cancel, progress=progress,
+                on_round=on_round, cancel=cancel, progress=progress, interruption=interruption,
             )
             output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
             started = until.candidates_made
         else:
             output = best_of_n(pipe, request, reranker, keep=keep, early_scorer=early_scorer, on_step=on_step,
-                               cancel=cancel, progress=progress)
+                               cancel=cancel, progress=progress, interruption=interruption)
+            if output.interrupted:  # the candidates started: returned, or pruned early
+                started = len(output.candidates) + len(output.pruned)
         candidates = []
         for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
@@ -355,11 +363,13 @@ class Engine:
                 extra["Min score"] = ", ".join(f"{label} {value:g}" for label, value in labels.items())
                 extra["Min score passed"] = "yes" if passed[index] else "no"
                 extra["Rounds"] = f"{rounds} of {max_rounds}"
+            if ranked.stopped_at is not None:  # the picture is not what these settings make: say so
+                extra["Stopped at step"] = f"{ranked.stopped_at} of {output.request.total_steps}"
             parameters = format_parameters(
                 output.request, ranked.seed, output.model_name, output.model_hash, extra
             )
             candidate = Candidate(ranked.image, ranked.seed, ranked.score, parameters, details=ranked.details,
-                                  passed=passed[index] if labels else None)
+                                  passed=passed[index] if labels else None, stopped_at=ranked.stopped_at)
             if save:
                 candidate.path = save_png(
                     candidate.image, output_dir or self.output_dir, candidate.seed, request.prompt, parameters
@@ -382,4 +392,5 @@ class Engine:
             pruned=output.pruned,
             early_scorer=output.early_scorer,
             early_score_label=output.early_score_label,
+            interrupted=output.interrupted,
         )

@@ -147,13 +147,15 @@ def create_app(
     policy: AccessPolicy | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     local_paths: bool = False,
+    flags: argparse.Namespace | None = None,
 ) -> FastAPI:
     """FastAPI app with the ``/sdapi/v1`` routes and the Gradio UI at ``/``.
 
     Outermost first: our own Host names only and no cross-site writes (``policy``, loopback names by
     default), HTTP Basic auth if ``credentials``, then bounded request bodies. Every error is JSON with
     a ``detail``. ``local_paths``: the UI's Rerank view may read typed folders and copy anywhere (only for a
-    server that answers on loopback addresses alone).
+    server that answers on loopback addresses alone). ``flags``: the ``sd-app serve`` options, which
+    ``GET /sdapi/v1/cmd-flags`` shows with the credentials masked.
     """
     import gradio as gr
     from fastapi import FastAPI
@@ -182,7 +184,7 @@ def create_app(
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
     app.include_router(build_models_router(engine))
     app.include_router(build_png_info_router())
-    app.include_router(build_listings_router())
+    app.include_router(build_listings_router(flags))
     demo = build_demo(engine, tracker=tracker, max_queue=max_queue, local_paths=local_paths)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())
     app = gr.mount_gradio_app(
@@ -299,7 +301,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(
         engine, credentials=credentials or None, max_queue=args.max_queue, tracker=tracker, policy=policy,
         max_body_bytes=int(args.max_body_mb * 2**20),
-        local_paths=is_loopback(args.host) and not args.allowed_host,
+        local_paths=is_loopback(args.host) and not args.allowed_host, flags=args,
     )
     from sd_app.lifetime import resume_gc
 

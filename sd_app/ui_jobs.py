@@ -1,8 +1,9 @@
 """Which generations are waiting or running, for the UI and the HTTP API.
 
 One ``JobTracker`` per served app (built by ``sd_app.server``, never a module global). It backs
-``GET /sdapi/v1/progress`` (step, ETA, live preview of the current latents), ``POST /sdapi/v1/interrupt``
-(sets the running job's cancel event) and the "busy" answer when too many requests wait.
+``GET /sdapi/v1/progress`` (step, ETA, live preview of the current latents), ``POST /sdapi/v1/interrupt`` and
+``/skip`` (A1111's, through the running job's ``Interruption``; a job without one, the UI's, is cancelled by
+either) and the "busy" answer when too many requests wait.
 Generation itself is serialised by the pipeline's lock; the tracker only observes.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from pipelines.generation.denoising import Interruption
     from pipelines.generation.previews import LatentCopy
     from pipelines.generation.text_to_image import StepInfo
 
@@ -36,6 +38,7 @@ class Job:
     total_steps: int
     cancel: threading.Event
     client: str = ""  # the client's address, for the per-client cap on waiting jobs
+    interruption: Interruption | None = None  # A1111's interrupt and skip, keeping what was made (API jobs)
     registered: float = field(default_factory=time.time)
     started: float | None = None  # time of the first denoising step
     step: int = 0
@@ -69,9 +72,17 @@ class JobTracker:
         self._ids = itertools.count(1)
 
     @contextmanager
-    def job(self, total_steps: int, cancel: threading.Event, source: str, client: str = "") -> Iterator[Job]:
+    def job(
+        self,
+        total_steps: int,
+        cancel: threading.Event,
+        source: str,
+        client: str = "",
+        interruption: Interruption | None = None,
+    ) -> Iterator[Job]:
         """Register a job for the duration of the block; raises Busy when ``max_waiting`` jobs wait already,
-        or ``max_waiting_per_client`` of this ``client``'s."""
+        or ``max_waiting_per_client`` of this ``client``'s. ``interruption``: what ``interrupt`` and ``skip``
+        ask of it (None: they set ``cancel``)."""
         with self._lock:
             waiting = [j for j in self._jobs.values() if j.started is None]
             if len(waiting) >= self.max_waiting:
@@ -79,7 +90,7 @@ class JobTracker:
             mine = sum(1 for j in waiting if client and j.client == client)
             if mine >= self.max_waiting_per_client:
                 raise Busy(f"busy: {mine} of your requests are already waiting; wait for them to finish")
-            job = Job(next(self._ids), source, total_steps, cancel, client)
+            job = Job(next(self._ids), source, total_steps, cancel, client, interruption=interruption)
             self._jobs[job.id] = job
         try:
             yield job
@@ -111,9 +122,25 @@ class JobTracker:
             return len(self._jobs)
 
     def interrupt(self) -> bool:
-        """Cancel the running job; False when nothing runs."""
+        """Interrupt the running job (else the oldest waiting one), keeping what it made; a job without an
+        ``interruption`` is cancelled. False when there is no job."""
         job = self.current()
         if job is None:
             return False
-        job.cancel.set()
+        if job.interruption is not None:
+            job.interruption.interrupt()
+        else:
+            job.cancel.set()
+        return True
+
+    def skip(self) -> bool:
+        """Skip the batch the running job (else the oldest waiting one) is denoising; a job without an
+        ``interruption`` is cancelled. False when there is no job."""
+        job = self.current()
+        if job is None:
+            return False
+        if job.interruption is not None:
+            job.interruption.skip()
+        else:
+            job.cancel.set()
         return True

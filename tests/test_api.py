@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -162,7 +164,8 @@ def auth_client(serve_engine):
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/"), ("GET", "/config"), ("GET", "/sdapi/v1/samplers"), ("POST", "/sdapi/v1/txt2img")],
+    [("GET", "/"), ("GET", "/config"), ("GET", "/sdapi/v1/samplers"), ("POST", "/sdapi/v1/txt2img"),
+     ("POST", "/sdapi/v1/interrupt"), ("POST", "/sdapi/v1/skip"), ("GET", "/sdapi/v1/cmd-flags")],
 )
 def test_auth_refuses_ui_and_api_without_credentials(auth_client, method, path):
     for auth in (None, ("alice", "wrong"), ("mallory", "s3cret")):
@@ -177,6 +180,8 @@ def test_auth_lets_ui_and_api_in_with_credentials(auth_client):
     assert auth_client.get("/sdapi/v1/samplers", auth=auth).status_code == 200
     response = auth_client.post("/sdapi/v1/txt2img", json={**BASE, "seed": 3}, auth=auth)
     assert response.status_code == 200 and len(response.json()["images"]) == 1
+    assert auth_client.post("/sdapi/v1/skip", auth=auth).json() == {"skipped": False}
+    assert auth_client.get("/sdapi/v1/cmd-flags", auth=auth).status_code == 200
 
 
 def test_credentials_parsing(tmp_path):
@@ -416,3 +421,156 @@ def test_a_hires_sampler_named_another_way_is_the_same_sampler(live_server):
     response = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json={**BASE, **hires, "hr_sampler_name": "Euler"},
                           timeout=60)
     assert response.status_code == 422 and "hr_sampler_name is not supported" in response.json()["detail"]
+
+
+# ---- interrupt, skip, cmd-flags -------------------------------------------------------------------
+
+
+class SteppedTracker(JobTracker):
+    """A tracker that calls ``on_start()`` when a job registers and ``on_step(step)`` after each step it records:
+    the tests' way to call ``/interrupt`` or ``/skip`` at a known point of a running request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_start: Callable[[], None] | None = None
+        self.on_step: Callable[[int], None] | None = None
+
+    @contextmanager
+    def job(self, *args, **kwargs):
+        with super().job(*args, **kwargs) as job:
+            if self.on_start is not None:
+                self.on_start()
+            yield job
+
+    def step(self, job, info) -> None:
+        super().step(job, info)
+        if self.on_step is not None:
+            self.on_step(info.step)
+
+
+@pytest.fixture(scope="module")
+def stepped_server(serve_engine):
+    from sd_app.server import create_app
+    from tests.serve_fixtures import start_server
+
+    tracker = SteppedTracker()
+    url, server, thread = start_server(create_app(serve_engine, tracker=tracker))
+    yield url, tracker
+    server.should_exit = server.force_exit = True
+    thread.join(timeout=10)
+
+
+def stopped_request(server, route: str, at_step: int | None, **fields) -> tuple[dict, dict, list[dict]]:
+    """txt2img with ``POST /sdapi/v1/{route}`` sent once ``at_step`` is done (None: as the job registers):
+    the body, its info and what the route answered."""
+    url, tracker = server
+    answers: list[dict] = []
+
+    def send() -> None:
+        answers.append(httpx.post(f"{url}/sdapi/v1/{route}", timeout=30).json())
+
+    if at_step is None:
+        tracker.on_start = send
+    else:
+        tracker.on_step = lambda step: send() if step == at_step else None
+    try:
+        body = txt2img(url, **fields)
+    finally:
+        tracker.on_start = tracker.on_step = None
+    return body, json.loads(body["info"]), answers
+
+
+def test_interrupt_answers_200_with_the_finished_images_ranked_then_the_stopped_ones(stepped_server):
+    whole = txt2img(stepped_server[0], seed=70, batch_size=6)
+    by_seed = {seed: image for seed, image in zip(json.loads(whole["info"])["all_seeds"], whole["images"])}
+    # 6 images run as batches of 4 and 2 (steps 1-2 and 3-4): interrupted after the second batch's first step
+    body, info, answers = stopped_request(stepped_server, "interrupt", 3, seed=70, batch_size=6)
+    assert answers == [{"interrupted": True}]
+    assert info["interrupted"] is True and len(body["images"]) == 6
+    assert info["stopped_at_step"] == [None] * 4 + [1, 1]
+    assert sorted(info["all_seeds"][:4]) == [70, 71, 72, 73] and info["all_seeds"][4:] == [74, 75]
+    scores = info["clip_scores"]
+    assert scores[:4] == sorted(scores[:4], reverse=True) and scores[4:] == [None, None]
+    for seed, image in zip(info["all_seeds"][:4], body["images"][:4]):  # the finished ones, as uninterrupted
+        np.testing.assert_array_equal(np.asarray(decode(image)), np.asarray(decode(by_seed[seed])))
+    for image, infotext in zip(body["images"], info["infotexts"]):
+        assert decode(image).info["parameters"] == infotext
+    assert all("Stopped at step" not in text for text in info["infotexts"][:4])
+    assert [parse_parameters(text)["Stopped at step"] for text in info["infotexts"][4:]] == ["1 of 2"] * 2
+
+
+def test_an_interrupted_single_image_is_its_picture_at_the_step_reached(stepped_server):
+    """As A1111, which decodes the interrupted image's latest denoised latents."""
+    body, info, _ = stopped_request(stepped_server, "interrupt", 1, seed=71)
+    finished = txt2img(stepped_server[0], seed=71)["images"][0]
+    assert info["interrupted"] is True and info["stopped_at_step"] == [1] and len(body["images"]) == 1
+    assert decode(body["images"][0]).size == (64, 64)
+    assert not np.array_equal(np.asarray(decode(body["images"][0])), np.asarray(decode(finished)))
+
+
+def test_interrupted_before_its_first_step_a_request_answers_200_without_images(stepped_server):
+    body, info, answers = stopped_request(stepped_server, "interrupt", None, seed=72, batch_size=2)
+    assert answers == [{"interrupted": True}]
+    assert body["images"] == [] and info["interrupted"] is True and info["all_seeds"] == []
+
+
+def test_skip_stops_the_batch_being_denoised_and_the_request_goes_on(stepped_server):
+    body, info, answers = stopped_request(stepped_server, "skip", 1, seed=80, batch_size=6, rerank=False)
+    assert answers == [{"skipped": True}]
+    assert info["interrupted"] is False and len(body["images"]) == 6
+    assert info["all_seeds"] == [84, 85, 80, 81, 82, 83]  # the finished batch first, then the skipped one
+    assert info["stopped_at_step"] == [None, None, 1, 1, 1, 1]
+    alone = txt2img(stepped_server[0], seed=84)["images"][0]
+    np.testing.assert_array_equal(np.asarray(decode(body["images"][0])), np.asarray(decode(alone)))
+
+
+def test_interrupt_and_skip_without_a_job_answer_200(live_server):
+    assert httpx.post(f"{live_server.url}/sdapi/v1/interrupt").json() == {"interrupted": False}
+    response = httpx.post(f"{live_server.url}/sdapi/v1/skip")
+    assert response.status_code == 200 and response.json() == {"skipped": False}
+
+
+def test_interrupt_and_skip_reach_an_api_jobs_interruption_and_cancel_a_ui_job():
+    from pipelines.generation.denoising import Interruption
+
+    tracker = JobTracker()
+    cancel, interruption = threading.Event(), Interruption()
+    with tracker.job(4, cancel, "api", interruption=interruption) as job:
+        tracker.step(job, StepInfo(step=1, total=4, timestep=1.0, latents=torch.zeros(1, 4, 8, 8)))
+        assert tracker.skip() and interruption.skipped and not cancel.is_set()
+        assert progress_payload(tracker, lambda latents: [], True)["state"]["skipped"] is True
+        assert tracker.interrupt() and interruption.interrupted and not cancel.is_set()
+        assert progress_payload(tracker, lambda latents: [], True)["state"]["interrupted"] is True
+    ui_cancel = threading.Event()
+    with tracker.job(4, ui_cancel, "ui"):  # the UI keeps nothing of a stopped job: its Cancel
+        assert tracker.skip() and ui_cancel.is_set()
+
+
+def serve_flags(*options: str):
+    from sd_app.cli import build_parser
+
+    return build_parser().parse_args(["serve", *options])
+
+
+def test_cmd_flags_are_the_serve_options_with_the_credentials_masked(serve_engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sd_app.server import create_app
+
+    users = tmp_path / "users.txt"
+    users.write_text("bob:hunter2\n")
+    flags = serve_flags("--port", "7999", "--auth", "alice:s3cret", "--auth-file", str(users), "--allowed-host",
+                        "sd.example", "--out", str(tmp_path / "out"))
+    client = TestClient(create_app(serve_engine, credentials={"alice": "s3cret"}, flags=flags),
+                        base_url="http://127.0.0.1")
+    assert client.get("/sdapi/v1/cmd-flags").status_code == 401
+    response = client.get("/sdapi/v1/cmd-flags", auth=("alice", "s3cret"))
+    assert response.status_code == 200
+    shown = response.json()
+    assert "s3cret" not in response.text and "alice" not in response.text and str(users) not in response.text
+    assert shown["auth"] == shown["auth_file"] == "********"
+    assert shown["port"] == 7999 and shown["host"] == "127.0.0.1" and shown["allowed_host"] == ["sd.example"]
+    assert shown["out"] == str(tmp_path / "out") and shown["max_prompt_tokens"] == flags.max_prompt_tokens
+    assert shown["insecure"] is False and shown["command"] == "serve"
+    unset = create_app(serve_engine, flags=serve_flags())
+    assert TestClient(unset, base_url="http://127.0.0.1").get("/sdapi/v1/cmd-flags").json()["auth"] is None

@@ -272,7 +272,7 @@ class SeedPipe:
 
     name = "seed-pipe"
 
-    def __call__(self, request, on_step=None, cancel=None, progress=False):
+    def __call__(self, request, on_step=None, cancel=None, progress=False, interruption=None):
         from types import SimpleNamespace
 
         from PIL import Image

@@ -54,7 +54,8 @@ def test_host_names(guarded):
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "sd.example", f"SD.example:{port}"):
         assert httpx.get(f"{url}/sdapi/v1/samplers", headers={"Host": host}, auth=auth).status_code == 200, host
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "sd.example.evil"):
-        for method, path in (("GET", "/sdapi/v1/samplers"), ("GET", "/config"), ("POST", "/sdapi/v1/interrupt")):
+        for method, path in (("GET", "/sdapi/v1/samplers"), ("GET", "/config"), ("POST", "/sdapi/v1/interrupt"),
+                             ("POST", "/sdapi/v1/skip"), ("GET", "/sdapi/v1/cmd-flags")):
             response = httpx.request(method, f"{url}{path}", headers={"Host": host}, auth=auth)
             assert response.status_code == 403, (host, path)
             assert "not served here" in response.json()["detail"]
@@ -81,9 +82,17 @@ def test_cross_site_writes_are_refused(guarded):
         assert response.status_code == 403 and "cross-site" in response.json()["detail"], origin
         response = httpx.post(f"{url}/sdapi/v1/txt2img", json=BASE, auth=auth, headers={"Origin": origin})
         assert response.status_code == 403, origin
+        response = httpx.post(f"{url}/sdapi/v1/skip", content="x", auth=auth,
+                              headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert response.status_code == 403 and "cross-site" in response.json()["detail"], origin
     # Our own pages (same origin) may post.
-    response = httpx.post(f"{url}/sdapi/v1/interrupt", auth=auth, headers={"Origin": url})
-    assert response.status_code == 200
+    for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip"):
+        response = httpx.post(f"{url}{path}", auth=auth, headers={"Origin": url})
+        assert response.status_code == 200, path
+    if auth is not None:  # the new A1111 routes need the password like the others
+        for method, path in (("POST", "/sdapi/v1/skip"), ("GET", "/sdapi/v1/cmd-flags")):
+            assert httpx.request(method, f"{url}{path}", headers={"Origin": url}).status_code == 401, path
+            assert httpx.request(method, f"{url}{path}", auth=auth).status_code == 200, path
 
 
 def test_cors_headers_only_for_the_opted_in_origin(guarded):

@@ -19,12 +19,78 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from pipelines.generation.request import GenerationRequest
     from pipelines.generation.text_to_image import TextToImagePipeline
 
 class GenerationCancelled(Exception):
     """Raised inside the denoising loop when the caller's cancel event is set."""
+
+
+class GenerationInterrupted(GenerationCancelled):
+    """Raised inside the denoising loop when the caller's :class:`Interruption` asks it to stop (A1111's
+    interrupt or skip). Unlike a cancel, what was made is kept, and the layers it passes through add to it.
+
+    Set by the loop: ``clean`` [n, C, h, w], the model's prediction of the clean latents at the last evaluation
+    (None before the first one), which is what A1111 decodes for an interrupted image (its sampler's
+    ``last_latent``), and ``step`` of ``total`` steps done. Set by the pipeline that ran the loop: ``unfinished``
+    (position -> (picture of ``clean``, steps done), the position of the image in the batch or the request),
+    ``finished`` (position -> image, those completed before the stop) and ``extra`` (the networks' infotext pairs).
+    As a subclass of GenerationCancelled, a caller that keeps nothing treats it as a cancel."""
+
+    def __init__(self, message: str, *, skipped: bool, clean: torch.Tensor | None, step: int, total: int) -> None:
+        super().__init__(message)
+        self.skipped = skipped  # a skip: the generation goes on with its next batch where it can
+        self.clean = clean
+        self.step, self.total = step, total
+        self.finished: dict[int, Image.Image] = {}
+        self.unfinished: dict[int, tuple[Image.Image, int]] = {}
+        self.extra: dict[str, str] = {}
+
+
+class Interruption:
+    """A1111's Interrupt and Skip for one generation: asked from any thread, seen before each evaluation.
+
+    ``interrupt()`` stops the generation and keeps what it made: the finished images, and the images being
+    denoised as their predicted clean picture at the step reached (A1111 decodes the same). ``skip()`` does
+    that to the batch being denoised only: the generation goes on with its next batch
+    (``pipelines.rerank.best_of.best_of_n``, which clears the skip before each batch, as A1111 clears it
+    before each of its ``n_iter`` batches)."""
+
+    def __init__(self) -> None:
+        self._interrupted = threading.Event()
+        self._skipped = threading.Event()
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def skip(self) -> None:
+        self._skipped.set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set()
+
+    @property
+    def skipped(self) -> bool:
+        return self._skipped.is_set()
+
+    def clear_skip(self) -> None:
+        """Forget a skip asked before the next batch starts (A1111: a skip stops one batch at most)."""
+        self._skipped.clear()
+
+    @property
+    def asked(self) -> bool:
+        """An interrupt or a skip waits to be seen."""
+        return self.interrupted or self.skipped
+
+    def error(self, clean: torch.Tensor | None, step: int, total: int) -> GenerationInterrupted:
+        """The exception that stops a loop at ``step`` of ``total`` (an interrupt wins over a skip)."""
+        skipped = not self.interrupted
+        verb = "skipped" if skipped else "interrupted"
+        return GenerationInterrupted(f"{verb} after {step} of {total} steps", skipped=skipped, clean=clean,
+                                     step=step, total=total)
 
 
 @dataclass(frozen=True)
@@ -89,13 +155,17 @@ def copy_scheduler(scheduler: Any) -> Any:
     return copy.deepcopy(scheduler, {id(sampler): None} if sampler is not None else None)
 
 
-def _noise_level(scheduler: Any, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha, sigma) of the variance-preserving x_t = alpha x0 + sigma eps the U-Net sees at evaluation ``index``."""
+def _noise_level(
+    scheduler: Any, t: torch.Tensor, index: int, step_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of the variance-preserving x_t = alpha x0 + sigma eps the U-Net sees at evaluation ``index``;
+    ``step_index``: the scheduler's step index at that evaluation (default: its current one)."""
     import torch
 
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and hasattr(scheduler, "index_for_timestep"):
-        step_index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(t)
+        if step_index is None:
+            step_index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(t)
         sigma = sigmas[step_index].float()  # k-diffusion's sigma: x = x0 + sigma eps before input scaling
         alpha = 1.0 / torch.sqrt(sigma**2 + 1.0)
         return alpha, sigma * alpha
@@ -104,10 +174,12 @@ def _noise_level(scheduler: Any, t: torch.Tensor, index: int) -> tuple[torch.Ten
 
 
 def predicted_clean(
-    scheduler: Any, model_input: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, index: int
+    scheduler: Any, model_input: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, index: int,
+    step_index: int | None = None,
 ) -> torch.Tensor:
-    """x0 [n, C, h, w] from the scaled U-Net input and the (guided) model output: epsilon or v prediction."""
-    alpha, sigma = _noise_level(scheduler, t, index)
+    """x0 [n, C, h, w] from the scaled U-Net input and the (guided) model output: epsilon or v prediction.
+    ``step_index``: the scheduler's step index at that evaluation, when it has stepped since (default: current)."""
+    alpha, sigma = _noise_level(scheduler, t, index, step_index)
     alpha, sigma = alpha.to(model_input.device), sigma.to(model_input.device)
     if scheduler.config.prediction_type == "v_prediction":
         return alpha * model_input - sigma * model_output
@@ -127,7 +199,7 @@ class DenoisingRun:
     second-order sampler evaluates the U-Net twice per step, and the progress, the CFG cutoff and the
     DeepCache interval all count steps, not evaluations. With ``track_clean``, ``clean`` holds the x0
     predicted at the last evaluation; ``keep(rows)`` drops the other images, ``split_off(rows)`` makes a
-    run of its own of them.
+    run of its own of them. ``predicted_clean()`` gives that x0 of any run, computed when asked (an interrupt).
     """
 
     def __init__(
@@ -160,6 +232,9 @@ class DenoisingRun:
         self.after_step = after_step
         self.track_clean = track_clean
         self.clean: torch.Tensor | None = None  # [n, C, h, w], x0 of the last evaluation
+        # The last evaluation's scaled input and guided output [n, C, h, w], timestep, index and the scheduler's
+        # step index then: its x0 when asked, at no cost per step.
+        self._last_evaluation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int | None] | None = None
         self.guided_steps = self.total - round(self.total * request.guidance_cutoff)
         self.runner = DeepCacheRunner(unet, request.cache_interval)
         parameters = inspect.signature(scheduler.step).parameters
@@ -185,14 +260,24 @@ class DenoisingRun:
             kwargs["eta"] = resolve_sampler(self.request.sampler).spec.eta if eta is None else eta
         return kwargs
 
+    def predicted_clean(self) -> torch.Tensor | None:
+        """x0 [n, C, h, w] predicted at the last evaluation, None before the first one."""
+        if self.track_clean or self._last_evaluation is None:
+            return self.clean
+        scaled, noise, t, index, step_index = self._last_evaluation
+        return predicted_clean(self.scheduler, scaled.float(), noise, t, index, step_index)
+
     def run(
         self,
         until: int | None = None,
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
+        interruption: Interruption | None = None,
     ) -> torch.Tensor:
-        """Denoise until ``until`` steps are complete (default: all); returns the latents [n, C, h, w]."""
+        """Denoise until ``until`` steps are complete (default: all); returns the latents [n, C, h, w].
+        GenerationCancelled when ``cancel`` is set; GenerationInterrupted, with the x0 of the last evaluation,
+        when ``interruption`` asks (both seen before each evaluation)."""
         import torch
         from tqdm.auto import tqdm
 
@@ -204,6 +289,9 @@ class DenoisingRun:
             index, t, n, latents = self.index, self.timesteps[self.index], self.n, self.latents
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(f"cancelled after {self.step} of {self.total} steps")
+            if interruption is not None and interruption.asked:
+                bar.close()
+                raise interruption.error(self.predicted_clean(), self.step, self.total)
             guided = self.text_states.shape[0] == 2 * n and self.step < self.guided_steps
             states = self.text_states if guided else self.text_states[-n:]  # positive half when unguided
             scaled = scheduler.scale_model_input(latents, t)  # [n, C, h, w], what the U-Net was trained on
@@ -221,6 +309,7 @@ class DenoisingRun:
                 noise = noise_uncond + request.cfg_scale * (noise_text - noise_uncond)  # [n, C, h, w]
             if self.track_clean:
                 self.clean = predicted_clean(scheduler, scaled.float(), noise, t, index)  # [n, C, h, w]
+            self._last_evaluation = (scaled, noise, t, index, getattr(scheduler, "step_index", None))
             latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if self.after_step is not None:
                 # Contiguous: a blend with a broadcast mask can come out channels_last, and other strides
@@ -260,6 +349,9 @@ class DenoisingRun:
             self.extra_channels = self.extra_channels[index]
         if self.clean is not None:
             self.clean = self.clean[index]
+        if self._last_evaluation is not None:
+            scaled, noise, *when = self._last_evaluation
+            self._last_evaluation = (scaled[index.to(scaled.device)], noise[index.to(noise.device)], *when)
         self.generators = [self.generators[row] for row in rows]
         keep_scheduler_rows(self.scheduler, rows)
         deep = getattr(self.runner, "_deep", None)  # DeepCache's cached features: [2n or n, ...]

@@ -19,6 +19,7 @@ from pipelines.generation.schedulers import build_scheduler
 if TYPE_CHECKING:
     import torch
 
+    from pipelines.generation.denoising import Interruption
     from pipelines.generation.request import GenerationRequest
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
 
@@ -66,6 +67,7 @@ def hires_fix(
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
+    interruption: Interruption | None = None,
 ) -> torch.Tensor:
     """The second pass over the first pass's ``latents`` [n, 4, h, w]; returns latents at the target size."""
     import torch
@@ -96,5 +98,5 @@ def hires_fix(
     # 3. Denoise (``on_step`` already counts on from the first pass).
     return pipe.denoise(
         scheduler, noisy, text_states, request, generators, on_step, cancel, progress,
-        timesteps=timesteps, total=run, extra_channels=extra,
+        timesteps=timesteps, total=run, interruption=interruption, extra_channels=extra,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from pipelines.generation.denoising import GenerationInterrupted
 from pipelines.generation.masks import fill_masked, prepare_image
 from pipelines.generation.schedulers import build_scheduler
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from pipelines.generation.denoising import Interruption
     from pipelines.generation.request import GenerationRequest
     from pipelines.generation.text_to_image import StepCallback, TextToImagePipeline
 
@@ -97,8 +99,10 @@ def image_to_image(
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
+    interruption: Interruption | None = None,
 ) -> list[Image.Image]:
-    """Steps 3-6 of the pipeline for a request with an init image (module docstring); images in seed order."""
+    """Steps 3-6 of the pipeline for a request with an init image (module docstring); images in seed order.
+    Interrupted, the pictures of the predicted clean latents are laid back as finished ones are."""
     import torch
     import torch.nn.functional as F
     from diffusers.image_processor import VaeImageProcessor
@@ -158,8 +162,14 @@ def image_to_image(
 
     # 6. Denoise, decode, and lay the original back outside the mask.
     if run > 0:
-        latents = pipe.denoise(
-            scheduler, latents, text_states, request, generators, on_step, cancel, progress,
-            timesteps=timesteps, total=run, extra_channels=extra, after_step=after_step,
-        )
+        try:
+            latents = pipe.denoise(
+                scheduler, latents, text_states, request, generators, on_step, cancel, progress,
+                timesteps=timesteps, total=run, extra_channels=extra, after_step=after_step, interruption=interruption,
+            )
+        except GenerationInterrupted as stop:
+            if stop.clean is not None:
+                pictures = pipe.decode(stop.clean, request.vae_decoder)
+                stop.unfinished = {i: (prepared.paste_back(picture), stop.step) for i, picture in enumerate(pictures)}
+            raise
     return [prepared.paste_back(image) for image in pipe.decode(latents, request.vae_decoder)]

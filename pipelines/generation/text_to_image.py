@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from pipelines.generation.denoising import GenerationCancelled, StepCallback, StepInfo  # noqa: F401 - public here too
+from pipelines.generation.denoising import (  # noqa: F401 - public here too
+    GenerationCancelled,
+    GenerationInterrupted,
+    Interruption,
+    StepCallback,
+    StepInfo,
+)
 from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest, require_request
@@ -108,12 +114,15 @@ class TextToImagePipeline:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
+        interruption: Interruption | None = None,
     ) -> TextToImageOutput:
         """Run one request. ``on_step`` sees every step; setting ``cancel`` stops within one step.
 
         A request with ``image`` runs img2img or inpainting, one with ``hires`` adds the hires fix
         (``pipelines.generation.image_to_image`` and ``hires``); ``on_step`` then counts the steps of
-        both passes.
+        both passes. An ``interruption`` stops within one step too, with GenerationInterrupted holding the
+        pictures of the images' predicted clean latents (``unfinished``, by position in the batch; the first
+        pass's images when the hires pass had not begun, as A1111) and the steps done of ``request.total_steps``.
         """
 
         # 1. Check inputs (the request validates itself) and resolve a random seed.
@@ -126,7 +135,6 @@ class TextToImagePipeline:
         warning = guidance_warning(request.sampler, request.cfg_scale)
         if warning:
             warnings.warn(warning, stacklevel=2)
-        first_pass = counting_steps(on_step, 0, request.total_steps)
         with self.generating():
             # 2. Encode prompt and negative prompt (classifier-free guidance needs both), the prompt's LoRAs merged.
             networks_used = self.activate_networks(request.prompt, request.negative_prompt)
@@ -134,24 +142,14 @@ class TextToImagePipeline:
             text_states = self.encode_prompt(
                 request.prompt, request.negative_prompt, request.n, guided, request.clip_skip
             )
-            if request.image is not None:
-                # 3-6. Image-conditioned: the init image's latents, noised to the strength, denoised.
-                from pipelines.generation.image_to_image import image_to_image
-
-                images = image_to_image(self, request, seeds, text_states, first_pass, cancel, progress)
-            else:
-                # 3-4. Timesteps of a fresh scheduler, latents from one CPU generator per image.
-                run = self.text_to_image_run(request, seeds, text_states)
-                # 5. Denoise.
-                latents = run.run(on_step=first_pass, cancel=cancel, progress=progress)
-                if request.hires is not None:
-                    # 5b. Hires fix: upscale, noise again from the same seeds, denoise the last steps.
-                    from pipelines.generation.hires import hires_fix
-
-                    second_pass = counting_steps(on_step, request.steps, request.total_steps)
-                    latents = hires_fix(self, request, seeds, latents, text_states, second_pass, cancel, progress)
-                # 6. Decode.
-                images = self.decode(latents, request.vae_decoder)
+            try:
+                images = self._images(request, seeds, text_states, on_step, cancel, progress, interruption)
+            except GenerationInterrupted as stop:
+                if not stop.unfinished and stop.clean is not None:
+                    pictures = self.decode(stop.clean, request.vae_decoder)
+                    stop.unfinished = {i: (picture, stop.step) for i, picture in enumerate(pictures)}
+                stop.total, stop.extra = request.total_steps, networks_used
+                raise
         return TextToImageOutput(
             images=images,
             seeds=seeds,
@@ -160,6 +158,43 @@ class TextToImagePipeline:
             model_hash=self.components.model_hash,
             extra=networks_used,
         )
+
+    def _images(
+        self,
+        request: GenerationRequest,
+        seeds: list[int],
+        text_states: torch.Tensor,
+        on_step: StepCallback | None,
+        cancel: threading.Event | None,
+        progress: bool,
+        interruption: Interruption | None,
+    ) -> list[Image.Image]:
+        """Steps 3-6 of ``__call__`` (seed resolved, prompt encoded): the images in seed order."""
+        first_pass = counting_steps(on_step, 0, request.total_steps)
+        if request.image is not None:
+            # 3-6. Image-conditioned: the init image's latents, noised to the strength, denoised.
+            from pipelines.generation.image_to_image import image_to_image
+
+            return image_to_image(self, request, seeds, text_states, first_pass, cancel, progress, interruption)
+        # 3-4. Timesteps of a fresh scheduler, latents from one CPU generator per image.
+        run = self.text_to_image_run(request, seeds, text_states)
+        # 5. Denoise.
+        latents = run.run(on_step=first_pass, cancel=cancel, progress=progress, interruption=interruption)
+        if request.hires is not None:
+            # 5b. Hires fix: upscale, noise again from the same seeds, denoise the last steps.
+            from pipelines.generation.hires import hires_fix
+
+            second_pass = counting_steps(on_step, request.steps, request.total_steps)
+            try:
+                latents = hires_fix(self, request, seeds, latents, text_states, second_pass, cancel, progress,
+                                    interruption)
+            except GenerationInterrupted as stop:
+                stop.step += request.steps  # of the whole request's steps
+                if stop.clean is None:  # the second pass had not begun: the first pass's images (as A1111)
+                    stop.clean = latents
+                raise
+        # 6. Decode.
+        return self.decode(latents, request.vae_decoder)
 
     @contextlib.contextmanager
     def generating(self) -> Iterator[None]:
@@ -293,6 +328,7 @@ class TextToImagePipeline:
         total: int | None = None,
         extra_channels: torch.Tensor | None = None,
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        interruption: Interruption | None = None,
     ) -> torch.Tensor:
         """The sampling loop (:class:`pipelines.generation.denoising.DenoisingRun`, which documents the
         arguments) run to the end: predict noise with the U-Net, apply guidance, step the scheduler."""
@@ -302,7 +338,7 @@ class TextToImagePipeline:
             self, scheduler, latents, text_states, request, generators,
             timesteps=timesteps, total=total, extra_channels=extra_channels, after_step=after_step,
         )
-        return run.run(on_step=on_step, cancel=cancel, progress=progress)
+        return run.run(on_step=on_step, cancel=cancel, progress=progress, interruption=interruption)
 
     def check_decoder(self, vae_decoder: str) -> None:
         """ValueError if ``vae_decoder`` is "TAESD" and this model has no tiny decoder."""

@@ -2,6 +2,11 @@
 
 Image ``i`` always uses seed ``seed + i`` with its own generator, so splitting the N candidates into
 batches changes nothing in the pictures; only memory use and preview granularity depend on it.
+
+An :class:`~pipelines.generation.denoising.Interruption` stops it as A1111's interrupt and skip do
+(``modules/processing.py``): an interrupt keeps the candidates finished, ranked among themselves, and after them
+the batch being denoised as the pictures of its predicted clean latents at the step reached, unscored; the
+later batches are not started. A skip does that to the batch being denoised and goes on with the next one.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from pipelines.generation.denoising import GenerationInterrupted
 from pipelines.generation.extra_networks import strip_network_tags
 from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import GenerationRequest, require_request
@@ -17,6 +23,7 @@ from pipelines.generation.request import GenerationRequest, require_request
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pipelines.generation.denoising import Interruption
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.contrastive import ContrastiveScorer
@@ -34,6 +41,8 @@ class RankedImage:
     score: float | None
     generation_index: int
     details: dict[str, float] = field(default_factory=dict)  # other numbers behind the score
+    # Steps done when an interrupt or a skip stopped it (its picture: the predicted clean latents); None: finished
+    stopped_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,16 @@ class BestOfOutput:
     early_scorer: str | None = None  # what ranked the candidates for early pruning
     early_score_label: str = "CLIP score"  # what the early scores are
     held: HeldRuns | None = field(default=None, repr=False, compare=False)  # the pruned, to finish (hold_pruned)
+    interrupted: bool = False  # an interrupt stopped it: the candidates not started are missing
+
+    @property
+    def finished(self) -> list[RankedImage]:
+        return [c for c in self.candidates if c.stopped_at is None]
+
+    @property
+    def stopped(self) -> list[RankedImage]:
+        """The candidates an interrupt or a skip stopped on the way, in generation order."""
+        return [c for c in self.candidates if c.stopped_at is not None]
 
 
 def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
@@ -84,13 +103,15 @@ def best_of_n(
     cancel: threading.Event | None = None,
     progress: bool = False,
     hold_pruned: bool = False,
+    interruption: Interruption | None = None,
 ) -> BestOfOutput:
     """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``.
 
     With ``request.prune_to`` M the candidates are pruned early (:mod:`pipelines.rerank.early_pruning`):
     only M are finished, ranked by their final score; ``pruned`` lists the others with their early score
     (by ``early_scorer`` when given, else by ``scorer``), and with ``hold_pruned`` ``held`` has their runs,
-    stopped where they were pruned, for the caller to finish if it needs them.
+    stopped where they were pruned, for the caller to finish if it needs them. ``interruption``: A1111's
+    interrupt and skip (module docstring); the candidates they stopped come last, unscored (``stopped``).
     """
     require_request(request)
     check_keep(keep, request.n)
@@ -113,35 +134,53 @@ def best_of_n(
     held: HeldRuns | None = None
     early: dict[int, dict[str, float]] = {}  # generation index -> early score, for the kept ones
     early_label = "CLIP score"
+    stopped: dict[int, tuple[Image.Image, int]] = {}  # generation index -> (x0 picture, steps done)
+    interrupted = False
     if request.prune_to and scorer is not None:
         from pipelines.rerank.early_pruning import early_pruned_images, pruned_candidates
 
-        images, ranking, extra, held = early_pruned_images(
+        run = early_pruned_images(
             pipe, request, scorer, plain_prompt, batch_size=batch_size, early_scorer=early_scorer, on_step=on_step,
-            cancel=cancel, progress=progress, hold_pruned=hold_pruned,
+            cancel=cancel, progress=progress, hold_pruned=hold_pruned, interruption=interruption,
         )
-        made = sorted(ranking.kept)
+        made = sorted(run.images)
+        images, extra, held = [run.images[i] for i in made], run.extra, run.held
         seeds = [request.seeds()[i] for i in made]
-        pruned = pruned_candidates(request, ranking)
-        early = {i: {"Early score": ranking.scores[i]} for i in made}
-        early_label = ranking.label
+        stopped, interrupted = run.unfinished, run.interrupted
+        if run.ranking is not None:
+            pruned = pruned_candidates(request, run.ranking)
+            early = {i: {"Early score": run.ranking.scores[i]} for i in sorted({*made, *stopped})}
+            early_label = run.ranking.label
         model_hash = pipe.components.model_hash
     else:
         parts = range(0, request.n, batch_size)
         for part_index, start in enumerate(parts):
+            if interruption is not None:
+                if interruption.interrupted:  # asked between two batches: the rest are not started
+                    interrupted = True
+                    break
+                interruption.clear_skip()  # a skip asked after the last batch ended stops none (as A1111)
             part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
-            output = pipe(part, on_step=_whole_request_steps(on_step, part_index, len(parts)), cancel=cancel,
-                          progress=progress)
+            try:
+                output = pipe(part, on_step=_whole_request_steps(on_step, part_index, len(parts)), cancel=cancel,
+                              progress=progress, interruption=interruption)
+            except GenerationInterrupted as stop:
+                stopped.update({start + i: picture for i, picture in stop.unfinished.items()})
+                model_hash, extra = pipe.components.model_hash, stop.extra
+                if stop.skipped:
+                    continue
+                interrupted = True
+                break
             images.extend(output.images)
             seeds.extend(output.seeds)
+            made.extend(range(start, start + len(output.images)))
             model_hash = output.model_hash
             extra = output.extra
-        made = list(range(len(images)))
     scores: list[float | None] = [None] * len(images)
     details: list[dict[str, float]] = [{} for _ in images]
     order = list(range(len(images)))
     truncated, label = False, "CLIP score"
-    if scorer is not None:
+    if scorer is not None and images:
         result = scorer.score(images, plain_prompt)  # prompt encoded once for all candidates
         scores = list(result.scores)
         details = [dict(d) for d in result.details] or details
@@ -149,6 +188,9 @@ def best_of_n(
         truncated, label = result.truncated, result.label
     candidates = [RankedImage(images[i], seeds[i], scores[i], made[i], {**details[i], **early.get(made[i], {})})
                   for i in order]
+    all_seeds = request.seeds()
+    candidates += [RankedImage(picture, all_seeds[i], None, i, early.get(i, {}), stopped_at=step)
+                   for i, (picture, step) in sorted(stopped.items())]  # after the finished ones, unscored
     return BestOfOutput(
         candidates=candidates[:keep] if keep is not None else candidates,
         request=request,
@@ -162,4 +204,5 @@ def best_of_n(
         early_scorer=(early_scorer or scorer).name if request.prune_to and scorer is not None else None,
         early_score_label=early_label,
         held=held,
+        interrupted=interrupted,
     )

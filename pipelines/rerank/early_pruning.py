@@ -11,7 +11,9 @@ on from where they are, so each is the very image its seed gives without pruning
 batched convolution (one 8-bit level at most; tests/test_early_pruning.py). Compute: N K + M (steps - K)
 U-Net steps and M VAE decodes instead of N steps and N decodes. Asked to (``hold_pruned``), the pruned
 candidates' runs are set aside after step K (:class:`HeldRuns`), so a caller that needs them after all (a
-minimum score the kept ones missed) finishes them from step K, not from their seeds.
+minimum score the kept ones missed) finishes them from step K, not from their seeds. An interruption
+(A1111's interrupt; a skip acts as one here, the candidates being ranked together) keeps the kept candidates
+finished so far and the pictures of the others' predicted clean latents at the step they reached.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.generation.denoising import GenerationInterrupted
 from pipelines.generation.request import GenerationRequest
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from pipelines.generation.denoising import DenoisingRun
+    from pipelines.generation.denoising import DenoisingRun, Interruption
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
     from pipelines.rerank.contrastive import ContrastiveScorer
@@ -62,6 +65,18 @@ class EarlyRanking:
     label: str = "CLIP score"  # what the early scores are
 
 
+@dataclass
+class EarlyPruned:
+    """What :func:`early_pruned_images` made: the kept candidates' images and, when interrupted, the rest."""
+
+    images: dict[int, Image.Image]  # generation index -> finished image of a kept candidate
+    ranking: EarlyRanking | None  # None when interrupted before every candidate reached step K
+    extra: dict[str, Any]  # the networks' infotext pairs
+    held: HeldRuns | None = None  # the pruned candidates' runs (``hold_pruned``)
+    unfinished: dict[int, tuple[Image.Image, int]] = field(default_factory=dict)  # index -> (x0 picture, steps)
+    interrupted: bool = False
+
+
 def pruned_request_steps(request: GenerationRequest) -> int:
     """Candidate-steps of a pruned request: all N candidates to step K, the kept M to the end."""
     return request.n * request.prune_at + request.prune_to * (request.steps - request.prune_at)
@@ -89,14 +104,16 @@ class HeldRuns:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         progress: bool = False,
+        interruption: Interruption | None = None,
     ) -> dict[int, Image.Image]:
         """Run every held candidate to the end and decode it: generation index -> image. Each is the image its
-        seed gives without pruning (to one 8-bit level). ``on_step`` counts candidate-steps; the runs are used up."""
+        seed gives without pruning (to one 8-bit level). ``on_step`` counts candidate-steps; the runs are used up.
+        Interrupted: GenerationInterrupted with ``finished`` and ``unfinished`` by generation index."""
         request, runs, total = self.request, self.runs, self.steps_left
         self.runs = []
         with pipe.generating():
             pipe.activate_networks(request.prompt, request.negative_prompt)  # the prompt's LoRAs, as when started
-            return _finish_runs(pipe, runs, request.vae_decoder, on_step, [0], total, cancel, progress)
+            return _finish_runs(pipe, runs, request.vae_decoder, on_step, [0], total, cancel, progress, interruption)
 
 
 def _finish_runs(
@@ -108,19 +125,48 @@ def _finish_runs(
     total: int,
     cancel: threading.Event | None,
     progress: bool,
+    interruption: Interruption | None = None,
 ) -> dict[int, Image.Image]:
     """Run each (generation indices, run of them) to its end and decode the images: generation index -> image,
     in generation order. Call inside ``pipe.generating()``; ``on_step`` counts candidate-steps, ``done`` of
-    ``total`` (``_counting``)."""
+    ``total`` (``_counting``). Interrupted: GenerationInterrupted with the runs finished before (``finished``)
+    and the pictures of the others' predicted clean latents (``unfinished``), by generation index."""
+    finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
+    for position, (indices, run) in enumerate(runs):
+        try:
+            latents = run.run(on_step=_counting(on_step, done, run.n, total), cancel=cancel, progress=progress,
+                              interruption=interruption)
+        except GenerationInterrupted as stop:
+            stop.finished = _decoded(pipe, finished, vae_decoder)
+            stop.unfinished = unfinished_pictures(pipe, runs[position:], vae_decoder)
+            raise
+        finished.update(zip(indices, latents, strict=True))
+    return _decoded(pipe, finished, vae_decoder)
+
+
+def _decoded(pipe: TextToImagePipeline, latents: dict[int, torch.Tensor], vae_decoder: str) -> dict[int, Image.Image]:
+    """Generation index -> image of latents [C, h, w] by generation index, decoded together in index order."""
     import torch
 
-    finished: dict[int, torch.Tensor] = {}  # generation index -> final latents [C, h, w]
-    for indices, run in runs:
-        latents = run.run(on_step=_counting(on_step, done, run.n, total), cancel=cancel, progress=progress)
-        finished.update(zip(indices, latents, strict=True))
-    order = sorted(finished)
-    images = pipe.decode(torch.stack([finished[i] for i in order]), vae_decoder)
+    if not latents:
+        return {}
+    order = sorted(latents)
+    images = pipe.decode(torch.stack([latents[i] for i in order]), vae_decoder)
     return dict(zip(order, images, strict=True))
+
+
+def unfinished_pictures(
+    pipe: TextToImagePipeline, runs: list[tuple[list[int], DenoisingRun]], vae_decoder: str
+) -> dict[int, tuple[Image.Image, int]]:
+    """Generation index -> (picture of the predicted clean latents, steps done) of runs stopped on the way; a run
+    that has not evaluated the U-Net yet has none."""
+    pictures: dict[int, tuple[Image.Image, int]] = {}
+    for indices, run in runs:
+        clean = run.predicted_clean()  # [n, C, h, w] or None
+        if clean is not None:
+            decoded = _decoded(pipe, dict(zip(indices, clean, strict=True)), vae_decoder)
+            pictures.update({i: (image, run.step) for i, image in decoded.items()})
+    return pictures
 
 
 def preview_scorer_folder(model_folder: Path) -> Path | None:
@@ -178,14 +224,16 @@ def early_pruned_images(
     cancel: threading.Event | None = None,
     progress: bool = False,
     hold_pruned: bool = False,
-) -> tuple[list[Image.Image], EarlyRanking, dict[str, Any], HeldRuns | None]:
+    interruption: Interruption | None = None,
+) -> EarlyPruned:
     """Run ``request`` (seed resolved, ``prune_to`` M and ``prune_at`` K set) with pruning: the kept
-    candidates' images in generation order, the ranking, the networks' infotext, and with ``hold_pruned``
-    the pruned candidates' runs (else None).
+    candidates' images, the ranking, the networks' infotext, and with ``hold_pruned`` the pruned candidates'
+    runs (else None).
 
     ``early_scorer`` ranks the x0 pictures (default: ``scorer``), e.g. a model's preview scorer, a CLIP
     fine-tuned on its own x0 previews (:mod:`pipelines.training.clip_previews`). ``on_step`` counts
-    candidate-steps: N K + M (steps - K) in all, monotonic.
+    candidate-steps: N K + M (steps - K) in all, monotonic. Interrupted (or skipped) before step K, every
+    candidate started is unfinished and none ranked; after, the kept candidates not finished are.
     """
     import torch
 
@@ -200,8 +248,14 @@ def early_pruned_images(
             part = replace(request, seed=request.seeds()[start], n=min(batch_size, n - start), prune_to=0,
                            prune_at=0)
             run, extra = pipe.start(part, track_clean=True)
-            run.run(at, on_step=_counting(on_step, done, part.n, total), cancel=cancel, progress=progress)
             runs.append((start, run))
+            try:
+                run.run(at, on_step=_counting(on_step, done, part.n, total), cancel=cancel, progress=progress,
+                        interruption=interruption)
+            except GenerationInterrupted:
+                started = [(list(range(first, first + r.n)), r) for first, r in runs]
+                unfinished = unfinished_pictures(pipe, started, request.vae_decoder)
+                return EarlyPruned({}, None, extra, unfinished=unfinished, interrupted=True)
         clean = torch.cat([run.clean for _, run in runs])  # [N, C, h, w], x0 predicted at step K
         ranking = rank_early((early_scorer or scorer).score(decode_clean(pipe, clean, decoder), prompt), keep)
         held = HeldRuns(request) if hold_pruned else None
@@ -215,8 +269,12 @@ def early_pruned_images(
             if rows:
                 run.keep(rows)
                 kept.append(([start + row for row in rows], run))
-        finished = _finish_runs(pipe, kept, request.vae_decoder, on_step, done, total, cancel, progress)
-    return [finished[i] for i in sorted(finished)], ranking, extra, held  # the M kept images
+        try:
+            finished = _finish_runs(pipe, kept, request.vae_decoder, on_step, done, total, cancel, progress,
+                                    interruption)
+        except GenerationInterrupted as stop:
+            return EarlyPruned(stop.finished, ranking, extra, held, stop.unfinished, interrupted=True)
+    return EarlyPruned(finished, ranking, extra, held)  # the M kept images
 
 
 def pruned_candidates(request: GenerationRequest, ranking: EarlyRanking) -> list[PrunedCandidate]:

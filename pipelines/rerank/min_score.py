@@ -12,6 +12,11 @@ passes, the next round finishes the N - M it pruned (the same seeds, going on fr
 pruned at, so each is its seed's whole image), and the round after that starts new seeds again. Pruning
 then costs nothing in fidelity where it matters: a request whose kept candidates fall short gets every
 candidate of the round, as best-of-N without pruning would have, and at no more U-Net steps.
+
+Interrupted (A1111's interrupt, :class:`~pipelines.generation.denoising.Interruption`), no round follows: the
+candidates finished in all rounds are ranked together, and the ones stopped on the way come after them,
+unscored. A skip stops the batch being denoised and the round goes on (``best_of_n``); while pruned candidates
+are being finished, it stops them all, as an interrupt.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from pipelines.generation.denoising import GenerationInterrupted
 from pipelines.generation.extra_networks import strip_network_tags
 from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import MAX_SEED, GenerationRequest
@@ -30,6 +36,7 @@ from pipelines.rerank.scorer_specs import passes
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pipelines.generation.denoising import Interruption
     from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer, ScoreResult
     from pipelines.rerank.early_pruning import HeldRuns, PrunedCandidate
@@ -98,10 +105,11 @@ def _finish_pruned(
     on_step: StepCallback | None,
     cancel: threading.Event | None,
     progress: bool,
-) -> tuple[list[Image.Image], list[int]]:
+    interruption: Interruption | None = None,
+) -> tuple[list[Image.Image], list[int], list[RankedImage]]:
     """The pruned candidates finished from the step they were pruned at, in ``pending``'s order: each its
-    seed's own image, as without pruning (to one 8-bit level). Progress is told in a pruned round's
-    candidate-steps, so that every round moves it by the same amount."""
+    seed's own image, as without pruning (to one 8-bit level), and (interrupted) the ones stopped on the way.
+    Progress is told in a pruned round's candidate-steps, so that every round moves it by the same amount."""
     from pipelines.rerank.early_pruning import pruned_request_steps
 
     unit, left = pruned_request_steps(held.request), held.steps_left
@@ -110,8 +118,17 @@ def _finish_pruned(
         if on_step is not None:
             on_step(replace(info, step=round(info.step * unit / left), total=unit))
 
-    finished = held.finish(pipe, on_step=forward, cancel=cancel, progress=progress)  # generation index -> image
-    return [finished[c.generation_index] for c in pending], [c.seed for c in pending]
+    stopped: list[RankedImage] = []
+    try:
+        # generation index -> image
+        finished = held.finish(pipe, on_step=forward, cancel=cancel, progress=progress, interruption=interruption)
+    except GenerationInterrupted as stop:
+        finished = stop.finished
+        stopped = [RankedImage(stop.unfinished[c.generation_index][0], c.seed, None, c.generation_index,
+                               stopped_at=stop.unfinished[c.generation_index][1])
+                   for c in pending if c.generation_index in stop.unfinished]
+    done = [c for c in pending if c.generation_index in finished]
+    return [finished[c.generation_index] for c in done], [c.seed for c in done], stopped
 
 
 def best_of_until_pass(
@@ -128,12 +145,14 @@ def best_of_until_pass(
     on_round: Callable[[RoundReport], None] | None = None,
     cancel: threading.Event | None = None,
     progress: bool = False,
+    interruption: Interruption | None = None,
 ) -> MinScoreOutput:
     """Generate rounds of ``request.n`` candidates until one reaches ``thresholds`` (label -> minimum).
 
     With ``request.prune_to`` each round of new seeds is pruned early (``early_scorer`` ranks the x0
     pictures, default ``scorer``); a round whose kept candidates all fall short is followed by one that
-    finishes the pruned ones (module docstring). ``output.pruned`` lists the candidates never finished."""
+    finishes the pruned ones (module docstring). ``output.pruned`` lists the candidates never finished;
+    ``interruption``: A1111's interrupt and skip (module docstring)."""
     if isinstance(extra_rounds, bool) or not isinstance(extra_rounds, int) or not 0 <= extra_rounds <= MAX_EXTRA_ROUNDS:
         raise ValueError(f"extra rounds must be an integer between 0 and {MAX_EXTRA_ROUNDS}, got {extra_rounds!r}")
     if not thresholds:
@@ -151,26 +170,36 @@ def best_of_until_pass(
     pending: list[PrunedCandidate] = []  # pruned by the last round of new seeds, not finished yet
     held: HeldRuns | None = None  # their runs, stopped where they were pruned
     fresh = 0  # rounds of new seeds so far
+    stopped: list[RankedImage] = []  # stopped on the way by an interrupt or a skip, unscored
+    interrupted = False
     for round_index in range(max_rounds):
         round_steps = _whole_request_steps(on_step, round_index, max_rounds)
         if pending:  # the kept of the last pruned round fell short: finish the ones it pruned
             assert held is not None  # held whenever a round follows
-            new_images, new_seeds = _finish_pruned(pipe, held, pending, round_steps, cancel, progress)
+            new_images, new_seeds, round_stopped = _finish_pruned(
+                pipe, held, pending, round_steps, cancel, progress, interruption
+            )
             pending, held = [], None
+            interrupted = bool(round_stopped)  # a skip too: the pruned are finished together
         else:
             part = replace(request, seed=(request.seed + fresh * request.n) % (MAX_SEED + 1))
             fresh += 1
             last = best_of_n(
                 pipe, part, scorer if request.prune_to else None, batch_size=batch_size, early_scorer=early_scorer,
                 cancel=cancel, progress=progress, on_step=round_steps, hold_pruned=round_index < max_rounds - 1,
+                interruption=interruption,
             )
-            made = sorted(last.candidates, key=lambda c: c.generation_index)
+            made = sorted(last.finished, key=lambda c: c.generation_index)
             new_images, new_seeds = [c.image for c in made], [c.seed for c in made]  # generation order
             pending, held = list(last.pruned), last.held
+            round_stopped, interrupted = last.stopped, last.interrupted
         images.extend(new_images)
         seeds.extend(new_seeds)
-        result = scorer.score(new_images, prompt)
-        round_scores = [_scores_of(result, i) for i in range(len(new_images))]
+        stopped.extend(round_stopped)
+        round_scores: list[dict[str, float]] = []
+        if new_images:
+            result = scorer.score(new_images, prompt)
+            round_scores = [_scores_of(result, i) for i in range(len(new_images))]
         for label in thresholds:
             values = [s[label] for s in round_scores if label in s]
             if values:
@@ -178,16 +207,17 @@ def best_of_until_pass(
         passed = sum(passes(s, thresholds) for s in round_scores)
         if on_round is not None:
             on_round(RoundReport(round_index + 1, max_rounds, passed, dict(best), dict(thresholds)))
-        if passed:
+        if passed or interrupted:
             break
-    assert last is not None and result is not None
+    assert last is not None
     rounds = round_index + 1
-    if rounds > 1:
+    if rounds > 1 and images:
         result = scorer.score(images, prompt)  # rank every round's candidates together
-    ok = [passes(_scores_of(result, i), thresholds) for i in range(len(images))]
-    order = sorted(result.order(), key=lambda i: not ok[i])  # stable: passing first, each group best first
-    details = [dict(d) for d in result.details] if result.details else [{} for _ in images]
+    ok = [passes(_scores_of(result, i), thresholds) for i in range(len(images))] if result is not None else []
+    order = sorted(result.order(), key=lambda i: not ok[i]) if result is not None else []  # passing first, stable
+    details = [dict(d) for d in result.details] if result is not None and result.details else [{} for _ in images]
     candidates = [RankedImage(images[i], seeds[i], result.scores[i], i, details[i]) for i in order]
+    candidates += stopped  # after the finished ones, unscored
     kept = candidates[:keep] if keep is not None else candidates
     output = BestOfOutput(
         candidates=kept,
@@ -195,13 +225,13 @@ def best_of_until_pass(
         model_name=last.model_name,
         model_hash=last.model_hash,
         reranker=scorer.name,
-        prompt_truncated=result.truncated,
-        score_label=result.label,
+        prompt_truncated=result.truncated if result is not None else False,
+        score_label=result.label if result is not None else last.score_label,
         extra=last.extra,
         pruned=pending,
         early_scorer=last.early_scorer,
         early_score_label=last.early_score_label,
+        interrupted=interrupted,
     )
-    return MinScoreOutput(
-        output, rounds, max_rounds, dict(thresholds), [ok[i] for i in order][: len(kept)], request.n * fresh
-    )
+    passed_flags = [ok[i] for i in order] + [False] * len(stopped)
+    return MinScoreOutput(output, rounds, max_rounds, dict(thresholds), passed_flags[: len(kept)], request.n * fresh)

@@ -1,0 +1,178 @@
+"""A1111's interrupt and skip in the library: what an interrupted generation keeps, and what a skip goes on with.
+
+Each stop is asked from the step callback at a known step, as ``POST /sdapi/v1/interrupt`` would ask it from
+another thread, so the tests do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.generation.conditioning import HiresFix, ImageConditioning
+from pipelines.generation.denoising import GenerationInterrupted, Interruption
+from pipelines.generation.request import GenerationRequest
+from pipelines.rerank.best_of import best_of_n
+from pipelines.rerank.clip_scorer import ClipScorer
+from pipelines.rerank.min_score import best_of_until_pass
+from tests.clip_fixtures import tiny_clip_dir
+
+BASE = dict(prompt="a red circle", steps=3, width=64, height=64, seed=40, sampler="Euler a")
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    return ClipScorer.load(tiny_clip_dir(tmp_path_factory.mktemp("clip")), device="cpu")
+
+
+def stop_at(step: int, interruption: Interruption, *, skip: bool = False):
+    """A step callback asking ``interruption`` to interrupt (or skip) once ``step`` is done."""
+
+    def on_step(info):
+        if info.step == step:
+            interruption.skip() if skip else interruption.interrupt()
+
+    return on_step
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=int)
+
+
+def clean_picture(pipe, request: GenerationRequest, step: int) -> list[Image.Image]:
+    """The pictures of ``request``'s predicted clean latents after ``step`` steps (run apart, to compare)."""
+    with pipe.generating():
+        run, _ = pipe.start(request, track_clean=True)
+        run.run(step)
+        return pipe.decode(run.clean)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "Heun", "DDIM", "LMS"])
+def test_an_interrupted_run_keeps_the_clean_latents_of_its_last_step(tiny_pipe, sampler):
+    """The x0 an interrupt keeps is the one the loop predicted at the last step done (A1111's last_latent),
+    computed only when asked: the same as a run that tracks it at every step."""
+    request = GenerationRequest(**{**BASE, "n": 2, "sampler": sampler, "steps": 4}).resolved()
+    with tiny_pipe.generating():
+        tracked, _ = tiny_pipe.start(request, track_clean=True)
+        tracked.run(2)
+        interruption = Interruption()
+        run, _ = tiny_pipe.start(request)
+        with pytest.raises(GenerationInterrupted, match="interrupted after 2 of 4 steps") as stopped:
+            run.run(on_step=stop_at(2, interruption), interruption=interruption)
+    assert stopped.value.step == 2 and not stopped.value.skipped
+    torch.testing.assert_close(stopped.value.clean, tracked.clean, rtol=1e-5, atol=1e-5)
+
+
+def test_interrupt_keeps_the_finished_batches_ranked_and_the_current_one_as_it_was(tiny_pipe, scorer):
+    request = GenerationRequest(**BASE, n=6)
+    whole = best_of_n(tiny_pipe, request, scorer, batch_size=4)
+    interruption = Interruption()
+    # steps 1-3: the first batch of 4; 4-6: the second batch of 2, interrupted after its first step
+    out = best_of_n(tiny_pipe, request, scorer, batch_size=4, on_step=stop_at(4, interruption),
+                    interruption=interruption)
+    assert out.interrupted
+    finished, stopped = out.candidates[:4], out.candidates[4:]
+    assert [c.stopped_at for c in finished] == [None] * 4 and [c.stopped_at for c in stopped] == [1, 1]
+    # the finished ones: the same pictures and scores as uninterrupted, ranked among themselves
+    same = {c.seed: c for c in whole.candidates}
+    assert [c.seed for c in finished] == [c.seed for c in whole.candidates if c.seed < 44]
+    for candidate in finished:
+        np.testing.assert_array_equal(pixels(candidate.image), pixels(same[candidate.seed].image))
+        assert candidate.score == pytest.approx(same[candidate.seed].score, abs=1e-4)
+    # the stopped ones: their seeds' predicted clean pictures after one step, unscored, in generation order
+    assert [c.seed for c in stopped] == [44, 45] and all(c.score is None for c in stopped)
+    expected = clean_picture(tiny_pipe, GenerationRequest(**{**BASE, "seed": 44, "n": 2}), 1)
+    for candidate, picture in zip(stopped, expected, strict=True):
+        assert np.abs(pixels(candidate.image) - pixels(picture)).max() <= 1
+
+
+def test_interrupt_before_the_first_step_keeps_nothing(tiny_pipe, scorer):
+    interruption = Interruption()
+    interruption.interrupt()  # e.g. asked while the job waited for the model
+    out = best_of_n(tiny_pipe, GenerationRequest(**BASE, n=2), scorer, interruption=interruption)
+    assert out.interrupted and out.candidates == []
+
+
+def test_skip_stops_the_batch_being_denoised_and_goes_on_with_the_next(tiny_pipe):
+    request = GenerationRequest(**BASE, n=6)
+    whole = best_of_n(tiny_pipe, request, batch_size=4)
+    interruption = Interruption()
+    out = best_of_n(tiny_pipe, request, batch_size=4, on_step=stop_at(1, interruption, skip=True),
+                    interruption=interruption)
+    assert not out.interrupted and not interruption.skipped  # a skip stops one batch only
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(44, None), (45, None)] + [
+        (seed, 1) for seed in (40, 41, 42, 43)]  # the finished batch first, then the skipped one
+    for candidate, reference in zip(out.candidates[:2], whole.candidates[4:], strict=True):
+        np.testing.assert_array_equal(pixels(candidate.image), pixels(reference.image))
+
+
+def test_a_skip_asked_between_batches_stops_none(tiny_pipe):
+    """As A1111, which clears the skip before each batch."""
+    interruption = Interruption()
+    interruption.skip()
+    out = best_of_n(tiny_pipe, GenerationRequest(**BASE, n=2), interruption=interruption)
+    assert [c.stopped_at for c in out.candidates] == [None, None] and not out.interrupted
+
+
+def test_an_interrupted_inpainting_keeps_the_original_outside_the_mask(tiny_pipe):
+    init = Image.new("RGB", (64, 64), (10, 200, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))  # repaint the middle only
+    image = ImageConditioning(init, strength=1.0, mask=mask, mask_blur=0)
+    request = GenerationRequest(**{**BASE, "steps": 4}, image=image)
+    interruption = Interruption()
+    with pytest.raises(GenerationInterrupted) as stopped:
+        tiny_pipe(request, on_step=stop_at(2, interruption), interruption=interruption)
+    (picture, step), = stopped.value.unfinished.values()
+    assert step == 2 and stopped.value.total == 4 and picture.size == (64, 64)
+    assert pixels(picture)[2, 2].tolist() == [10, 200, 30]  # laid back as a finished inpainting is
+    assert pixels(picture)[32, 32].tolist() != [10, 200, 30]
+
+
+def test_interrupted_hires_fix_keeps_the_first_pass_before_its_second_begins(tiny_pipe):
+    """A1111 skips the hires pass of an interrupted image; once the pass has begun, its x0 is kept."""
+    request = GenerationRequest(**BASE, hires=HiresFix(scale=2.0, steps=2, denoising_strength=0.6))  # 3 + 2 steps
+    assert request.total_steps == 5
+    for step, size in ((3, (64, 64)), (4, (128, 128))):
+        interruption = Interruption()
+        with pytest.raises(GenerationInterrupted) as stopped:
+            tiny_pipe(request, on_step=stop_at(step, interruption), interruption=interruption)
+        (picture, done), = stopped.value.unfinished.values()
+        assert (done, stopped.value.total, picture.size) == (step, 5, size)
+
+
+def test_interrupted_early_pruning_keeps_the_finished_kept_candidates(tiny_pipe, scorer):
+    request = GenerationRequest(**BASE, n=4, prune_to=2, prune_at=1)  # steps: 4 x 1, then the kept 2 x 2
+    whole = best_of_n(tiny_pipe, request, scorer, batch_size=1)
+    kept = sorted(c.seed for c in whole.candidates)
+    interruption = Interruption()
+    # batches of one: the first kept candidate finishes at candidate-step 6, the second is stopped at 7
+    out = best_of_n(tiny_pipe, request, scorer, batch_size=1, on_step=stop_at(7, interruption),
+                    interruption=interruption)
+    assert out.interrupted and [c.seed for c in out.pruned] == [c.seed for c in whole.pruned]
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(kept[0], None), (kept[1], 2)]
+    np.testing.assert_array_equal(pixels(out.candidates[0].image),
+                                  pixels(next(c.image for c in whole.candidates if c.seed == kept[0])))
+    # stopped before step K: every candidate started is unfinished, and none is pruned
+    interruption = Interruption()
+    out = best_of_n(tiny_pipe, request, scorer, batch_size=2, on_step=stop_at(2, interruption),
+                    interruption=interruption)
+    assert out.interrupted and out.pruned == []
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(40, 1), (41, 1)]
+
+
+def test_an_interrupted_minimum_score_ranks_every_rounds_finished_candidates(tiny_pipe, scorer):
+    request = GenerationRequest(**BASE, n=2)
+    interruption = Interruption()
+    # two candidates of 3 steps per round; out of 4 rounds each is told as 6 of 24 steps: round 2 is 7-12
+    out = best_of_until_pass(tiny_pipe, request, scorer, {"CLIP score": 1e9}, 3, batch_size=1,
+                             on_step=stop_at(10, interruption), interruption=interruption)
+    assert out.rounds == 2 and out.output.interrupted
+    assert [c.stopped_at for c in out.output.candidates] == [None, None, None, 1]
+    finished = out.output.candidates[:3]
+    assert sorted(c.seed for c in finished) == [40, 41, 42] and out.output.candidates[3].seed == 43
+    scores = [c.score for c in finished]
+    assert scores == sorted(scores, reverse=True) and out.output.candidates[3].score is None
+    assert out.passed == [False] * 4
