@@ -86,6 +86,15 @@ class GenerationResult:
         return [c.seed for c in self.candidates]
 
 
+class SelectionChanged(ValueError):
+    """The checkpoint or VAE was switched (by another client) after the caller looked; nothing was generated."""
+
+    def __init__(self, expected: tuple[str, str | None], current: tuple[str, str | None]) -> None:
+        super().__init__(f"the selected model changed to {current[0]} (VAE {current[1] or 'its own'}) "
+                         f"from {expected[0]} (VAE {expected[1] or 'its own'})")
+        self.expected, self.current = expected, current
+
+
 @dataclass
 class Engine:
     """Holds the loaded models of one app instance; thread-safe lazy loading."""
@@ -274,12 +283,19 @@ class Engine:
         *,
         checkpoint: str | None = None,
         vae: str | None = None,
+        expect_selection: tuple[str, str | None] | None = None,
         **options: Any,
     ) -> GenerationResult:
         """Run ``request`` (see ``_generate`` for ``options``) after any running job; ``checkpoint`` and ``vae``
-        switch for this request only and back (A1111's ``override_settings``)."""
+        switch for this request only and back (A1111's ``override_settings``). ``expect_selection``: the
+        ``selection()`` the caller showed its user; SelectionChanged, checked once the running job is done,
+        when another client has switched since (a page must not run a model it does not show)."""
         require_request(request)  # before waiting for the lock or loading a model
         with self._use_lock, self._selected(checkpoint, vae):
+            if expect_selection is not None:
+                current = self.selection()
+                if current != tuple(expect_selection):
+                    raise SelectionChanged(tuple(expect_selection), current)
             return self._generate(request, **options)
 
     def _generate(

@@ -54,6 +54,7 @@ def build_demo(
     with gr.Blocks(title="sd-app", analytics_enabled=False) as demo:
         session = gr.State(UserSession)  # the Generate view's results (and Inspect's, Rerank's)
         image_session = gr.State(UserSession)  # the Image to image view's own: its gallery, Send and Cancel
+        shown = gr.State(None)  # the server's selection as this page shows it (sd_app.ui_selection)
         gr.Markdown("## sd-app · Stable Diffusion 1.x with CLIP reranking")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
@@ -319,7 +320,7 @@ def build_demo(
         hires_inputs = [hires_on, hires_scale, hires_upscaler, hires_steps, hires_denoise]
         generate_inputs = [
             prompt, negative, sampler, steps, cfg, width, height, seed, n, rerank, *hires_inputs, clip_skip,
-            scorer_text, min_score, extra_rounds, session, prune_to, prune_at, vae_decoder, hires_resize,
+            scorer_text, min_score, extra_rounds, session, prune_to, prune_at, vae_decoder, hires_resize, shown,
         ]
         inspect_inputs = [prompt, negative, cfg, width, height, n, extra_texts, session]
         inspect_outputs = [tokens, shapes, step_gallery, sim_table, pca_map]
@@ -343,7 +344,7 @@ def build_demo(
         image_inputs = [
             editor, mask_upload, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_width, i_height, i_seed, i_n,
             i_rerank, strength, mask_blur, masked_content, inpaint_area, padding, mask_mode, resize_mode, outpaint,
-            sides, i_vae_decoder, image_session,
+            sides, i_vae_decoder, image_session, shown,
         ]
         image_event = gr.on(
             [i_generate.click, i_prompt.submit],
@@ -354,6 +355,11 @@ def build_demo(
             concurrency_id=MODEL_GROUP,
             concurrency_limit=1,
         )
+        # After each run the page's selection follows a switch made elsewhere (another page, the HTTP API)
+        selection = [checkpoint, vae, clip_skip, vae_decoder, i_vae_decoder, shown]
+        for event in (generate_event, image_event):
+            event.then(handlers.follow_server, [shown, clip_skip, vae_decoder, i_vae_decoder], selection, queue=False,
+                       api_name=False, show_progress="hidden")
         # Cancel also drops the view's job from the queue when it has not started (Gradio's cancels)
         outpaint.change(handlers.outpaint_content, [outpaint, masked_content], masked_content, queue=False,
                         api_name=False)
@@ -389,9 +395,10 @@ def build_demo(
         )
         rr_keep.click(rerank_view.keep, [rr_k, rr_into, session], rr_kept, api_name="rerank_keep")
         png_file.change(handlers.png_info, png_file, [png_text, png_fields], api_name="png_info")
-        gr.on([checkpoint.input, vae.input], handlers.switch_model, [checkpoint, vae], [status, checkpoint, vae],
-              api_name="switch_model", concurrency_id=MODEL_GROUP)
-        refresh_models.click(handlers.refresh_models, None, [checkpoint, vae, network], api_name="refresh_models")
+        gr.on([checkpoint.input, vae.input], handlers.switch_model, [checkpoint, vae],
+              [status, checkpoint, vae, shown], api_name="switch_model", concurrency_id=MODEL_GROUP)
+        refresh_models.click(handlers.refresh_models, None, [checkpoint, vae, network, shown],
+                             api_name="refresh_models")
         add_network.click(handlers.add_network, [prompt, network, network_weight], prompt, queue=False,
                           api_name="add_network")
         send_button.click(
@@ -402,7 +409,6 @@ def build_demo(
             api_name=False,
         )
         # The page was built at start: each page load shows the selection as it is now
-        demo.load(handlers.current_settings, None, [checkpoint, vae, clip_skip, vae_decoder, i_vae_decoder],
-                  queue=False, api_name=False)
+        demo.load(handlers.current_settings, None, selection, queue=False, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo

@@ -22,6 +22,7 @@ import gradio as gr
 
 from pipelines.generation.request import GenerationRequest
 from sd_app.ui_jobs import Busy, JobTracker
+from sd_app.ui_selection import ShownSelection, changed_message, follow
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -254,6 +255,7 @@ class UiHandlers:
         prune_at: Any = 0,
         vae_decoder: str = "Full",
         hires_resize: str | None = "",
+        shown: ShownSelection | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """Run one request in a worker thread; yield (status, previews, gallery, parameters, files).
@@ -261,7 +263,8 @@ class UiHandlers:
         ``rerank``: "clip", "contrastive", "mixed" or "off" (generation order); ``scorers`` ("clip:1,
         aesthetic:0.5") overrides it; ``min_score`` ("aesthetic=5.5" or a number) regenerates up to
         ``extra_rounds`` more rounds until a candidate reaches it; ``prune_to`` M > 0 finishes only the
-        best M candidates, scored after step ``prune_at`` (early pruning).
+        best M candidates, scored after step ``prune_at`` (early pruning). ``shown``: the selection the page
+        shows (its ``gr.State``; None for a script's call): the run is refused if the server's has changed.
         """
         from pipelines.rerank.scorer_specs import parse_min_scores, parse_weights
 
@@ -283,7 +286,7 @@ class UiHandlers:
                 raise ValueError("Rerank by is Off: turn it on to use scorers or a minimum score")
         except ValueError as error:
             raise user_error(str(error)) from None
-        yield from self._stream(request, rerank_by, session or UserSession(), progress, [], ranking)
+        yield from self._stream(request, rerank_by, session or UserSession(), progress, [], ranking, shown)
 
     def image_to_image(
         self,
@@ -310,6 +313,7 @@ class UiHandlers:
         sides: list[str] | None,
         vae_decoder: str,
         session: UserSession,
+        shown: ShownSelection | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
         """img2img / inpaint / outpaint from the Image to image view; yields as ``generate`` does."""
@@ -326,22 +330,24 @@ class UiHandlers:
             )
         except ValueError as error:
             raise user_error(str(error)) from None
-        yield from self._stream(request, "clip" if rerank else "off", session, progress, notes)
+        yield from self._stream(request, "clip" if rerank else "off", session, progress, notes, shown=shown)
 
     def _stream(
         self, request: GenerationRequest, rerank_by: str, session: UserSession, progress: gr.Progress, notes: list[str],
-        ranking: dict[str, Any] | None = None,
+        ranking: dict[str, Any] | None = None, shown: ShownSelection | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Run ``request`` in a worker thread; yield (status, previews, gallery, parameters, files) updates.
 
-        ``rerank_by``: "clip", "contrastive", "mixed" or "off" (generation order)."""
+        ``rerank_by``: "clip", "contrastive", "mixed" or "off" (generation order); ``shown``: the page's selection,
+        which the engine checks once the model is free."""
         cancel = threading.Event()
         session.cancel = cancel
         session.step_thumbnails = []
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        expected = shown.selection if shown is not None else None
         worker = threading.Thread(
-            target=self._work, args=(request, rerank_by, cancel, session, events, ranking or {}), daemon=True,
-            name="generate",
+            target=self._work, args=(request, rerank_by, cancel, session, events, ranking or {}, expected),
+            daemon=True, name="generate",
         )
         round_note = ""
         started = time.monotonic()
@@ -362,7 +368,7 @@ class UiHandlers:
                     status = f"Step {step}/{total} · {time.monotonic() - started:.1f} s{round_note}"
                     yield status, previews, skip, skip, skip
                 elif kind == "error":
-                    yield from self._failed(payload)
+                    yield from self._failed(payload, shown)
                     return
                 else:
                     yield self._finished(payload, session, time.monotonic() - started, notes)
@@ -381,6 +387,7 @@ class UiHandlers:
         session: UserSession,
         events: queue.Queue,
         ranking: dict[str, Any] | None = None,
+        expected: tuple[str, str | None] | None = None,
     ) -> None:
         import torch
 
@@ -411,6 +418,7 @@ class UiHandlers:
                     on_step=on_step,
                     on_round=lambda report: events.put(("round", report.text())),
                     cancel=cancel,
+                    expect_selection=expected,
                     **(ranking or {}),
                 )
             events.put(("done", result))
@@ -422,14 +430,18 @@ class UiHandlers:
                 log.exception("generation failed")
             events.put(("error", error))
 
-    def _failed(self, error: BaseException) -> Iterator[tuple[Any, ...]]:
+    def _failed(self, error: BaseException, shown: ShownSelection | None = None) -> Iterator[tuple[Any, ...]]:
         from pipelines.generation.text_to_image import GenerationCancelled
+        from sd_app.engine import SelectionChanged
 
         skip = gr.update()
         if isinstance(error, GenerationCancelled):
             yield f"Cancelled ({error}).", skip, skip, skip, skip
             return
-        message = error_message(error)
+        if isinstance(error, SelectionChanged) and shown is not None:
+            message = changed_message(shown, self.shown_selection())  # the page's widgets follow after the run
+        else:
+            message = error_message(error)
         yield f"Failed: {message}", skip, skip, skip, skip  # not "Waiting for the model…" under the popup
         raise user_error(message)
 
@@ -536,10 +548,42 @@ class UiHandlers:
     def current_settings(self) -> tuple[Any, ...]:
         """The server's selection as it is now, for a page being opened (the page was built at start; a switch
         over the HTTP API or from another page may have changed it since): checkpoint and VAE dropdowns,
-        clip skip, and the two views' VAE decoders."""
-        return (gr.update(choices=self.checkpoint_choices(), value=self.checkpoint_value()),
-                gr.update(choices=self.vae_choices(), value=self.vae_value()),
-                self.engine.clip_skip, self.engine.vae_decoder, self.engine.vae_decoder)
+        clip skip, the two views' VAE decoders, and the page's record of what it shows."""
+        shown = self.shown_selection()
+        return (gr.update(choices=self.checkpoint_choices(), value=shown.checkpoint),
+                gr.update(choices=self.vae_choices(), value=shown.vae),
+                shown.clip_skip, shown.vae_decoder, shown.vae_decoder, shown)
+
+    def shown_selection(self) -> ShownSelection:
+        """The server's selection as a page shows it (``sd_app.ui_selection``)."""
+        from pipelines.models.errors import ModelLoadError
+
+        try:
+            selection: tuple[str, str | None] | None = self.engine.selection()
+        except ModelLoadError:  # e.g. the selected file was removed: nothing to compare, loading will say so
+            selection = None
+        return ShownSelection(selection, self.checkpoint_value(), self.vae_value(), self.engine.clip_skip,
+                              self.engine.vae_decoder)
+
+    def follow_server(
+        self, shown: ShownSelection | None, clip_skip: Any, vae_decoder: Any, image_vae_decoder: Any
+    ) -> tuple[Any, ...]:
+        """After a run: the page's checkpoint and VAE dropdowns, clip skip and VAE decoders follow a switch made
+        elsewhere since the page last showed the selection (``shown``); clip skip and the decoders only where
+        the user left them at the default they were shown. Unchanged widgets are not touched."""
+        current = self.shown_selection()
+        skip = gr.update()
+        if shown is None:  # the page never got the selection: show it all, as a page load does
+            return self.current_settings()
+        moved = current[:3] != shown[:3]
+        return (
+            gr.update(choices=self.checkpoint_choices(), value=current.checkpoint) if moved else skip,
+            gr.update(choices=self.vae_choices(), value=current.vae) if moved else skip,
+            follow(clip_skip, shown.clip_skip, current.clip_skip, skip),
+            follow(vae_decoder, shown.vae_decoder, current.vae_decoder, skip),
+            follow(image_vae_decoder, shown.vae_decoder, current.vae_decoder, skip),
+            current,
+        )
 
     def vae_value(self) -> str:
         """The dropdown's spelling of the selected VAE ("None": the checkpoint's own)."""
@@ -567,20 +611,23 @@ class UiHandlers:
             self.engine.switch(*chosen)
         except ValueError as error:
             gr.Warning(str(error))
-            return f"Not switched: {error}", self.checkpoint_value(), self.vae_value()
+            return f"Not switched: {error}", self.checkpoint_value(), self.vae_value(), self.shown_selection()
         except Exception as error:  # noqa: BLE001
             log.exception("switching the model failed")
             free_memory()
             message = error_message(error)
-            return f"Not switched: {message}", self.checkpoint_value(), self.vae_value()
-        return (f"Loaded {self.checkpoint_value()} (VAE {self.vae_value()}) in "
-                f"{time.monotonic() - started:.1f} s", gr.update(), gr.update())
+            return f"Not switched: {message}", self.checkpoint_value(), self.vae_value(), self.shown_selection()
+        shown = self.shown_selection()  # what the page shows from now on (its record, for its next run)
+        return (f"Loaded {shown.checkpoint} (VAE {shown.vae}) in {time.monotonic() - started:.1f} s",
+                shown.checkpoint, shown.vae, shown)
 
-    def refresh_models(self) -> tuple[Any, Any, Any]:
-        """Rescan the model folders for the dropdowns (A1111's refresh button)."""
+    def refresh_models(self) -> tuple[Any, ...]:
+        """Rescan the model folders for the dropdowns (A1111's refresh button); they show the current selection."""
         self.engine.library().refresh()
-        return (gr.update(choices=self.checkpoint_choices(), value=self.checkpoint_value()),
-                gr.update(choices=self.vae_choices()), gr.update(choices=self.network_choices(), value=None))
+        shown = self.shown_selection()
+        return (gr.update(choices=self.checkpoint_choices(), value=shown.checkpoint),
+                gr.update(choices=self.vae_choices(), value=shown.vae),
+                gr.update(choices=self.network_choices(), value=None), shown)
 
     # ---- LoRA and embeddings ----------------------------------------------------------------
 

@@ -326,3 +326,68 @@ def test_a_page_opened_after_a_switch_shows_the_selection_as_it_is(server):
         assert shown["value"] == "tiny-b" and vae["value"] == current["sd_vae"] and clip_skip == 2
     finally:
         assert options(url, sd_model_checkpoint="tiny-a", CLIP_stop_at_last_layers=1).status_code == 200
+
+
+def test_an_open_page_follows_a_switch_made_elsewhere_and_runs_only_the_model_it_shows(server):
+    """A page keeps what it shows in a gr.State; after POST /options switches the model, its next run is refused
+    with both names (nothing generated), its widgets then follow (clip skip only where the user left the
+    default), and the run after that uses the new model."""
+    import gradio as gr
+    from PIL import Image
+
+    from sd_app.ui import build_demo
+    from sd_app.ui_handlers import UiHandlers, UserSession
+    from sd_app.ui_jobs import JobTracker
+
+    url, engine = server
+    config = build_demo(engine).config
+    ids = {c.get("props", {}).get("elem_id"): c["id"] for c in config["components"]}
+    for view in ("generate", "img2img"):  # after each run the page's selection follows the server's
+        run = next(d["id"] for d in config["dependencies"] if d.get("api_name") == view)
+        assert any(d["trigger_after"] == run and {ids["checkpoint"], ids["vae"], ids["clip-skip"]} <= set(d["outputs"])
+                   for d in config["dependencies"])
+    known = hashes(url)
+    handlers = UiHandlers(engine, JobTracker())
+    *_, page = handlers.current_settings()  # the page as it opened: tiny-a, clip skip 1
+    assert page.checkpoint == "tiny-a" and page.clip_skip == 1
+    outputs = Path(engine.output_dir)
+    before = sorted(outputs.rglob("*.png"))
+    # prompt, negative, sampler, steps, cfg, width, height, seed, candidates, rerank by, hires fix, clip skip
+    fields = ("a red circle", "", "Euler", 2, 7, 64, 64, 3, 1, "off", False, 2, "Latent", 0, 0.7, 1)
+    assert options(url, sd_model_checkpoint="tiny-b", CLIP_stop_at_last_layers=2).status_code == 200
+    try:
+        with pytest.raises(gr.Error, match=r"server now runs tiny-b .* after this page showed tiny-a"):
+            list(handlers.generate(*fields, session=UserSession(), shown=page))
+        editor = {"background": Image.new("RGB", (64, 64)), "layers": [], "composite": None}
+        with pytest.raises(gr.Error, match="server now runs tiny-b"):  # Image to image checks it too
+            list(handlers.image_to_image(editor, None, "a square", "", "Euler", 2, 7, 64, 64, 5, 1, False, 0.5, 4,
+                                         "original", "Whole picture", 32, "Inpaint masked", "just resize", 0, [],
+                                         "Full", UserSession(), shown=page))
+        assert sorted(outputs.rglob("*.png")) == before  # nothing was generated with a model the page did not show
+
+        checkpoint, vae, clip_skip, _, _, followed = handlers.follow_server(page, 1, "Full", "Full")
+        assert checkpoint["value"] == "tiny-b" and vae["value"] == followed.vae and clip_skip == 2
+        _, _, kept, *_ = handlers.follow_server(page, 3, "Full", "Full")  # a clip skip the user chose stays
+        assert "value" not in kept
+        assert all("value" not in update for update in handlers.follow_server(followed, 2, "Full", "Full")[:5])
+
+        *_, parameters, _ = list(handlers.generate(*fields, session=UserSession(), shown=followed))[-1]
+        assert parse_parameters(parameters)["Model hash"] == known["tiny-b"]
+    finally:
+        assert options(url, sd_model_checkpoint="tiny-a", CLIP_stop_at_last_layers=1).status_code == 200
+
+
+def test_the_pages_own_switch_and_refresh_keep_its_record_of_what_it_shows(server):
+    from sd_app.ui_handlers import UiHandlers
+    from sd_app.ui_jobs import JobTracker
+
+    _, engine = server
+    handlers = UiHandlers(engine, JobTracker())
+    try:
+        status, checkpoint, _, shown = handlers.switch_model("tiny-b", "None")
+        assert status.startswith("Loaded tiny-b") and checkpoint == "tiny-b" and shown.checkpoint == "tiny-b"
+        assert shown.selection == engine.selection()
+        *_, refreshed = handlers.refresh_models()
+        assert refreshed == shown
+    finally:
+        handlers.switch_model("tiny-a", "None")
