@@ -411,4 +411,9 @@ def build_demo(
         # The page was built at start: each page load shows the selection as it is now
         demo.load(handlers.current_settings, None, selection, queue=False, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    from sd_app.ui_admission import limit_waiting_per_client
+
+    # --max-waiting-per-client, as the API applies it (the refusal shows under the view's prompt)
+    limit_waiting_per_client(demo, handlers.tracker.max_waiting_per_client,
+                             {"generate": generate_inputs.index(prompt), "img2img": image_inputs.index(i_prompt)})
     return demo

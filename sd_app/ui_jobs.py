@@ -29,6 +29,11 @@ class Busy(RuntimeError):
     """Too many requests are already waiting for the model."""
 
 
+def client_busy_message(waiting: int) -> str:
+    """The refusal of a client's request when ``waiting`` of its own wait already (the API's and the UI's)."""
+    return f"busy: {waiting} of your requests are already waiting; wait for them to finish"
+
+
 @dataclass
 class Job:
     """One request from registration until it finishes (successfully or not)."""
@@ -89,7 +94,7 @@ class JobTracker:
                 raise Busy(f"busy: {len(waiting)} requests are already waiting for the model; try again shortly")
             mine = sum(1 for j in waiting if client and j.client == client)
             if mine >= self.max_waiting_per_client:
-                raise Busy(f"busy: {mine} of your requests are already waiting; wait for them to finish")
+                raise Busy(client_busy_message(mine))
             job = Job(next(self._ids), source, total_steps, cancel, client, interruption=interruption)
             self._jobs[job.id] = job
         try:

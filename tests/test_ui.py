@@ -394,3 +394,50 @@ def test_padding_the_canvas_turns_masked_content_to_fill_unless_chosen():
     assert UiHandlers.outpaint_content(64, "original") == "fill"  # the CLI's --outpaint default, A1111's scripts'
     assert UiHandlers.outpaint_content(64, "latent noise") == gr.update()  # the user's own choice stays
     assert UiHandlers.outpaint_content(0, "original") == gr.update()
+
+
+def test_max_waiting_per_client_applies_to_ui_jobs(serve_engine):
+    """serve --max-waiting-per-client 2: with one job running and two of its own waiting, an address's next
+    Generate is refused at once with the API's message (under the prompt in a page, ValidationError in
+    gradio_client); once they are done it is served again."""
+    from gradio_client.exceptions import ValidationError
+    from gradio_client.utils import Status
+
+    from sd_app.server import create_app
+    from sd_app.ui_jobs import JobTracker
+    from tests.serve_fixtures import start_server
+
+    tracker = JobTracker(max_waiting=16, max_waiting_per_client=2)
+    url, server, thread = start_server(create_app(serve_engine, tracker=tracker))
+    client = Client(url, verbose=False, analytics_enabled=False)
+    fields = generate_args(n=1, steps=1, rerank="off")
+
+    def wait_until(condition):
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+
+    try:
+        with serve_engine._use_lock:  # the running job waits for the model: the next ones wait in the queue
+            running = client.submit(*fields, api_name="/generate")
+            wait_until(lambda: tracker.count() == 1)
+            waiting = [client.submit(*fields, api_name="/generate") for _ in range(2)]
+            wait_until(lambda: all(job.status().code == Status.IN_QUEUE for job in waiting))
+            third = client.submit(*fields, api_name="/generate")  # refused, or queued (then the test fails)
+            wait_until(lambda: third.done() or third.status().code == Status.IN_QUEUE)
+            assert third.done(), "a third waiting job of the same address was queued"
+            with pytest.raises(ValidationError, match="busy: 2 of your requests are already waiting"):
+                third.result()
+            ids = {d.get("api_name"): d["id"] for d in client.config["dependencies"]}
+            for view, prompt_input in (("generate", 0), ("img2img", 2)):  # Image to image counts the same jobs
+                answer = httpx.post(f"{url}/gradio_api/queue/join", timeout=30,
+                                    json={"data": [], "fn_index": ids[view], "session_hash": "page"})
+                assert answer.status_code == 422  # as a page's join: the message is shown under the view's prompt
+                assert answer.json()["detail"][prompt_input]["message"].startswith("busy: 2 of your requests")
+        for job in (running, *waiting):
+            assert job.result(timeout=300)[0].startswith("Done: 1 image(s)")
+        assert client.predict(*fields, api_name="/generate")[0].startswith("Done: 1 image(s)")  # nothing leaked
+    finally:
+        server.should_exit = server.force_exit = True
+        thread.join(timeout=10)
