@@ -59,8 +59,9 @@ class Job:
     job_id: str
 
 
-def read_prompts(path: Path, base: GenerationRequest) -> list[GenerationRequest]:
-    """Requests of a .txt or .jsonl prompts file; ValueError names the file and line."""
+def read_prompts(path: Path, base: GenerationRequest, text_layers: int | None = None) -> list[GenerationRequest]:
+    """Requests of a .txt or .jsonl prompts file; ValueError names the file and line. ``text_layers``: the model's
+    text encoder layers, the largest ``clip_skip`` a line may ask for (checked here, before any job runs)."""
     if path.suffix.lower() not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompts file must end in .txt or .jsonl")
     try:
@@ -75,7 +76,7 @@ def read_prompts(path: Path, base: GenerationRequest) -> list[GenerationRequest]
         if not text or (path.suffix.lower() == ".txt" and text.startswith("#")):
             continue
         try:
-            requests.append(_line_request(text, path.suffix.lower() == ".jsonl", base))
+            requests.append(_line_request(text, path.suffix.lower() == ".jsonl", base, text_layers))
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path}:{number}: {error}") from None
     if not requests:
@@ -83,7 +84,7 @@ def read_prompts(path: Path, base: GenerationRequest) -> list[GenerationRequest]
     return requests
 
 
-def _line_request(text: str, is_jsonl: bool, base: GenerationRequest) -> GenerationRequest:
+def _line_request(text: str, is_jsonl: bool, base: GenerationRequest, text_layers: int | None) -> GenerationRequest:
     if not is_jsonl:
         return replace(base, prompt=text)
     record = json.loads(text)
@@ -92,7 +93,11 @@ def _line_request(text: str, is_jsonl: bool, base: GenerationRequest) -> Generat
     unknown = sorted(set(record) - {"prompt", *OVERRIDES})
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: prompt, {', '.join(OVERRIDES)}")
-    return replace(base, **record)
+    request = replace(base, **record)
+    if text_layers is not None and request.clip_skip > text_layers:
+        raise ValueError(f"clip_skip must be between 1 and {text_layers} (this model's text encoder has "
+                         f"{text_layers} layers), got {request.clip_skip}")
+    return request
 
 
 def job_ids(requests: list[GenerationRequest], identity: dict[str, Any]) -> list[str]:
@@ -262,6 +267,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from pipelines.models.loading import text_encoder_layers
     from sd_app.arguments import ranking_options, scorer_specs
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
@@ -272,16 +278,23 @@ def run_batch(args: argparse.Namespace) -> int:
     rerank = not args.no_rerank and (str(args.reranker).lower() != "none" or bool(specs))
     check_output_folder(args.out, "--out")
     check_device(args.device, "--device")
-    requests = read_prompts(args.prompts, base_request(args))
+    engine = Engine(
+        model=args.model, vae=args.vae, reranker=None if str(args.reranker).lower() == "none" else args.reranker,
+        output_dir=args.out, device=args.device, models_dirs=args.models_dir, scorers=specs,
+    )  # loads nothing yet
+    # The largest clip skip, from the model's config (no weights read): a bad line fails before any job runs
+    layers = text_encoder_layers(engine.selection()[0])
+    base = base_request(args)
+    if base.clip_skip > layers:
+        raise ValueError(f"--clip-skip must be between 1 and {layers} (this model's text encoder has {layers} "
+                         f"layers), got {base.clip_skip}")
+    requests = read_prompts(args.prompts, base, layers)
     if args.keep is not None and any(not 1 <= args.keep <= r.n for r in requests):
         raise ValueError(f"--keep must be between 1 and --n, got {args.keep}")
     state = PartialState(cpu=_cpu_only(args.device))
     rank, world = state.process_index, state.num_processes
-    device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
-    engine = Engine(
-        model=args.model, vae=args.vae, reranker=None if str(args.reranker).lower() == "none" else args.reranker,
-        output_dir=args.out, device=device, models_dirs=args.models_dir, scorers=specs,
-    )
+    # This process's device, known now (nothing is loaded yet)
+    engine.device = args.device or (None if world == 1 else "cpu" if state.device.type == "cpu" else str(state.device))
     components = engine.pipeline().components  # the model's hash names the jobs, not its path
     identity = {
         "model_hash": components.model_hash or components.source,

@@ -54,6 +54,33 @@ def test_bad_prompts_files_name_file_and_line(tmp_path, name, text, message):
         read_prompts(path, BASE)
 
 
+def test_a_clip_skip_beyond_the_models_layers_fails_before_any_job_runs(tiny_model, tiny_pipe, tmp_path, capsys):
+    """The largest clip skip comes from the model's config (no weights read) and is checked with the other
+    per-line validation: a bad third line stops the batch before the first two are generated."""
+    from pipelines.models.loading import text_encoder_layers
+    from pipelines.models.shipped import EMBEDDED_MODEL_DIR
+    from sd_app.cli import main
+
+    layers = tiny_pipe.components.text_encoder.config.num_hidden_layers  # what loading builds: 2
+    assert text_encoder_layers(tiny_model) == layers
+    assert text_encoder_layers("embedded") == json.loads(
+        (EMBEDDED_MODEL_DIR / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    assert text_encoder_layers(single) == 12  # a single SD 1.x file is built with SD 1.x's CLIP ViT-L/14
+    prompts_file, out = tmp_path / "p.jsonl", tmp_path / "out"
+    prompts_file.write_text('{"prompt": "a"}\n{"prompt": "b", "clip_skip": 2}\n'
+                            f'{{"prompt": "c", "clip_skip": {layers + 1}}}\n')
+    with pytest.raises(ValueError, match=rf"p.jsonl:3: clip_skip must be between 1 and {layers} \(this model's "):
+        read_prompts(prompts_file, BASE, layers)
+    assert main(_batch(prompts_file, out, tiny_model)) == 2
+    assert f"p.jsonl:3: clip_skip must be between 1 and {layers}" in capsys.readouterr().err
+    assert not list(out.glob("*.png")) and not (out / MANIFEST).exists()  # no job ran
+    (tmp_path / "p.txt").write_text("a\n")
+    assert main([*_batch(tmp_path / "p.txt", out, tiny_model), "--clip-skip", str(layers + 1)]) == 2
+    assert f"--clip-skip must be between 1 and {layers}" in capsys.readouterr().err
+
+
 def test_job_ids_follow_content_not_line_numbers():
     identity = {"model_hash": "abc", "reranker": None}
     first = job_ids([GenerationRequest(prompt="x"), GenerationRequest(prompt="y")], identity)

@@ -58,6 +58,24 @@ def resolve_spec(spec: str | Path) -> Path:
     raise ModelLoadError(f"model not found: {path} (no such file or folder)")
 
 
+def text_encoder_layers(spec: str | Path, config: str | Path | None = None) -> int:
+    """The text encoder's layer count (the largest clip skip) of a model spec, from the config ``load_pipeline``
+    builds it from, without reading weights: a diffusers folder's ``text_encoder/config.json``, a single file's
+    from ``config`` (default: SD 1.x, 12 layers). ModelLoadError when the spec or config cannot be read."""
+    import json
+
+    path = resolve_spec(spec)
+    folder = path if path.is_dir() else Path(config) if config else SD1_CONFIG_DIR
+    file = folder / "text_encoder" / "config.json"
+    try:
+        layers = json.loads(file.read_text(encoding="utf-8"))["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(f"{file}: cannot read the text encoder's layer count ({error})") from None
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ModelLoadError(f"{file}: num_hidden_layers must be a positive integer, got {layers!r}")
+    return layers
+
+
 def cached_repo(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     """A repo already in the local Hugging Face cache; never downloads (FileNotFoundError if absent)."""
     from huggingface_hub import snapshot_download
