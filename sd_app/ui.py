@@ -33,7 +33,8 @@ CSS = "#status {min-height: 2em} .token-counter {text-align: right; opacity: 0.7
 def build_demo(
     engine: Engine, tracker: JobTracker | None = None, max_queue: int = MAX_QUEUE, local_paths: bool = False
 ) -> gr.Blocks:
-    """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting.
+    """The Blocks app for ``engine``, queued: one generation at a time, at most ``max_queue`` waiting, at most the
+    tracker's ``max_waiting_per_client`` of one address's generations (``sd_app.ui_admission``).
 
     ``local_paths``: the Rerank view may read a typed folder and copy anywhere (serving on localhost only).
     """
