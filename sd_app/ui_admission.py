@@ -13,11 +13,13 @@ The cap is checked where Gradio queues an event: ``Queue.push``, called by ``POS
 worker thread while other joins go on, so a burst of joins would all pass before any is queued; here the count
 (queued events plus joins still under way) and the refusal run on the event loop with nothing awaited between.
 A refusal is answered as a failed validation (422): the page shows the message under the prompt, and
-``gradio_client`` raises it as ``ValidationError``.
+``gradio_client`` raises it as ``ValidationError``. These are Gradio's internals: where a Gradio release lacks
+them, the UI is served without the cap and says so once (a warning), rather than not at all.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -48,8 +50,14 @@ def limit_waiting_per_client(demo: gr.Blocks, max_per_client: int, prompt_inputs
     Call after ``demo.queue()`` (which builds the queue this wraps)."""
     if isinstance(max_per_client, bool) or not isinstance(max_per_client, int) or max_per_client < 1:
         raise ValueError(f"max waiting per client must be a positive integer, got {max_per_client!r}")
-    queue = demo._queue
-    push = queue.push
+    queue = getattr(demo, "_queue", None)
+    push = getattr(queue, "push", None)
+    if push is None or not isinstance(getattr(queue, "event_queue_per_concurrency_id", None), dict):
+        import gradio
+
+        warnings.warn(f"max waiting per client: gradio {gradio.__version__}'s queue is not the one sd-app knows "
+                      "(gradio 6.31); browser jobs are not capped per client (the HTTP API's still are)", stacklevel=2)
+        return
     joining: Counter[str] = Counter()  # joins under way (between the check and the event in the queue)
 
     def capped(fn: Any) -> bool:

@@ -442,3 +442,14 @@ def test_max_waiting_per_client_applies_to_ui_jobs(serve_engine):
     finally:
         server.should_exit = server.force_exit = True
         thread.join(timeout=10)
+
+
+def test_max_waiting_per_client_warns_instead_of_failing_on_a_gradio_without_that_queue():
+    """The cap uses Gradio's internal queue; a release without it serves the UI uncapped, saying so."""
+    from types import SimpleNamespace
+
+    from sd_app.ui_admission import limit_waiting_per_client
+
+    for demo in (SimpleNamespace(), SimpleNamespace(_queue=SimpleNamespace(push=lambda **kw: None))):
+        with pytest.warns(UserWarning, match="browser jobs are not capped per client"):
+            limit_waiting_per_client(demo, 2, {"generate": 0})
