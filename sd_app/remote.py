@@ -206,6 +206,9 @@ def txt2img(base_url: str, payload: dict[str, Any], auth: str | None = None,
         texts = [str(text) for text in info["infotexts"]]
     except (KeyError, TypeError, ValueError) as error:
         raise OSError(f"the server's answer lacks images/info ({error})") from None
+    if not encoded and info.get("interrupted"):
+        raise OSError("the job was interrupted on the server (POST /sdapi/v1/interrupt) before its first step; "
+                      "no image was made")
     scores = info.get("rerank_scores") or [None] * len(encoded)
     if not len(encoded) == len(seeds) == len(texts) == len(scores):
         raise OSError("the server's answer has different numbers of images, seeds and infotexts")
@@ -326,6 +329,7 @@ def remote_report(
     except (KeyError, TypeError, ValueError) as error:
         raise OSError(f"the server's answer has a malformed 'pruned' list ({error})") from None
     chunks, tokens = info.get("prompt_chunks"), info.get("prompt_tokens")
+    stopped_at = _per_image(info.get("stopped_at_step"), count, None)  # steps done; None: finished
     return RunReport(
         written=written,
         out_dir=out_dir,
@@ -346,6 +350,8 @@ def remote_report(
         early_scorer=info.get("early_scorer"),
         min_scores=min_scores,
         passed=any(bool(p) for p in passed) if min_scores else None,
+        interrupted=bool(info.get("interrupted")),
+        stopped_early=sum(step is not None for step in stopped_at[:len(paths)]),
         prompt_tokens=tokens if isinstance(tokens, int) else None,
         prompt_chunks=chunks if isinstance(chunks, int) else None,
         truncated_for_scoring=bool(info.get("prompt_truncated_for_scoring")),

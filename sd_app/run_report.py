@@ -61,6 +61,8 @@ class RunReport:
     prompt_chunks: int | None = None
     truncated_for_scoring: bool = False
     where: str = ""  # " (on http://...)" for --server
+    interrupted: bool = False  # the server's job was interrupted (A1111's POST /sdapi/v1/interrupt)
+    stopped_early: int = 0  # images written as they were when interrupted or skipped
 
 
 def file_line(image: WrittenImage, score_label: str) -> str:
@@ -105,6 +107,12 @@ def notes(report: RunReport) -> list[str]:
         )
     if report.truncated_for_scoring:
         lines.append("note: the reranker read only the first 77 tokens of the prompt (CLIP's limit)")
+    if report.interrupted or report.stopped_early:
+        how, route = ("interrupted", "interrupt") if report.interrupted else ("skipped", "skip")
+        lines.append(
+            f"note: the job was {how} on the server (POST /sdapi/v1/{route}): {report.stopped_early} of the "
+            f"{len(report.written)} image(s) written were stopped early ('Stopped at step' in their parameters)"
+        )
     return lines
 
 

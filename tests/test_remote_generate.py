@@ -166,3 +166,40 @@ def test_the_cold_generate_path_imports_only_what_it_runs(tiny_model, tiny_clip,
     bad = subprocess.run([sys.executable, "-c", code.replace("'--n', '2'", "'--n', '0'")], capture_output=True,
                          text=True, cwd=REPO)
     assert bad.returncode == 2 and "sd-app: error: --n must be" in bad.stderr
+
+
+def _interrupted_answer(stopped_at_step: list[int | None]) -> dict:
+    """An sd-app server's txt2img answer for a job interrupted with these images (A1111's shape)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def png() -> str:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    count = len(stopped_at_step)
+    texts = [f"{PROMPT}\nSteps: 2, Sampler: Euler, Seed: {11 + i}" +
+             (f", Stopped at step: {step} of 2" if step is not None else "") for i, step in enumerate(stopped_at_step)]
+    info = {"all_seeds": [11 + i for i in range(count)], "infotexts": texts, "interrupted": True,
+            "stopped_at_step": stopped_at_step, "sd_model_name": "tiny"}
+    return {"images": [png() for _ in range(count)], "parameters": {}, "info": json.dumps(info)}
+
+
+def test_an_interrupted_server_job_writes_what_it_made_and_says_so(monkeypatch, tmp_path, capsys):
+    """The server answers an interrupted job with its finished images and the stopped ones (A1111): the
+    client writes them and says how many were stopped early; with no image at all, one clear error line."""
+    from sd_app import remote
+
+    monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: _interrupted_answer([None, 1]))
+    assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--n", "2", "--out", str(tmp_path),
+                 *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert "note: the job was interrupted on the server (POST /sdapi/v1/interrupt): 1 of the 2 image(s)" in err
+    monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: _interrupted_answer([]))
+    assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "none"),
+                 *SMALL]) != 0
+    assert "interrupted on the server (POST /sdapi/v1/interrupt) before its first step" in capsys.readouterr().err
