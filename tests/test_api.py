@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import threading
-from collections.abc import Callable
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -424,40 +422,6 @@ def test_a_hires_sampler_named_another_way_is_the_same_sampler(live_server):
 
 
 # ---- interrupt, skip, cmd-flags -------------------------------------------------------------------
-
-
-class SteppedTracker(JobTracker):
-    """A tracker that calls ``on_start()`` when a job registers and ``on_step(step)`` after each step it records:
-    the tests' way to call ``/interrupt`` or ``/skip`` at a known point of a running request."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_start: Callable[[], None] | None = None
-        self.on_step: Callable[[int], None] | None = None
-
-    @contextmanager
-    def job(self, *args, **kwargs):
-        with super().job(*args, **kwargs) as job:
-            if self.on_start is not None:
-                self.on_start()
-            yield job
-
-    def step(self, job, info) -> None:
-        super().step(job, info)
-        if self.on_step is not None:
-            self.on_step(info.step)
-
-
-@pytest.fixture(scope="module")
-def stepped_server(serve_engine):
-    from sd_app.server import create_app
-    from tests.serve_fixtures import start_server
-
-    tracker = SteppedTracker()
-    url, server, thread = start_server(create_app(serve_engine, tracker=tracker))
-    yield url, tracker
-    server.should_exit = server.force_exit = True
-    thread.join(timeout=10)
 
 
 def stopped_request(server, route: str, at_step: int | None, **fields) -> tuple[dict, dict, list[dict]]:
