@@ -494,7 +494,8 @@ def test_interrupt_and_skip_without_a_job_answer_200(live_server):
     assert response.status_code == 200 and response.json() == {"skipped": False}
 
 
-def test_interrupt_and_skip_reach_an_api_jobs_interruption_and_cancel_a_ui_job():
+def test_interrupt_and_skip_reach_a_jobs_interruption_and_cancel_a_job_without_one():
+    """A UI job has an interruption too (tests/test_ui_interrupt.py); one registered without is cancelled."""
     from pipelines.generation.denoising import Interruption
 
     tracker = JobTracker()
@@ -505,9 +506,9 @@ def test_interrupt_and_skip_reach_an_api_jobs_interruption_and_cancel_a_ui_job()
         assert progress_payload(tracker, lambda latents: [], True)["state"]["skipped"] is True
         assert tracker.interrupt() and interruption.interrupted and not cancel.is_set()
         assert progress_payload(tracker, lambda latents: [], True)["state"]["interrupted"] is True
-    ui_cancel = threading.Event()
-    with tracker.job(4, ui_cancel, "ui"):  # the UI keeps nothing of a stopped job: its Cancel
-        assert tracker.skip() and ui_cancel.is_set()
+    cancel_only = threading.Event()
+    with tracker.job(4, cancel_only, "api"):  # no interruption to keep what it made: cancelled
+        assert tracker.skip() and cancel_only.is_set()
 
 
 def serve_flags(*options: str):
