@@ -54,7 +54,7 @@ def build_demo(
     defaults = GenerationRequest()
     with gr.Blocks(title="sd-app", analytics_enabled=False) as demo:
         session = gr.State(UserSession)  # the Generate view's results (and Inspect's, Rerank's)
-        image_session = gr.State(UserSession)  # the Image to image view's own: its gallery, Send and Cancel
+        image_session = gr.State(UserSession)  # the Image to image view's own: its gallery, Send and stop buttons
         shown = gr.State(None)  # the server's selection as this page shows it (sd_app.ui_selection)
         gr.Markdown("## sd-app · Stable Diffusion 1.x with CLIP reranking")
         with gr.Tabs() as tabs:
@@ -71,7 +71,11 @@ def build_demo(
                         negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
                     with gr.Column(scale=1, min_width=180):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                        cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                        with gr.Row():  # A1111's: stop keeping what was made, or stop the current batch only
+                            interrupt_button = gr.Button("Interrupt", variant="stop", elem_id="interrupt",
+                                                         min_width=60)
+                            skip_button = gr.Button("Skip", elem_id="skip", min_width=60)
+                        cancel_button = gr.Button("Cancel", size="sm", elem_id="cancel")  # keeps nothing
                 with gr.Row():
                     checkpoint = gr.Dropdown(handlers.checkpoint_choices(), value=handlers.checkpoint_value(),
                                              label="Checkpoint", elem_id="checkpoint", scale=3)
@@ -187,7 +191,9 @@ def build_demo(
                         i_negative = gr.Textbox(label="Negative prompt", lines=1)
                         with gr.Row():
                             i_generate = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
-                            i_cancel = gr.Button("Cancel", variant="stop")
+                            i_interrupt = gr.Button("Interrupt", variant="stop", elem_id="img2img-interrupt")
+                            i_skip = gr.Button("Skip", elem_id="img2img-skip")
+                            i_cancel = gr.Button("Cancel", elem_id="img2img-cancel")
                         strength = gr.Slider(
                             0, 1, value=image_defaults.strength, step=0.01, label="Denoising strength",
                             elem_id="strength",
@@ -361,9 +367,12 @@ def build_demo(
         for event in (generate_event, image_event):
             event.then(handlers.follow_server, [shown, clip_skip, vae_decoder, i_vae_decoder], selection, queue=False,
                        api_name=False, show_progress="hidden")
-        # Cancel also drops the view's job from the queue when it has not started (Gradio's cancels)
         outpaint.change(handlers.outpaint_content, [outpaint, masked_content], masked_content, queue=False,
                         api_name=False)
+        # Interrupt and Skip keep what the view's job made; Cancel keeps nothing and also drops the view's job from
+        # the queue when it has not started (Gradio's cancels, which would also close a running job's stream)
+        i_interrupt.click(handlers.interrupt, image_session, i_status, concurrency_limit=None, api_name=False)
+        i_skip.click(handlers.skip, image_session, i_status, concurrency_limit=None, api_name=False)
         i_cancel.click(handlers.cancel, image_session, i_status, concurrency_limit=None, api_name=False,
                        cancels=[image_event])
         i_gallery.select(handlers.select_candidate, image_session, i_parameters, queue=False, api_name=False)
@@ -380,6 +389,8 @@ def build_demo(
              inpaint_area, padding, mask_mode, resize_mode, i_vae_decoder, tabs],
             api_name=False,
         )
+        interrupt_button.click(handlers.interrupt, session, status, concurrency_limit=None, api_name="interrupt")
+        skip_button.click(handlers.skip, session, status, concurrency_limit=None, api_name="skip")
         cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel",
                             cancels=[generate_event])
         reuse.click(handlers.reuse_seed, session, seed, queue=False, api_name=False)

@@ -3,6 +3,12 @@
 Per-user data lives in a ``UserSession`` held by ``gr.State`` (never in module globals). Every
 input error becomes a short ``gr.Error`` message; generation errors (out-of-memory included) free
 memory and leave the engine ready for the next request.
+
+Stopping a view's job, as A1111's buttons: Interrupt keeps what was made (the finished images, ranked, then the
+images being denoised, decoded from their predicted clean latents at the step reached and captioned so; saved
+like the others with ``Stopped at step: K of N`` in their infotext), Skip does that to the batch being denoised
+and the job goes on (``pipelines.generation.denoising.Interruption``). The HTTP API's ``/interrupt`` and ``/skip``
+reach a UI job the same way (``sd_app.ui_jobs``). Cancel keeps nothing, and drops a job still queued.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from sd_app.ui_selection import ShownSelection, changed_message, follow
 if TYPE_CHECKING:
     from PIL import Image
 
-    from sd_app.engine import Engine, GenerationResult
+    from pipelines.generation.denoising import Interruption
+    from sd_app.engine import Candidate, Engine, GenerationResult
 
 log = logging.getLogger("sd_app.ui")
 PREVIEW_PX = 192  # longest side of live latent previews
@@ -36,7 +43,7 @@ MAX_TEXTS = 64  # texts one request scores images against (Inspect's extra texts
 
 
 class UserSession:
-    """One browser tab's state: its last result, last seed and the cancel switch of its running job.
+    """One browser tab's state: its last result, last seed and the cancel and interrupt switches of its running job.
 
     A plain class, not a dataclass: Gradio serialises dataclass state values into the page config.
     """
@@ -45,6 +52,7 @@ class UserSession:
         self.last_seed: int | None = None
         self.last_result: GenerationResult | None = None
         self.cancel: threading.Event | None = None
+        self.interruption: Interruption | None = None  # the running job's Interrupt and Skip (None: no job)
         self.step_thumbnails: list[tuple[Image.Image, str]] = []
         self.selected: int = 0  # the gallery image last clicked (what "Send to" sends)
         self.last_ranking: Any = None  # the Rerank view's last ranking (sd_app.rerank_folder.FileRanking)
@@ -96,9 +104,12 @@ def canonical_sampler(name: str) -> str:
 
 
 def caption(seed: int, score: float | None, label: str = "CLIP score", details: dict[str, float] | None = None,
-            passed: bool | None = None) -> str:
+            passed: bool | None = None, stopped_at: int | None = None, total_steps: int = 0) -> str:
     """Gallery caption: ``CLIP 31.2 · seed 123`` (or ``seed 123`` without a reranker); a Weighted score
-    shows every scorer's number (``Weighted 0.84 · CLIP 31.2 · Aesthetic 5.8 · seed 123``)."""
+    shows every scorer's number (``Weighted 0.84 · CLIP 31.2 · Aesthetic 5.8 · seed 123``); an image an
+    interrupt or a skip stopped (unscored) says where: ``stopped at step 3 of 20 · seed 123``."""
+    if stopped_at is not None:
+        return f"stopped at step {stopped_at} of {total_steps} · seed {seed}"
     if score is None:
         return f"seed {seed}"
     short = label.removesuffix(" score")
@@ -111,6 +122,14 @@ def caption(seed: int, score: float | None, label: str = "CLIP score", details: 
     if passed is False:
         parts.append("below min")
     return " · ".join([*parts, f"seed {seed}"])
+
+
+def stopped_note(stopped: list[Candidate], total_steps: int) -> str:
+    """``2 stopped at step 3 of 20`` for the candidates an interrupt or a skip stopped (several steps when they
+    were stopped at different ones, e.g. a minimum score's round finishing pruned candidates)."""
+    steps = sorted({c.stopped_at for c in stopped if c.stopped_at is not None})
+    where = ", ".join(str(step) for step in steps)
+    return f"{len(stopped)} stopped at step{'s' if len(steps) > 1 else ''} {where} of {total_steps}"
 
 
 def free_memory() -> None:
@@ -339,14 +358,19 @@ class UiHandlers:
         """Run ``request`` in a worker thread; yield (status, previews, gallery, parameters, files) updates.
 
         ``rerank_by``: "clip", "contrastive", "mixed" or "off" (generation order); ``shown``: the page's selection,
-        which the engine checks once the model is free."""
+        which the engine checks once the model is free. The session's ``cancel`` stops the job keeping nothing, its
+        ``interruption`` keeps what was made (the view's Interrupt and Skip, the API's)."""
+        from pipelines.generation.denoising import Interruption
+
         cancel = threading.Event()
-        session.cancel = cancel
+        interruption = Interruption()
+        session.cancel, session.interruption = cancel, interruption
         session.step_thumbnails = []
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         expected = shown.selection if shown is not None else None
         worker = threading.Thread(
-            target=self._work, args=(request, rerank_by, cancel, session, events, ranking or {}, expected),
+            target=self._work,
+            args=(request, rerank_by, cancel, session, events, ranking or {}, expected, interruption),
             daemon=True, name="generate",
         )
         round_note = ""
@@ -378,6 +402,8 @@ class UiHandlers:
                 cancel.set()
             if session.cancel is cancel and not cancel.is_set():
                 session.cancel = None  # finished: Cancel now has nothing of this job's to stop
+            if session.interruption is interruption:
+                session.interruption = None  # nor Interrupt and Skip
 
     def _work(
         self,
@@ -388,6 +414,7 @@ class UiHandlers:
         events: queue.Queue,
         ranking: dict[str, Any] | None = None,
         expected: tuple[str, str | None] | None = None,
+        interruption: Interruption | None = None,
     ) -> None:
         import torch
 
@@ -397,7 +424,7 @@ class UiHandlers:
         try:
             pipe = self.engine.pipeline()
             stream = PreviewStream()  # on a GPU, previews of the newest latents that reached the host
-            with self.tracker.job(request.total_steps, cancel, "ui") as job:
+            with self.tracker.job(request.total_steps, cancel, "ui", interruption=interruption) as job:
 
                 def on_step(info: Any) -> None:
                     self.tracker.step(job, info)
@@ -418,6 +445,7 @@ class UiHandlers:
                     on_step=on_step,
                     on_round=lambda report: events.put(("round", report.text())),
                     cancel=cancel,
+                    interruption=interruption,
                     expect_selection=expected,
                     **(ranking or {}),
                 )
@@ -449,16 +477,31 @@ class UiHandlers:
     def _finished(
         result: GenerationResult, session: UserSession, seconds: float, notes: list[str] | None = None
     ) -> tuple[Any, ...]:
+        """The view's final (status, previews, gallery, parameters, files); an interrupted result shows its
+        finished candidates (ranked) then the stopped ones, which their captions mark."""
+        skip = gr.update()
+        if not result.candidates:  # interrupted before its first step: the view keeps its last results
+            return "Interrupted before the first step: nothing was made.", skip, skip, skip, skip
         session.last_result = result
         session.last_seed = result.request.seed
         session.selected = 0
+        total = result.request.total_steps
         items = [
-            (str(c.path) if c.path else c.image, caption(c.seed, c.score, result.score_label, c.details, c.passed))
+            (str(c.path) if c.path else c.image,
+             caption(c.seed, c.score, result.score_label, c.details, c.passed, c.stopped_at, total))
             for c in result.candidates
         ]
         files = [str(c.path) for c in result.candidates if c.path]
         best = result.candidates[0]
-        status = f"Done: {len(result.candidates)} image(s) in {seconds:.1f} s"
+        stopped = [c for c in result.candidates if c.stopped_at is not None]
+        if result.interrupted:
+            status = f"Interrupted: {len(result.candidates) - len(stopped)} finished image(s)"
+            status += f", {stopped_note(stopped, total)}" if stopped else ""
+            status += f" in {seconds:.1f} s"
+        else:
+            status = f"Done: {len(result.candidates)} image(s) in {seconds:.1f} s"
+            if stopped:
+                status += f" · {stopped_note(stopped, total).replace('stopped', 'skipped', 1)}"
         if best.score is not None:
             status += f" · best {result.score_label} {best.score:.1f} (seed {best.seed})"
         tokens = result.prompt_tokens
@@ -475,7 +518,7 @@ class UiHandlers:
             status += f" · pruned at step {result.pruned[0].at_step} by {result.early_scorer}: {listed}"
         for note in notes or []:
             status += f" · {note}"
-        return status, gr.update(), items, best.parameters, files
+        return status, skip, items, best.parameters, files
 
     @staticmethod
     def outpaint_content(pixels: Any, current: str) -> Any:
@@ -486,12 +529,31 @@ class UiHandlers:
 
     @staticmethod
     def cancel(session: UserSession) -> str:
-        """Set the running job's cancel event; the pipeline stops within one step. (Its queued job, if any, the
-        page drops itself: the button's ``cancels``.)"""
+        """Set the running job's cancel event: it stops within one step and keeps nothing. (Its queued job, if any,
+        the page drops itself: the button's ``cancels``, which Interrupt and Skip cannot have, as it would also
+        close a running job's stream and lose what they keep.)"""
         if session.cancel is None:
             return "Nothing to cancel."
         session.cancel.set()
         return "Cancelling…"
+
+    @staticmethod
+    def interrupt(session: UserSession) -> str:
+        """A1111's Interrupt: stop the view's running job, keeping what it made (its finished images, then the ones
+        being denoised as they are at the step reached); the job answers with them."""
+        if session.interruption is None:
+            return "Nothing to interrupt."
+        session.interruption.interrupt()
+        return "Interrupting…"
+
+    @staticmethod
+    def skip(session: UserSession) -> str:
+        """A1111's Skip: stop the batch the view's job is denoising, keeping its images as they are, and go on with
+        the next batch."""
+        if session.interruption is None:
+            return "Nothing to skip."
+        session.interruption.skip()
+        return "Skipping…"
 
     @staticmethod
     def reuse_seed(session: UserSession) -> int:

@@ -2,8 +2,9 @@
 
 One ``JobTracker`` per served app (built by ``sd_app.server``, never a module global). It backs
 ``GET /sdapi/v1/progress`` (step, ETA, live preview of the current latents), ``POST /sdapi/v1/interrupt`` and
-``/skip`` (A1111's, through the running job's ``Interruption``; a job without one, the UI's, is cancelled by
-either) and the "busy" answer when too many requests wait.
+``/skip`` (A1111's, through the running job's ``Interruption``, which API and UI jobs both have: a UI job is
+stopped as its page's Interrupt or Skip would, keeping what it made; a job registered without one is cancelled)
+and the "busy" answer when too many requests wait.
 Generation itself is serialised by the pipeline's lock; the tracker only observes.
 """
 
@@ -43,7 +44,7 @@ class Job:
     total_steps: int
     cancel: threading.Event
     client: str = ""  # the client's address, for the per-client cap on waiting jobs
-    interruption: Interruption | None = None  # A1111's interrupt and skip, keeping what was made (API jobs)
+    interruption: Interruption | None = None  # A1111's interrupt and skip, keeping what was made (API and UI jobs)
     registered: float = field(default_factory=time.time)
     started: float | None = None  # time of the first denoising step
     step: int = 0

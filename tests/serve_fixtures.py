@@ -9,12 +9,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from sd_app.ui_jobs import JobTracker
 from tests.clip_fixtures import tiny_clip_dir
 
 SIZE = {"width": 64, "height": 64}
@@ -77,4 +79,38 @@ def live_server(serve_engine) -> Iterator[LiveServer]:
     url, server, thread = start_server(app)
     yield LiveServer(url, app, serve_engine)
     server.should_exit = server.force_exit = True  # do not wait for Gradio's open event streams
+    thread.join(timeout=10)
+
+
+class SteppedTracker(JobTracker):
+    """A tracker that calls ``on_start()`` when a job registers and ``on_step(step)`` after each step it records:
+    the tests' way to call ``/interrupt`` or ``/skip`` (or the UI's buttons) at a known point of a running job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_start: Callable[[], None] | None = None
+        self.on_step: Callable[[int], None] | None = None
+
+    @contextmanager
+    def job(self, *args, **kwargs):
+        with super().job(*args, **kwargs) as job:
+            if self.on_start is not None:
+                self.on_start()
+            yield job
+
+    def step(self, job, info) -> None:
+        super().step(job, info)
+        if self.on_step is not None:
+            self.on_step(info.step)
+
+
+@pytest.fixture(scope="module")
+def stepped_server(serve_engine):
+    """The app served with a :class:`SteppedTracker`: (its address, the tracker)."""
+    from sd_app.server import create_app
+
+    tracker = SteppedTracker()
+    url, server, thread = start_server(create_app(serve_engine, tracker=tracker))
+    yield url, tracker
+    server.should_exit = server.force_exit = True
     thread.join(timeout=10)

@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import threading
-from collections.abc import Callable
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -426,40 +424,6 @@ def test_a_hires_sampler_named_another_way_is_the_same_sampler(live_server):
 # ---- interrupt, skip, cmd-flags -------------------------------------------------------------------
 
 
-class SteppedTracker(JobTracker):
-    """A tracker that calls ``on_start()`` when a job registers and ``on_step(step)`` after each step it records:
-    the tests' way to call ``/interrupt`` or ``/skip`` at a known point of a running request."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_start: Callable[[], None] | None = None
-        self.on_step: Callable[[int], None] | None = None
-
-    @contextmanager
-    def job(self, *args, **kwargs):
-        with super().job(*args, **kwargs) as job:
-            if self.on_start is not None:
-                self.on_start()
-            yield job
-
-    def step(self, job, info) -> None:
-        super().step(job, info)
-        if self.on_step is not None:
-            self.on_step(info.step)
-
-
-@pytest.fixture(scope="module")
-def stepped_server(serve_engine):
-    from sd_app.server import create_app
-    from tests.serve_fixtures import start_server
-
-    tracker = SteppedTracker()
-    url, server, thread = start_server(create_app(serve_engine, tracker=tracker))
-    yield url, tracker
-    server.should_exit = server.force_exit = True
-    thread.join(timeout=10)
-
-
 def stopped_request(server, route: str, at_step: int | None, **fields) -> tuple[dict, dict, list[dict]]:
     """txt2img with ``POST /sdapi/v1/{route}`` sent once ``at_step`` is done (None: as the job registers):
     the body, its info and what the route answered."""
@@ -530,7 +494,8 @@ def test_interrupt_and_skip_without_a_job_answer_200(live_server):
     assert response.status_code == 200 and response.json() == {"skipped": False}
 
 
-def test_interrupt_and_skip_reach_an_api_jobs_interruption_and_cancel_a_ui_job():
+def test_interrupt_and_skip_reach_a_jobs_interruption_and_cancel_a_job_without_one():
+    """A UI job has an interruption too (tests/test_ui_interrupt.py); one registered without is cancelled."""
     from pipelines.generation.denoising import Interruption
 
     tracker = JobTracker()
@@ -541,9 +506,9 @@ def test_interrupt_and_skip_reach_an_api_jobs_interruption_and_cancel_a_ui_job()
         assert progress_payload(tracker, lambda latents: [], True)["state"]["skipped"] is True
         assert tracker.interrupt() and interruption.interrupted and not cancel.is_set()
         assert progress_payload(tracker, lambda latents: [], True)["state"]["interrupted"] is True
-    ui_cancel = threading.Event()
-    with tracker.job(4, ui_cancel, "ui"):  # the UI keeps nothing of a stopped job: its Cancel
-        assert tracker.skip() and ui_cancel.is_set()
+    cancel_only = threading.Event()
+    with tracker.job(4, cancel_only, "api"):  # no interruption to keep what it made: cancelled
+        assert tracker.skip() and cancel_only.is_set()
 
 
 def serve_flags(*options: str):
