@@ -206,9 +206,9 @@ def txt2img(base_url: str, payload: dict[str, Any], auth: str | None = None,
         texts = [str(text) for text in info["infotexts"]]
     except (KeyError, TypeError, ValueError) as error:
         raise OSError(f"the server's answer lacks images/info ({error})") from None
-    if not encoded and info.get("interrupted"):
-        raise OSError("the job was interrupted on the server (POST /sdapi/v1/interrupt) before its first step; "
-                      "no image was made")
+    if not encoded:  # an sd-app server answers so only for a job stopped before its first step
+        how = "interrupted (POST /sdapi/v1/interrupt)" if info.get("interrupted") else "skipped (POST /sdapi/v1/skip)"
+        raise OSError(f"the job was {how} on the server before its first step; no image was made")
     scores = info.get("rerank_scores") or [None] * len(encoded)
     if not len(encoded) == len(seeds) == len(texts) == len(scores):
         raise OSError("the server's answer has different numbers of images, seeds and infotexts")

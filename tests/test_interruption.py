@@ -175,4 +175,22 @@ def test_an_interrupted_minimum_score_ranks_every_rounds_finished_candidates(tin
     assert sorted(c.seed for c in finished) == [40, 41, 42] and out.output.candidates[3].seed == 43
     scores = [c.score for c in finished]
     assert scores == sorted(scores, reverse=True) and out.output.candidates[3].score is None
-    assert out.passed == [False] * 4
+    assert out.passed == [False] * 3 + [None]  # the stopped one was never scored: neither passed nor below
+
+
+def test_a_skip_asked_before_a_pruned_job_or_between_rounds_stops_none(tiny_pipe, scorer):
+    """A1111 clears a skip before each batch: with early pruning too, a skip asked before the job starts, or
+    after a round's last step (while it is decoded and scored), does not stop the next round."""
+    request = GenerationRequest(**BASE, n=2, prune_to=1, prune_at=1)
+    interruption = Interruption()
+    interruption.skip()
+    out = best_of_n(tiny_pipe, request, scorer, interruption=interruption)
+    assert not out.interrupted and [c.stopped_at for c in out.candidates] == [None]
+    whole = best_of_until_pass(tiny_pipe, request, scorer, {"CLIP score": 1e9}, 1)
+    interruption = Interruption()
+    # round 1 (2 x 1 steps, then the kept one's 2) is told as steps 1-4 of 8; round 2 finishes the pruned one
+    out = best_of_until_pass(tiny_pipe, request, scorer, {"CLIP score": 1e9}, 1, on_step=stop_at(4, interruption,
+                             skip=True), interruption=interruption)
+    assert out.rounds == 2 and not out.output.interrupted
+    assert [c.stopped_at for c in out.output.candidates] == [None, None]
+    assert [c.seed for c in out.output.candidates] == [c.seed for c in whole.output.candidates]

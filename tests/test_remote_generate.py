@@ -202,4 +202,10 @@ def test_an_interrupted_server_job_writes_what_it_made_and_says_so(monkeypatch, 
     monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: _interrupted_answer([]))
     assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "none"),
                  *SMALL]) != 0
-    assert "interrupted on the server (POST /sdapi/v1/interrupt) before its first step" in capsys.readouterr().err
+    assert "interrupted (POST /sdapi/v1/interrupt) on the server before its first step" in capsys.readouterr().err
+    skipped = _interrupted_answer([])
+    skipped["info"] = json.dumps({**json.loads(skipped["info"]), "interrupted": False})  # a skip is no interrupt
+    monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: skipped)
+    assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "none"),
+                 *SMALL]) != 0
+    assert "skipped (POST /sdapi/v1/skip) on the server before its first step" in capsys.readouterr().err

@@ -139,6 +139,8 @@ def best_of_n(
     if request.prune_to and scorer is not None:
         from pipelines.rerank.early_pruning import early_pruned_images, pruned_candidates
 
+        if interruption is not None:
+            interruption.clear_skip()  # a skip asked before the job started stops none (as A1111)
         run = early_pruned_images(
             pipe, request, scorer, plain_prompt, batch_size=batch_size, early_scorer=early_scorer, on_step=on_step,
             cancel=cancel, progress=progress, hold_pruned=hold_pruned, interruption=interruption,

@@ -16,7 +16,7 @@ candidate of the round, as best-of-N without pruning would have, and at no more 
 Interrupted (A1111's interrupt, :class:`~pipelines.generation.denoising.Interruption`), no round follows: the
 candidates finished in all rounds are ranked together, and the ones stopped on the way come after them,
 unscored. A skip stops the batch being denoised and the round goes on (``best_of_n``); while pruned candidates
-are being finished, it stops them all, as an interrupt.
+are being finished, it stops them all, as an interrupt. A skip asked between two rounds stops none.
 """
 
 from __future__ import annotations
@@ -72,12 +72,13 @@ class MinScoreOutput:
     rounds: int
     max_rounds: int
     thresholds: dict[str, float]  # label -> minimum
-    passed: list[bool] = field(default_factory=list)  # per candidate of ``output``, in its order
+    # per candidate of ``output``, in its order; None for one an interrupt or a skip stopped (never scored)
+    passed: list[bool | None] = field(default_factory=list)
     candidates_made: int = 0  # started over all rounds: n per round of new seeds (pruned ones included)
 
     @property
     def any_passed(self) -> bool:
-        return any(self.passed)
+        return any(flag is True for flag in self.passed)
 
 
 def scoring_prompt(prompt: str) -> str:
@@ -174,6 +175,8 @@ def best_of_until_pass(
     interrupted = False
     for round_index in range(max_rounds):
         round_steps = _whole_request_steps(on_step, round_index, max_rounds)
+        if interruption is not None:
+            interruption.clear_skip()  # a skip asked between two rounds stops none (as A1111, between batches)
         if pending:  # the kept of the last pruned round fell short: finish the ones it pruned
             assert held is not None  # held whenever a round follows
             new_images, new_seeds, round_stopped = _finish_pruned(
@@ -233,5 +236,5 @@ def best_of_until_pass(
         early_score_label=last.early_score_label,
         interrupted=interrupted,
     )
-    passed_flags = [ok[i] for i in order] + [False] * len(stopped)
+    passed_flags: list[bool | None] = [ok[i] for i in order] + [None] * len(stopped)
     return MinScoreOutput(output, rounds, max_rounds, dict(thresholds), passed_flags[: len(kept)], request.n * fresh)
