@@ -344,7 +344,8 @@ def remote_report(
         n=request.n,
         pruning=bool(request.prune_to),
         score_label=info.get("score_label") or "CLIP score",
-        reranker_name=info.get("reranker"),
+        # no "best first by" when no image was scored (every one stopped by an interrupt before it finished)
+        reranker_name=info.get("reranker") if any(item.score is not None for item in result.images) else None,
         pruned=pruned,
         early_score_label=info.get("early_score_label") or "CLIP score",
         early_scorer=info.get("early_scorer"),

@@ -199,6 +199,21 @@ def test_an_interrupted_server_job_writes_what_it_made_and_says_so(monkeypatch, 
     err = capsys.readouterr().err
     assert len(list(tmp_path.glob("*.png"))) == 2
     assert "note: the job was interrupted on the server (POST /sdapi/v1/interrupt): 1 of the 2 image(s)" in err
+    assert "best first by" not in err  # nothing was scored
+    answer = _interrupted_answer([None, 1])
+    answer["info"] = json.dumps({**json.loads(answer["info"]), "reranker": "clip-tiny", "rerank_scores": [31.5, None]})
+    monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: answer)
+    assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--n", "2", "--out", str(tmp_path / "ranked"),
+                 *SMALL]) == 0
+    assert "best first by clip-tiny" in capsys.readouterr().err
+    stopped = _interrupted_answer([1, 1])
+    stopped["info"] = json.dumps({**json.loads(stopped["info"]), "reranker": "clip-tiny",
+                                  "rerank_scores": [None, None]})
+    monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: stopped)
+    assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--n", "2", "--out", str(tmp_path / "stopped"),
+                 *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "in generation order" in err and "best first" not in err
     monkeypatch.setattr(remote, "post_json", lambda *args, **kwargs: _interrupted_answer([]))
     assert main(["generate", PROMPT, "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "none"),
                  *SMALL]) != 0
