@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.generation.prompts import check_clip_skip
 from pipelines.generation.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -94,9 +95,8 @@ def _line_request(text: str, is_jsonl: bool, base: GenerationRequest, text_layer
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: prompt, {', '.join(OVERRIDES)}")
     request = replace(base, **record)
-    if text_layers is not None and request.clip_skip > text_layers:
-        raise ValueError(f"clip_skip must be between 1 and {text_layers} (this model's text encoder has "
-                         f"{text_layers} layers), got {request.clip_skip}")
+    if text_layers is not None:
+        check_clip_skip(request.clip_skip, text_layers)
     return request
 
 
@@ -285,9 +285,7 @@ def run_batch(args: argparse.Namespace) -> int:
     # The largest clip skip, from the model's config (no weights read): a bad line fails before any job runs
     layers = text_encoder_layers(engine.selection()[0])
     base = base_request(args)
-    if base.clip_skip > layers:
-        raise ValueError(f"--clip-skip must be between 1 and {layers} (this model's text encoder has {layers} "
-                         f"layers), got {base.clip_skip}")
+    check_clip_skip(base.clip_skip, layers, "--clip-skip")
     requests = read_prompts(args.prompts, base, layers)
     if args.keep is not None and any(not 1 <= args.keep <= r.n for r in requests):
         raise ValueError(f"--keep must be between 1 and --n, got {args.keep}")

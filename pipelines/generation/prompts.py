@@ -247,13 +247,19 @@ def encode_chunks(text_encoder: CLIPTextModel, encoded: EncodedPrompt, clip_skip
     return hidden.reshape(1, -1, hidden.shape[-1])  # [1, 77 * chunks, D]
 
 
+def check_clip_skip(clip_skip: object, layers: int, argument: str = "clip_skip") -> None:
+    """ValueError naming ``argument`` unless ``clip_skip`` is an integer from 1 to ``layers``, the text encoder's
+    layer count (A1111's "Clip skip" N encodes with the N-th layer from the end)."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= layers:
+        raise ValueError(f"{argument} must be between 1 and {layers} (this model's text encoder has {layers} "
+                         f"layers), got {clip_skip!r}")
+
+
 def _encode(
     text_encoder: CLIPTextModel, ids: torch.Tensor, vectors: list[tuple[int, int, torch.Tensor]], clip_skip: int
 ) -> torch.Tensor:
     """Hidden states [chunks, 77, D] with embedding vectors in place and clip skip applied."""
-    layers = text_encoder.config.num_hidden_layers
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= layers:
-        raise ValueError(f"clip_skip must be between 1 and {layers} (this text encoder's layers), got {clip_skip!r}")
+    check_clip_skip(clip_skip, text_encoder.config.num_hidden_layers)
     token_embedding = text_encoder.get_input_embeddings()
 
     def put_vectors(_module: object, _inputs: object, output: torch.Tensor) -> torch.Tensor:
