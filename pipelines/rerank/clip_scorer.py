@@ -117,9 +117,9 @@ class ClipScorer:
         from transformers import AutoTokenizer
 
         from pipelines.speed.devices import checked_device, checked_float_dtype
+        from pipelines.speed.options import default_device
 
-        device = torch.device(checked_device(device) if device is not None else
-                              "cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(checked_device(device) if device is not None else default_device())
         dtype = checked_float_dtype(dtype)
         folder = resolve_clip_folder(spec, cache_dir=cache_dir)
         processor_folder = resolve_clip_folder(processor_dir, cache_dir=cache_dir) if processor_dir else folder
