@@ -318,3 +318,25 @@ def test_a_minimum_score_finishes_the_pruned_when_the_kept_fall_short(tiny_pipe,
     assert longer.rounds == 3 and sorted(c.seed for c in longer.output.candidates)[:4] == [70, 71, 72, 73]
     assert len(longer.output.candidates) == 5 and {p.seed for p in longer.output.pruned} < {74, 75, 76, 77}
     assert len(longer.output.pruned) == 3
+
+
+@pytest.mark.parametrize("text", ["clip=82", "82", "CLIP score=82", "clip score = 82"])
+def test_evaluation_fallback_minimum_reads_as_min_score_does(text):
+    """``evaluate_pruning --fallback`` takes ``--min-score``'s form, and the label its earlier logs were run with."""
+    from pipelines.training.evaluate_pruning import fallback_thresholds
+
+    assert fallback_thresholds(text) == {"CLIP score": 82.0}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("aesthetic=5", "not among the scorers in use"),
+    ("clip=high", "NAME=NUMBER"),
+    ("colour=3", "scorer name must be one of"),
+])
+def test_evaluation_fallback_refuses_a_bad_minimum_before_loading(text, message, tmp_path, capsys):
+    from pipelines.training.evaluate_pruning import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--fallback", text, "--model", str(tmp_path / "absent")])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

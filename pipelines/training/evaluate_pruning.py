@@ -98,6 +98,18 @@ def evaluate_fallback(pipe: Any, scorer: Any, attrs: shapes.ShapeAttributes, ind
             "seconds": time.perf_counter() - started}
 
 
+def fallback_thresholds(text: str) -> dict[str, float]:
+    """``--fallback``'s minimum keyed by the label the candidates' scores carry. The value is written as
+    ``sd-app generate --min-score`` takes it (``clip=82``, or ``82`` for the only scorer, the CLIP score);
+    the label itself (``"CLIP score=82"``, as earlier logs and the README's command write it) is accepted too."""
+    from pipelines.rerank.scorer_specs import SCORER_LABELS, parse_min_scores, thresholds_by_label
+
+    kinds_by_label = {label.lower(): kind for kind, label in SCORER_LABELS.items()}
+    name, sep, value = text.rpartition("=")
+    kind = kinds_by_label.get(name.strip().lower(), name.strip())
+    return thresholds_by_label(parse_min_scores([f"{kind}={value}" if sep else value]), ["clip"])
+
+
 def logged_pairs(log: Path | None, pairs: int,
                  evaluate: Callable[[int, shapes.ShapeAttributes], dict[str, Any]]) -> list[dict[str, Any]]:
     """The records of the evaluation's first ``pairs`` pairs: those already in ``log`` (JSON lines, so a run
@@ -179,9 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table-from", type=Path, default=None, help="print the table of a log and stop")
     parser.add_argument("--fallback", default=None, metavar="LABEL=MIN",
                         help='prune to --keep at the first --prune-at step through the library, and finish the '
-                             'pruned when no kept candidate reaches this minimum (e.g. "CLIP score=82"); '
+                             'pruned when no kept candidate reaches this minimum (e.g. "clip=82", as --min-score '
+                             'takes it); '
                              'one record per pair in --log')
     args = parser.parse_args(argv)
+    try:
+        minimum = None if args.fallback is None else fallback_thresholds(args.fallback)
+    except ValueError as error:
+        parser.error(f"--fallback: {error}")
     prune_at = [int(k) for k in args.prune_at.split(",") if k]
     vae_at = [int(k) for k in args.vae_at.split(",") if k]
     if args.table_from is not None:
@@ -198,9 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     pipe = load_pipeline(args.model, device="cpu")  # the app's default (fast) path
     scorer = reranker_for(ClipScorer.load(args.model / "clip", device="cpu"), "clip")  # `sd-app generate`'s default
-    if args.fallback is not None:
-        label, _, value = args.fallback.rpartition("=")
-        minimum = {label.strip(): float(value)}
+    if minimum is not None:
         done = logged_pairs(args.log, args.pairs, lambda index, attrs: evaluate_fallback(
             pipe, scorer, attrs, index, args.candidates, args.steps, args.cfg, args.keep, prune_at[0], minimum))
         spent = np.mean([r["unet_steps"] for r in done]) / (args.candidates * args.steps)
