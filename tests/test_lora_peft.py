@@ -16,10 +16,11 @@ import torch
 
 from pipelines.generation.request import GenerationRequest
 from pipelines.models.errors import IncompatibleModel, ModelLoadError
-from pipelines.models.library import ModelLibrary
+from pipelines.models.library import ModelLibrary, place_lora
 from pipelines.models.loading import load_pipeline
 from pipelines.models.lora import LoraPatcher, WeightedLora
 from pipelines.models.lora_formats import read_lora
+from tests import lora_fixtures as fx
 
 peft = pytest.importorskip("peft")
 
@@ -190,6 +191,21 @@ def test_a_pickled_adapter_or_one_without_config_is_refused_by_name(library_pipe
     lora_dir = library_pipe.extra_networks.library.roots[0] / "models" / "Lora"
     with pytest.raises(ModelLoadError, match=r"noconfig: not a PEFT adapter folder \(adapter_config\.json missing"):
         read_lora(lora_dir / "noconfig", "noconfig", "")
+
+
+def test_place_lora_copies_a_file_or_an_adapter_folder_under_a_name(tiny_model, adapters, tmp_path):
+    """What the evaluation tools do with ``--lora PATH`` / ``--evaluate PATH``."""
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    place_lora(adapters.root / "pair", lora_dir, "concept")
+    fx.kohya_lora(plain_models(tiny_model), tmp_path / "k.safetensors")
+    place_lora(tmp_path / "k.safetensors", lora_dir, "kohya")
+    library = ModelLibrary([tmp_path], shipped=False)
+    assert [(e.name, e.format) for e in library.files("lora")] == [("concept", "peft"), ("kohya", "safetensors")]
+    assert read_lora(library.find("lora", "concept").path, "concept", "").modules.keys() == read_lora(
+        adapters.root / "pair", "pair", "").modules.keys()
+    with pytest.raises(ModelLoadError, match=r"Lora: a folder, but no PEFT adapter"):
+        place_lora(lora_dir, tmp_path, "again")
 
 
 # ---- errors: the config is JSON, checked field by field -----------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 
 from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, ModelNotFound
 from pipelines.models.hash_cache import HashCache
-from pipelines.models.peft_layout import adapter_files, adapter_weights, is_adapter, pickled_part
+from pipelines.models.peft_layout import ADAPTER_WEIGHTS, adapter_files, adapter_weights, is_adapter, pickled_part
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR, PACKAGE_DIR
 
 KINDS = ("checkpoint", "vae", "lora", "embedding")
@@ -67,7 +67,7 @@ class ModelFile:
         """The file whose hash names the model: the file itself, a diffusers folder's U-Net weights, or a PEFT
         adapter's first weights file (the U-Net's)."""
         if self.format == "peft":
-            return adapter_files(self.path)[0]
+            return next(iter(adapter_files(self.path)), self.path / ADAPTER_WEIGHTS)  # the folder may be gone
         if self.format != "diffusers":
             return self.path
         for folder in ("unet", ""):
@@ -194,6 +194,21 @@ def _tree(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
         seen.add(real)
         folders.sort()  # walked in name order: a folder reachable twice is named by the same path everywhere
         yield top, folders, files
+
+
+def place_lora(source: Path, lora_folder: Path, name: str) -> Path:
+    """Copy a LoRA into ``lora_folder`` so that ``<lora:name:...>`` names it: a ``.safetensors`` file as
+    ``name.safetensors``, a PEFT adapter folder (``peft_layout``) as ``name/``. ModelLoadError for anything else."""
+    import shutil
+
+    if source.is_dir():
+        if not is_adapter(source):
+            raise ModelLoadError(f"{source}: a folder, but no PEFT adapter (adapter_config.json with "
+                                 "adapter_model.safetensors, there or in unet/ and text_encoder/)")
+        return Path(shutil.copytree(source, lora_folder / name))
+    if source.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{source}: a LoRA is a .safetensors file or a PEFT adapter folder")
+    return Path(shutil.copy(source, lora_folder / f"{name}.safetensors"))
 
 
 def walk(folder: Path) -> list[Path]:
