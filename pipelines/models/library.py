@@ -5,7 +5,9 @@ A1111 (``stable-diffusion-webui/``): ``models/Stable-diffusion``, ``models/VAE``
 ``models/loras``, ``models/embeddings``. A root may be the install folder or its ``models/`` folder;
 folder names match case-insensitively and subfolders are walked. Checkpoints are single
 ``.safetensors`` files or diffusers folders (``model_index.json``); ``*.vae.safetensors`` next to
-checkpoints are VAEs, as in A1111. Pickle files (.ckpt, .pt, .bin, ...) are listed as refused, with
+checkpoints are VAEs, as in A1111. A PEFT adapter folder (``adapter_model.safetensors`` with
+``adapter_config.json``, ``pipelines.models.peft_layout``) under a LoRA folder is one LoRA named by the folder
+(A1111 lists files only). Pickle files (.ckpt, .pt, .bin, ...) are listed as refused, with
 the reason, and never opened. Names are A1111's: the path under the kind's folder, without the
 extension for LoRAs and embeddings (``<lora:name:1>``; a unique file stem works too) and with it for
 checkpoints and VAEs (``sd_model_checkpoint``, ``sd_vae``). Short hashes are A1111's AutoV2, from a
@@ -14,6 +16,7 @@ checkpoints and VAEs (``sd_model_checkpoint``, ``sd_vae``). Short hashes are A11
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -25,6 +28,7 @@ from typing import Any
 
 from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, ModelNotFound
 from pipelines.models.hash_cache import HashCache
+from pipelines.models.peft_layout import ADAPTER_WEIGHTS, adapter_files, adapter_weights, is_adapter, pickled_part
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR, PACKAGE_DIR
 
 KINDS = ("checkpoint", "vae", "lora", "embedding")
@@ -49,8 +53,8 @@ class ModelFile:
     name: str  # A1111's name (see module docstring)
     kind: str  # one of KINDS
     path: Path
-    format: str  # "safetensors", "diffusers" or "pickle"
-    size: int  # bytes (a diffusers folder: its weight files)
+    format: str  # "safetensors", "diffusers", "peft" (a PEFT adapter folder) or "pickle"
+    size: int  # bytes (a diffusers folder or PEFT adapter: its weight files)
     refused: str | None = None
     folder: str = ""  # the root folder it was found under ("shipped" for the package's own)
 
@@ -60,7 +64,10 @@ class ModelFile:
 
     @property
     def weights(self) -> Path:
-        """The file whose hash names the model: the file itself, or a diffusers folder's U-Net weights."""
+        """The file whose hash names the model: the file itself, a diffusers folder's U-Net weights, or a PEFT
+        adapter's first weights file (the U-Net's)."""
+        if self.format == "peft":
+            return next(iter(adapter_files(self.path)), self.path / ADAPTER_WEIGHTS)  # the folder may be gone
         if self.format != "diffusers":
             return self.path
         for folder in ("unet", ""):
@@ -189,6 +196,21 @@ def _tree(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
         yield top, folders, files
 
 
+def place_lora(source: Path, lora_folder: Path, name: str) -> Path:
+    """Copy a LoRA into ``lora_folder`` so that ``<lora:name:...>`` names it: a ``.safetensors`` file as
+    ``name.safetensors``, a PEFT adapter folder (``peft_layout``) as ``name/``. ModelLoadError for anything else."""
+    import shutil
+
+    if source.is_dir():
+        if not is_adapter(source):
+            raise ModelLoadError(f"{source}: a folder, but no PEFT adapter (adapter_config.json with "
+                                 "adapter_model.safetensors, there or in unet/ and text_encoder/)")
+        return Path(shutil.copytree(source, lora_folder / name))
+    if source.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{source}: a LoRA is a .safetensors file or a PEFT adapter folder")
+    return Path(shutil.copy(source, lora_folder / f"{name}.safetensors"))
+
+
 def walk(folder: Path) -> list[Path]:
     """Every file and folder under ``folder``, sorted (symlinked folders followed, :func:`_tree`)."""
     return sorted(Path(top) / name for top, folders, files in _tree(folder) for name in (*folders, *files))
@@ -219,7 +241,14 @@ def _entries(folder: Path, kind: str, label: str) -> Iterable[ModelFile]:
             continue
         relative = path.relative_to(folder).as_posix()
         if path.is_dir():
-            if kind == "checkpoint" and (path / "model_index.json").is_file():
+            if kind == "lora" and is_adapter(path):  # a PEFT adapter folder is one LoRA, named by the folder
+                diffusers_roots.append(path)
+                pickled = pickled_part(path)
+                refused = (f"{pickled.name} is a Python pickle, which can run code when loaded; save the adapter as "
+                           ".safetensors (PEFT's default)") if pickled else None
+                size = sum(p.stat().st_size for p in adapter_weights(path))
+                yield ModelFile(relative, kind, path, "peft", size, refused=refused, folder=label)
+            elif kind == "checkpoint" and (path / "model_index.json").is_file():
                 diffusers_roots.append(path)
                 yield ModelFile(relative, kind, path, "diffusers", _weights_size(path), folder=label)
             elif kind == "vae" and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -390,10 +419,15 @@ class ModelLibrary:
     def network_hash(self, entry: ModelFile) -> str | None:
         """The short hash A1111 writes in ``Lora hashes`` and ``TI hashes`` (its ``shorthash``): 12 hex digits of,
         for a .safetensors LoRA, its header's ``sshs_model_hash`` or else the SHA-256 of its tensor bytes (A1111's
-        ``use_addnet_hash``, Civitai's AutoV3); for an embedding, the file's SHA-256. None for refused pickles."""
+        ``use_addnet_hash``, Civitai's AutoV3); for a PEFT adapter folder, that of its weights file (of the SHA-256 of
+        its parts' tensor hashes when it has a U-Net and a text encoder part); for an embedding, the file's SHA-256.
+        None for refused pickles."""
         if entry.refused:
             return None
-        if entry.kind == "lora" and entry.format == "safetensors":
+        if entry.format == "peft":
+            digests = [self.hashes.tensors_sha256(path) for path in adapter_weights(entry.path)]
+            digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+        elif entry.kind == "lora" and entry.format == "safetensors":
             digest = read_header(entry.path).metadata.get("sshs_model_hash") or self.hashes.tensors_sha256(entry.path)
         else:
             digest = self.hashes.sha256(entry.weights)
@@ -408,7 +442,7 @@ class ModelLibrary:
         }
         if entry.refused:
             return row
-        header_file = entry.weights if entry.format == "diffusers" else entry.path
+        header_file = entry.weights
         if header_file.suffix == ".safetensors":
             try:
                 header = read_header(header_file)

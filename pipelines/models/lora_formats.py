@@ -6,8 +6,9 @@ Hyeon-Woo et al. 2022, "FedPara"), LoKr (``lokr_*``, Kronecker product, Yeh et a
 deltas (``diff``, ``diff_b``), LyCORIS norm deltas (``w_norm``, ``b_norm``: a GroupNorm/LayerNorm's weight and
 bias), and diffusers/PEFT (``lora_A``/``lora_B``, alpha from ``.alpha`` keys or the ``lora_adapter_metadata``
 header, whose ``use_rslora`` makes the scale alpha / sqrt(rank): rank-stabilised LoRA, Kalajdzievski 2023, as
-PEFT's ``LoraConfig``). Every delta is computed in fp32 and already scaled by alpha / rank (1 without alpha);
-the prompt's weight multiplies it when merged (``pipelines.models.lora``). Key layouts: ``lora_keys``.
+PEFT's ``LoraConfig``); PEFT's own adapter folders (``adapter_model.safetensors`` + ``adapter_config.json``) are
+read by ``pipelines.models.peft_adapter``. Every delta is computed in fp32 and already scaled by alpha / rank (1
+without alpha); the prompt's weight multiplies it when merged (``pipelines.models.lora``). Key layouts: ``lora_keys``.
 
 Textual-inversion embeddings bundled in the file (kohya's ``bundle_emb.NAME.emb_params`` or
 ``bundle_emb.NAME.string_to_param.*``) are kept as ``LoraFile.embeddings``; A1111 makes them usable as NAME in
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.models.errors import IncompatibleModel, ModelLoadError, refuse_pickle
 from pipelines.models.lora_keys import PEFT_PREFIXES, split_key
+from pipelines.models.peft_layout import ADAPTER_CONFIG, MODEL_PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -77,10 +78,13 @@ BUNDLE_PREFIX = "bundle_emb."  # kohya's bundled embeddings: bundle_emb.NAME.<th
 
 
 def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
-    """Parse a LoRA ``.safetensors``; ModelLoadError naming the file for pickles, truncation or unknown keys."""
+    """Parse a LoRA ``.safetensors`` or PEFT adapter folder; ModelLoadError naming the file for pickles, truncation
+    or unknown keys."""
     from pipelines.models.library import base_model, read_header
     from pipelines.models.single_file import read_safetensors
 
+    if path.is_dir():
+        return _read_adapter_folder(path, name, short_hash)
     refuse_pickle(path)
     state = read_safetensors(path)  # names the file when it is cut short or not safetensors
     header = read_header(path)
@@ -104,6 +108,8 @@ def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
             grouped.setdefault(parts[0], {})[parts[1]] = tensor
     if unknown:
         hint = " (DoRA's dora_scale is not supported)" if any("dora_scale" in k for k in unknown) else ""
+        if any(k.startswith(MODEL_PREFIX) for k in unknown):
+            hint = f" (a PEFT adapter's weights: use the folder holding them and its {ADAPTER_CONFIG})"
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ModelLoadError(f"{path}: {len(unknown)} key(s) are no LoRA/LyCORIS key of SD 1.x: {shown}{hint}")
     if not grouped and not bundled:
@@ -119,6 +125,14 @@ def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
             raise ModelLoadError(f"{path}: module {key} has an incomplete {module.kind} ({', '.join(sorted(tensors))})")
         modules[key] = module
     return LoraFile(name, path, short_hash, modules, metadata, bundled)
+
+
+def _read_adapter_folder(path: Path, name: str, short_hash: str) -> LoraFile:
+    """A PEFT adapter folder (``pipelines.models.peft_adapter``) as a LoraFile."""
+    from pipelines.models.peft_adapter import read_adapter
+
+    modules = {m.key: LoraModule(m.key, m.tensors, m.alpha, m.rank_stabilized) for m in read_adapter(path)}
+    return LoraFile(name, path, short_hash, modules)
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -147,11 +161,10 @@ def _peft_config(key: str, configs: dict[str, dict]) -> dict:
 
 def _peft_alpha(key: str, config: dict) -> float | None:
     """PEFT's lora_alpha for a module (alpha_pattern first: a pattern matching the module path's end)."""
-    path = key.partition(".")[2]
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", path):
-            return float(alpha)
-    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+    from pipelines.models.peft_adapter import pattern_value
+
+    alpha = pattern_value(config.get("alpha_pattern"), key.partition(".")[2], config.get("lora_alpha"))
+    return float(alpha) if alpha is not None else None
 
 
 def _is_true(value: object) -> bool:

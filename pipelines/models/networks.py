@@ -28,6 +28,7 @@ from pipelines.models.embeddings import embedding_from_tensors, read_embedding
 from pipelines.models.errors import ModelLoadError
 from pipelines.models.lora import LoraPatcher, WeightedLora
 from pipelines.models.lora_formats import LoraFile, read_lora
+from pipelines.models.peft_layout import adapter_files
 
 if TYPE_CHECKING:
     from pipelines.models.components import SDComponents
@@ -59,13 +60,14 @@ class LibraryNetworks:
         self.library = library
         self.patcher = LoraPatcher(components)
         self.width = int(components.text_encoder.config.hidden_size)
-        self._files: OrderedDict[tuple[str, int, int, str], Any] = OrderedDict()
+        self._files: OrderedDict[tuple[str, tuple[tuple[int, int], ...], str], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._shadowed: set[tuple[str, str]] = set()  # (LoRA path, bundled name) warned about once
 
     def _cached(self, entry: ModelFile, kind: str, load: Any) -> Any:
-        stat = entry.path.stat()
-        key = (str(entry.path), stat.st_mtime_ns, stat.st_size, kind)
+        files = adapter_files(entry.path) if entry.format == "peft" else [entry.path]  # a folder: its files' stamps
+        stats = [path.stat() for path in files]
+        key = (str(entry.path), tuple((stat.st_mtime_ns, stat.st_size) for stat in stats), kind)
         with self._lock:
             if key in self._files:
                 self._files.move_to_end(key)

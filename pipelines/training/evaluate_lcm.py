@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -165,13 +164,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     import torch
 
     from pipelines.generation.schedulers import sampler_for_config
-    from pipelines.models.library import ModelLibrary
+    from pipelines.models.library import ModelLibrary, place_lora
     from pipelines.models.loading import load_pipeline
     from pipelines.models.shipped import EMBEDDED_MODEL_DIR, read_scheduler_config
     from pipelines.rerank.clip_scorer import ClipScorer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lora", type=Path, required=True, help="the LCM-LoRA file")
+    parser.add_argument("--lora", type=Path, required=True, help="the LCM-LoRA (.safetensors or PEFT adapter folder)")
     parser.add_argument("--pairs", type=int, default=48)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--timed", type=int, default=8, help="pairs whose single-image request is timed")
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     prompts = shapes.dataset(PROMPT_SEED, args.pairs)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "Lora").mkdir()
-        shutil.copy(args.lora, Path(folder) / "Lora" / f"{LORA_NAME}.safetensors")
+        place_lora(args.lora, Path(folder) / "Lora", LORA_NAME)
         pipe = load_pipeline("embedded", device="cpu", library=ModelLibrary([Path(folder)], shipped=False))
         scorer = ClipScorer.load(EMBEDDED_MODEL_DIR / "clip", device="cpu")
         settings = few_step_settings(args.few_step)

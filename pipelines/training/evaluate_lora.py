@@ -12,7 +12,6 @@ pixel (target: identical).
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +30,12 @@ def _cells(result: dict[str, float]) -> str:
     return " | ".join(f"{result[k]:.1%}" for k in ATTRIBUTES)
 
 
-def main(lora_file: Path, concept: str, pairs: int, threads: int) -> dict[str, dict[str, float]]:
+def main(lora: Path, concept: str, pairs: int, threads: int) -> dict[str, dict[str, float]]:
     import torch
 
     from pipelines.generation.request import GenerationRequest
     from pipelines.generation.schedulers import sampler_for_config
-    from pipelines.models.library import ModelLibrary
+    from pipelines.models.library import ModelLibrary, place_lora
     from pipelines.models.loading import load_pipeline
     from pipelines.models.shipped import EMBEDDED_MODEL_DIR, read_scheduler_config
 
@@ -45,7 +44,7 @@ def main(lora_file: Path, concept: str, pairs: int, threads: int) -> dict[str, d
     with tempfile.TemporaryDirectory() as folder:
         lora_dir = Path(folder) / "Lora"
         lora_dir.mkdir()
-        shutil.copy(lora_file, lora_dir / f"{concept}.safetensors")
+        place_lora(lora, lora_dir, concept)
         library = ModelLibrary([Path(folder)], shipped=False)
         pipe = load_pipeline("embedded", device="cpu", library=library)
         sampler = sampler_for_config(read_scheduler_config(EMBEDDED_MODEL_DIR))

@@ -13,7 +13,6 @@ cached under ``folder`` by its settings and the exact weights.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def generated_set(folder: Path, n: int, seed: int, lora: Path | None = None) -> 
 
 def generate(n: int, seed: int, lora: Path | None) -> tuple[np.ndarray, np.ndarray]:
     from pipelines.generation.request import GenerationRequest
-    from pipelines.models.library import ModelLibrary
+    from pipelines.models.library import ModelLibrary, place_lora
     from pipelines.models.loading import load_pipeline
 
     captions = [shapes.caption(a) for a in shapes.dataset(data.TRAIN_SEED, n // PER_PROMPT)]
@@ -60,7 +59,7 @@ def generate(n: int, seed: int, lora: Path | None) -> tuple[np.ndarray, np.ndarr
     with tempfile.TemporaryDirectory() as library_root:
         (Path(library_root) / "Lora").mkdir()
         if lora is not None:
-            shutil.copy(lora, Path(library_root) / "Lora" / f"{LORA_NAME}.safetensors")
+            place_lora(lora, Path(library_root) / "Lora", LORA_NAME)
         pipe = load_pipeline("embedded", device="cpu", library=ModelLibrary([Path(library_root)], shipped=False))
         for k, (caption, setting) in enumerate(tqdm(list(zip(captions, settings, strict=True)),
                                                     desc="generated latents", mininterval=20)):

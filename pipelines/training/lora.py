@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--monitor", type=int, default=8, help="prompts of each kind judged per checkpoint")
     parser.add_argument("--export", type=Path, default=None, help="write the run's LoRA (fp16) here and stop")
     parser.add_argument("--fp32", action="store_true", help="export in fp32")
-    parser.add_argument("--evaluate", type=Path, default=None, help="judge this LoRA file and print the table")
+    parser.add_argument("--evaluate", type=Path, default=None, help="judge this LoRA (file or PEFT folder)")
     parser.add_argument("--pairs", type=int, default=48, help="prompt x seed pairs of --evaluate")
     args = parser.parse_args(argv)
     if args.export is not None:
