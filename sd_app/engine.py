@@ -315,6 +315,7 @@ class Engine:
         cancel: threading.Event | None = None,
         progress: bool = False,
         interruption: Interruption | None = None,
+        skip_batch_size: int | None = None,
     ) -> GenerationResult:
         """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs.
 
@@ -324,6 +325,8 @@ class Engine:
         of candidates with new seeds until one reaches them (``on_round`` hears after each round).
         ValueError (nothing generated) when the request breaks the engine's ``limits``. ``interruption``: A1111's
         interrupt and skip (``pipelines.rerank.best_of``); the candidates stopped on the way come last.
+        ``skip_batch_size``: A1111's ``batch_size``, the candidates one skip stops together (None: the up to 4
+        denoised together).
         """
         from pipelines.rerank.best_of import best_of_n
         from pipelines.rerank.contrastive import RERANK_MODES
@@ -352,12 +355,14 @@ class Engine:
             until = best_of_until_pass(
                 pipe, request, reranker, labels, extra_rounds, keep=keep, early_scorer=early_scorer, on_step=on_step,
                 on_round=on_round, cancel=cancel, progress=progress, interruption=interruption,
+                skip_batch_size=skip_batch_size,
             )
             output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
             started = until.candidates_made
         else:
             output = best_of_n(pipe, request, reranker, keep=keep, early_scorer=early_scorer, on_step=on_step,
-                               cancel=cancel, progress=progress, interruption=interruption)
+                               cancel=cancel, progress=progress, interruption=interruption,
+                               skip_batch_size=skip_batch_size)
             if output.interrupted:  # the candidates started: returned, or pruned early
                 started = len(output.candidates) + len(output.pruned)
         candidates = []
