@@ -368,10 +368,11 @@ class Engine:
         candidates = []
         for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
-            if output.request.prune_to:
+            made = output.request
+            # stopped before the pruning step (an interrupt or skip): never scored early nor pruned, so not said
+            if made.prune_to and (ranked.stopped_at is None or ranked.stopped_at >= made.prune_at):
                 from pipelines.rerank.early_pruning import format_pruned
 
-                made = output.request
                 extra["Early pruning"] = f"{made.n} to {made.prune_to} at step {made.prune_at}"
                 if output.pruned:  # (none left when a minimum score had them finished)
                     extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
@@ -380,6 +381,8 @@ class Engine:
                 extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
                 extra["Reranker"] = output.reranker
+            else:  # stopped unscored: its early score, when it was ranked early
+                extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
             if labels:
                 extra["Min score"] = ", ".join(f"{label} {value:g}" for label, value in labels.items())
                 extra["Min score passed"] = "yes" if passed[index] else "no"

@@ -17,14 +17,21 @@ from pipelines.generation.request import GenerationRequest
 from pipelines.rerank.best_of import best_of_n
 from pipelines.rerank.clip_scorer import ClipScorer
 from pipelines.rerank.min_score import best_of_until_pass
+from sd_app.engine import Engine
+from sd_app.metadata import parse_parameters
 from tests.clip_fixtures import tiny_clip_dir
 
 BASE = dict(prompt="a red circle", steps=3, width=64, height=64, seed=40, sampler="Euler a")
 
 
 @pytest.fixture(scope="module")
-def scorer(tmp_path_factory):
-    return ClipScorer.load(tiny_clip_dir(tmp_path_factory.mktemp("clip")), device="cpu")
+def clip_dir(tmp_path_factory):
+    return tiny_clip_dir(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def scorer(clip_dir):
+    return ClipScorer.load(clip_dir, device="cpu")
 
 
 def stop_at(step: int, interruption: Interruption, *, skip: bool = False):
@@ -261,3 +268,21 @@ def test_without_a_skip_the_a1111_batches_leave_the_parts_and_pictures_as_they_w
     assert max(np.abs(pixels(a) - pixels(c.image)).max() for a, c in zip(alone, before.candidates)) <= 1
     with pytest.raises(ValueError, match="skip_batch_size must be a positive integer, got 0"):
         best_of_n(tiny_pipe, request, skip_batch_size=0)
+
+
+def test_an_image_stopped_before_the_pruning_step_says_nothing_of_early_pruning(tiny_model, clip_dir, tmp_path):
+    """Its infotext says what happened to it: stopped at step J, never scored early nor pruned. One stopped at
+    the pruning step or after was ranked and kept, so its infotext names the pruning too."""
+    engine = Engine(model=str(tiny_model), reranker=str(clip_dir), output_dir=tmp_path, device="cpu")
+    request = GenerationRequest(**BASE, n=4, prune_to=2, prune_at=2)  # 3 steps; steps told in candidate-steps
+    for at, stopped_at, count, pruned in ((4, 1, 4, False), (8, 2, 2, True)):  # after step 1, after step 2
+        interruption = Interruption()
+        result = engine.generate(request, save=False, on_step=stop_at(at, interruption), interruption=interruption)
+        assert result.interrupted and [c.stopped_at for c in result.candidates] == [stopped_at] * count
+        for candidate in result.candidates:
+            fields = parse_parameters(candidate.parameters)
+            assert fields["Stopped at step"] == f"{stopped_at} of 3" and fields["Seed"] == str(candidate.seed)
+            named = {key for key in ("Early pruning", "Pruned early", "Early scorer", "Early score") if key in fields}
+            assert named == ({"Early pruning", "Pruned early", "Early scorer", "Early score"} if pruned else set())
+        if pruned:
+            assert parse_parameters(result.candidates[0].parameters)["Early pruning"] == "4 to 2 at step 2"
