@@ -286,3 +286,11 @@ def test_an_image_stopped_before_the_pruning_step_says_nothing_of_early_pruning(
             assert named == ({"Early pruning", "Pruned early", "Early scorer", "Early score"} if pruned else set())
         if pruned:
             assert parse_parameters(result.candidates[0].parameters)["Early pruning"] == "4 to 2 at step 2"
+
+
+def test_a_minimum_scores_rounds_skip_one_a1111_batch_too(tiny_pipe, scorer):
+    interruption = Interruption()
+    out = best_of_until_pass(tiny_pipe, GenerationRequest(**BASE, n=2), scorer, {"CLIP score": 1e9}, 0,
+                             on_step=stop_at(1, interruption, skip=True), interruption=interruption, skip_batch_size=1)
+    assert not out.output.interrupted
+    assert [(c.seed, c.stopped_at) for c in out.output.candidates] == [(41, None), (40, 1)]
