@@ -11,9 +11,10 @@ request answers 200 with the images finished so far, ranked among themselves, th
 decoded from the model's prediction of their clean latents at the step reached (A1111's ``last_latent``),
 unscored; ``info.interrupted`` says so, ``info.stopped_at_step`` gives each image's steps done (null when
 finished) and their infotexts add ``Stopped at step: K of N``. Interrupted before its first step, a request
-answers 200 with no images. A skip stops the batch of up to 4 images being denoised together (sd-app's batch;
-A1111's is ``batch_size``) the same way and the request goes on with the next batch; with early pruning, and
-while a minimum score's round finishes the candidates it pruned, it stops the request as an interrupt does.
+answers 200 with no images. A skip stops the current one of the ``n_iter`` batches of ``batch_size`` images the
+same way and the request goes on with the next batch (``pipelines.rerank.best_of``: sd-app's parts of up to 4
+images stay as they are); with early pruning, and while a minimum score's round finishes the candidates it
+pruned, it stops the request as an interrupt does.
 
 Differences from A1111, on purpose:
 
@@ -457,6 +458,7 @@ def build_api_router(engine: Engine, tracker: JobTracker) -> APIRouter:
                     on_step=lambda info: tracker.step(job, info),
                     cancel=cancel,
                     interruption=interruption,
+                    skip_batch_size=body.batch_size,  # a skip stops one of the n_iter batches, as in A1111
                 )
 
         result = await run_cancelling_on_disconnect(work, http, cancel)

@@ -315,6 +315,7 @@ class Engine:
         cancel: threading.Event | None = None,
         progress: bool = False,
         interruption: Interruption | None = None,
+        skip_batch_size: int | None = None,
     ) -> GenerationResult:
         """Generate ``request.n`` candidates; score and sort them best first if ``rerank``; save PNGs.
 
@@ -324,6 +325,8 @@ class Engine:
         of candidates with new seeds until one reaches them (``on_round`` hears after each round).
         ValueError (nothing generated) when the request breaks the engine's ``limits``. ``interruption``: A1111's
         interrupt and skip (``pipelines.rerank.best_of``); the candidates stopped on the way come last.
+        ``skip_batch_size``: A1111's ``batch_size``, the candidates one skip stops together (None: the up to 4
+        denoised together).
         """
         from pipelines.rerank.best_of import best_of_n
         from pipelines.rerank.contrastive import RERANK_MODES
@@ -352,21 +355,24 @@ class Engine:
             until = best_of_until_pass(
                 pipe, request, reranker, labels, extra_rounds, keep=keep, early_scorer=early_scorer, on_step=on_step,
                 on_round=on_round, cancel=cancel, progress=progress, interruption=interruption,
+                skip_batch_size=skip_batch_size,
             )
             output, rounds, max_rounds, passed = until.output, until.rounds, until.max_rounds, until.passed
             started = until.candidates_made
         else:
             output = best_of_n(pipe, request, reranker, keep=keep, early_scorer=early_scorer, on_step=on_step,
-                               cancel=cancel, progress=progress, interruption=interruption)
+                               cancel=cancel, progress=progress, interruption=interruption,
+                               skip_batch_size=skip_batch_size)
             if output.interrupted:  # the candidates started: returned, or pruned early
                 started = len(output.candidates) + len(output.pruned)
         candidates = []
         for index, ranked in enumerate(output.candidates):
             extra: dict[str, Any] = dict(output.extra)  # Lora hashes, TI hashes
-            if output.request.prune_to:
+            made = output.request
+            # stopped before the pruning step (an interrupt or skip): never scored early nor pruned, so not said
+            if made.prune_to and (ranked.stopped_at is None or ranked.stopped_at >= made.prune_at):
                 from pipelines.rerank.early_pruning import format_pruned
 
-                made = output.request
                 extra["Early pruning"] = f"{made.n} to {made.prune_to} at step {made.prune_at}"
                 if output.pruned:  # (none left when a minimum score had them finished)
                     extra["Pruned early"] = format_pruned(output.pruned)  # seed: early score
@@ -375,6 +381,8 @@ class Engine:
                 extra[output.score_label] = f"{ranked.score:.2f}"
                 extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
                 extra["Reranker"] = output.reranker
+            else:  # stopped unscored: its early score, when it was ranked early
+                extra.update({key: f"{value:.2f}" for key, value in ranked.details.items()})
             if labels:
                 extra["Min score"] = ", ".join(f"{label} {value:g}" for label, value in labels.items())
                 extra["Min score passed"] = "yes" if passed[index] else "no"

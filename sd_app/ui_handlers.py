@@ -7,8 +7,9 @@ memory and leave the engine ready for the next request.
 Stopping a view's job, as A1111's buttons: Interrupt keeps what was made (the finished images, ranked, then the
 images being denoised, decoded from their predicted clean latents at the step reached and captioned so; saved
 like the others with ``Stopped at step: K of N`` in their infotext), Skip does that to the batch being denoised
-and the job goes on (``pipelines.generation.denoising.Interruption``). The HTTP API's ``/interrupt`` and ``/skip``
-reach a UI job the same way (``sd_app.ui_jobs``). Cancel keeps nothing, and drops a job still queued.
+(a view has one Candidates count, no batch size and count: its batches are the up to 4 candidates denoised
+together) and the job goes on (``pipelines.generation.denoising.Interruption``). The HTTP API's ``/interrupt``
+and ``/skip`` reach a UI job the same way (``sd_app.ui_jobs``). Cancel keeps nothing, and drops a job still queued.
 """
 
 from __future__ import annotations

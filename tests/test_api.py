@@ -479,13 +479,23 @@ def test_interrupted_before_its_first_step_a_request_answers_200_without_images(
 
 
 def test_skip_stops_the_batch_being_denoised_and_the_request_goes_on(stepped_server):
-    body, info, answers = stopped_request(stepped_server, "skip", 1, seed=80, batch_size=6, rerank=False)
+    """As A1111: a skip stops one of the n_iter batches of batch_size images (here 2 of the 4 sd-app denoises
+    together); the request goes on with the others."""
+    body, info, answers = stopped_request(stepped_server, "skip", 1, seed=80, batch_size=2, n_iter=3, rerank=False)
     assert answers == [{"skipped": True}]
     assert info["interrupted"] is False and len(body["images"]) == 6
-    assert info["all_seeds"] == [84, 85, 80, 81, 82, 83]  # the finished batch first, then the skipped one
-    assert info["stopped_at_step"] == [None, None, 1, 1, 1, 1]
-    alone = txt2img(stepped_server[0], seed=84)["images"][0]
-    np.testing.assert_array_equal(np.asarray(decode(body["images"][0])), np.asarray(decode(alone)))
+    assert info["all_seeds"] == [82, 83, 84, 85, 80, 81]  # the finished batches first, then the skipped one
+    assert info["stopped_at_step"] == [None, None, None, None, 1, 1]
+    assert [parse_parameters(text).get("Stopped at step") for text in info["infotexts"]] == [None] * 4 + ["1 of 2"] * 2
+    alone = txt2img(stepped_server[0], seed=84, batch_size=2, rerank=False)["images"][0]  # as the same pair
+    np.testing.assert_array_equal(np.asarray(decode(body["images"][2])), np.asarray(decode(alone)))
+
+
+def test_a_skip_stops_all_of_a_batch_larger_than_sd_apps_parts(stepped_server):
+    """batch_size 6 is denoised as parts of 4 and 2; a skip stops all six at the step reached, as in A1111."""
+    body, info, _ = stopped_request(stepped_server, "skip", 1, seed=86, batch_size=6, rerank=False)
+    assert info["interrupted"] is False and info["all_seeds"] == list(range(86, 92))
+    assert info["stopped_at_step"] == [1] * 6 and len(body["images"]) == 6
 
 
 def test_interrupt_and_skip_without_a_job_answer_200(live_server):

@@ -17,14 +17,21 @@ from pipelines.generation.request import GenerationRequest
 from pipelines.rerank.best_of import best_of_n
 from pipelines.rerank.clip_scorer import ClipScorer
 from pipelines.rerank.min_score import best_of_until_pass
+from sd_app.engine import Engine
+from sd_app.metadata import parse_parameters
 from tests.clip_fixtures import tiny_clip_dir
 
 BASE = dict(prompt="a red circle", steps=3, width=64, height=64, seed=40, sampler="Euler a")
 
 
 @pytest.fixture(scope="module")
-def scorer(tmp_path_factory):
-    return ClipScorer.load(tiny_clip_dir(tmp_path_factory.mktemp("clip")), device="cpu")
+def clip_dir(tmp_path_factory):
+    return tiny_clip_dir(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def scorer(clip_dir):
+    return ClipScorer.load(clip_dir, device="cpu")
 
 
 def stop_at(step: int, interruption: Interruption, *, skip: bool = False):
@@ -194,3 +201,96 @@ def test_a_skip_asked_before_a_pruned_job_or_between_rounds_stops_none(tiny_pipe
     assert out.rounds == 2 and not out.output.interrupted
     assert [c.stopped_at for c in out.output.candidates] == [None, None]
     assert [c.seed for c in out.output.candidates] == [c.seed for c in whole.output.candidates]
+
+
+def test_with_a1111_batches_a_skip_stops_one_batch_and_the_parts_candidates_of_the_next_are_made_again(tiny_pipe):
+    """batch_size 1 x n_iter 4, denoised as one part of 4: a skip stops the first batch's image only, as in A1111;
+    the other three are made again, from their seeds, as a part of their own."""
+    request = GenerationRequest(**BASE, n=4)
+    interruption = Interruption()
+    out = best_of_n(tiny_pipe, request, on_step=stop_at(1, interruption, skip=True), interruption=interruption,
+                    skip_batch_size=1)
+    assert not out.interrupted
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(41, None), (42, None), (43, None), (40, 1)]
+    remade = best_of_n(tiny_pipe, GenerationRequest(**{**BASE, "seed": 41, "n": 3}))
+    for candidate, reference in zip(out.candidates[:3], remade.candidates, strict=True):
+        np.testing.assert_array_equal(pixels(candidate.image), pixels(reference.image))
+    expected = clean_picture(tiny_pipe, GenerationRequest(**{**BASE, "n": 4}), 1)[0]
+    assert np.abs(pixels(out.candidates[3].image) - pixels(expected)).max() <= 1
+    # batch_size 2 x n_iter 4 in parts of 4: the skip stops seeds 40 and 41, the six others are finished
+    interruption = Interruption()
+    out = best_of_n(tiny_pipe, GenerationRequest(**BASE, n=8), on_step=stop_at(1, interruption, skip=True),
+                    interruption=interruption, skip_batch_size=2)
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(s, None) for s in range(42, 48)] + [(40, 1), (41, 1)]
+
+
+def test_a_skip_stops_an_a1111_batch_larger_than_a_part_at_one_step(tiny_pipe):
+    """batch_size 5 x n_iter 2 in parts of 4: a skip at step 2 of the first part stops the whole first batch at
+    step 2, the fifth image too (run to step 2 in a part after), as A1111 stops a batch it denoises together."""
+    request = GenerationRequest(**BASE, n=10)
+    whole = best_of_n(tiny_pipe, request)
+    interruption = Interruption()
+    out = best_of_n(tiny_pipe, request, on_step=stop_at(2, interruption, skip=True), interruption=interruption,
+                    skip_batch_size=5)
+    assert not out.interrupted
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(s, None) for s in range(45, 50)] + [
+        (s, 2) for s in range(40, 45)]
+    for candidate in out.candidates[:5]:  # the second batch, finished: within a level of the unskipped run
+        reference = next(c for c in whole.candidates if c.seed == candidate.seed)
+        assert np.abs(pixels(candidate.image) - pixels(reference.image)).max() <= 1
+    fifth = clean_picture(tiny_pipe, GenerationRequest(**{**BASE, "seed": 44}), 2)[0]
+    np.testing.assert_array_equal(pixels(out.candidates[-1].image), pixels(fifth))
+    # an interrupt while the fifth image catches up stops it there and the request with it
+    interruption = Interruption()
+
+    def skip_then_interrupt(info):  # parts: 40-43 (steps 1-3), then 44 alone to step 2 (4-5), 45-47, 48-49
+        if info.step == 2:
+            interruption.skip()
+        if info.step == 4:
+            interruption.interrupt()
+
+    out = best_of_n(tiny_pipe, request, on_step=skip_then_interrupt, interruption=interruption, skip_batch_size=5)
+    assert out.interrupted
+    assert [(c.seed, c.stopped_at) for c in out.candidates] == [(40, 2), (41, 2), (42, 2), (43, 2), (44, 1)]
+
+
+def test_without_a_skip_the_a1111_batches_leave_the_parts_and_pictures_as_they_were(tiny_pipe):
+    """The parts stay those of 4 whatever batch_size asks, so no picture changes by a bit: the pipeline's
+    pictures are the same at any batch size only to an 8-bit level (as measured here)."""
+    request = GenerationRequest(**BASE, n=6)
+    before = best_of_n(tiny_pipe, request)
+    for skip_batch_size in (1, 3, 6):
+        out = best_of_n(tiny_pipe, request, interruption=Interruption(), skip_batch_size=skip_batch_size)
+        assert [c.seed for c in out.candidates] == [c.seed for c in before.candidates]
+        for candidate, reference in zip(out.candidates, before.candidates, strict=True):
+            np.testing.assert_array_equal(pixels(candidate.image), pixels(reference.image))
+    alone = [tiny_pipe(GenerationRequest(**{**BASE, "seed": c.seed})).images[0] for c in before.candidates]
+    assert max(np.abs(pixels(a) - pixels(c.image)).max() for a, c in zip(alone, before.candidates)) <= 1
+    with pytest.raises(ValueError, match="skip_batch_size must be a positive integer, got 0"):
+        best_of_n(tiny_pipe, request, skip_batch_size=0)
+
+
+def test_an_image_stopped_before_the_pruning_step_says_nothing_of_early_pruning(tiny_model, clip_dir, tmp_path):
+    """Its infotext says what happened to it: stopped at step J, never scored early nor pruned. One stopped at
+    the pruning step or after was ranked and kept, so its infotext names the pruning too."""
+    engine = Engine(model=str(tiny_model), reranker=str(clip_dir), output_dir=tmp_path, device="cpu")
+    request = GenerationRequest(**BASE, n=4, prune_to=2, prune_at=2)  # 3 steps; steps told in candidate-steps
+    for at, stopped_at, count, pruned in ((4, 1, 4, False), (8, 2, 2, True)):  # after step 1, after step 2
+        interruption = Interruption()
+        result = engine.generate(request, save=False, on_step=stop_at(at, interruption), interruption=interruption)
+        assert result.interrupted and [c.stopped_at for c in result.candidates] == [stopped_at] * count
+        for candidate in result.candidates:
+            fields = parse_parameters(candidate.parameters)
+            assert fields["Stopped at step"] == f"{stopped_at} of 3" and fields["Seed"] == str(candidate.seed)
+            named = {key for key in ("Early pruning", "Pruned early", "Early scorer", "Early score") if key in fields}
+            assert named == ({"Early pruning", "Pruned early", "Early scorer", "Early score"} if pruned else set())
+        if pruned:
+            assert parse_parameters(result.candidates[0].parameters)["Early pruning"] == "4 to 2 at step 2"
+
+
+def test_a_minimum_scores_rounds_skip_one_a1111_batch_too(tiny_pipe, scorer):
+    interruption = Interruption()
+    out = best_of_until_pass(tiny_pipe, GenerationRequest(**BASE, n=2), scorer, {"CLIP score": 1e9}, 0,
+                             on_step=stop_at(1, interruption, skip=True), interruption=interruption, skip_batch_size=1)
+    assert not out.output.interrupted
+    assert [(c.seed, c.stopped_at) for c in out.output.candidates] == [(41, None), (40, 1)]

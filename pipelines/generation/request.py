@@ -71,7 +71,8 @@ class GenerationRequest:
     features for N-1 of every N steps (DeepCache); ``guidance_cutoff`` f drops classifier-free
     guidance for the last fraction f of the steps.
     Image ``i`` of the request uses seed ``seed + i`` (A1111's convention), each from its own
-    CPU ``torch.Generator``, so a seed gives the same picture at any batch size.
+    CPU ``torch.Generator``, so a seed gives the same picture at any batch size, to the last bits of batched
+    matrix products (an 8-bit level at most; tests/test_interruption.py).
     ``eta`` sets the fresh noise of a stochastic sampler's step: TCD's gamma (default 0.3, Zheng et al.
     2024), DDIM's eta (default 0).
     ``image`` makes it img2img or inpainting (``ImageConditioning``); ``hires`` adds A1111's hires fix

@@ -7,6 +7,13 @@ An :class:`~pipelines.generation.denoising.Interruption` stops it as A1111's int
 (``modules/processing.py``): an interrupt keeps the candidates finished, ranked among themselves, and after them
 the batch being denoised as the pictures of its predicted clean latents at the step reached, unscored; the
 later batches are not started. A skip does that to the batch being denoised and goes on with the next one.
+
+What a skip stops is A1111's batch when the caller gives its size (``skip_batch_size``, the API's
+``batch_size``; ``n_iter`` such batches make the request), else the part being denoised. The parts stay
+those of ``batch_size`` either way, so the pictures are what they were without a skip (the pipeline's
+pictures differ by an 8-bit level at most between batch sizes, not always by none). A skipped part's
+candidates of later A1111 batches are made again in a part of their own; the skipped batch's candidates in
+later parts are run to the step the skip stopped it at and kept there, as A1111 stops a batch together.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from pipelines.generation.denoising import GenerationInterrupted
+from pipelines.generation.denoising import GenerationInterrupted, Interruption
 from pipelines.generation.extra_networks import strip_network_tags
 from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import GenerationRequest, require_request
@@ -23,8 +30,7 @@ from pipelines.generation.request import GenerationRequest, require_request
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.generation.denoising import Interruption
-    from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImagePipeline
+    from pipelines.generation.text_to_image import StepCallback, StepInfo, TextToImageOutput, TextToImagePipeline
     from pipelines.rerank.clip_scorer import ClipScorer
     from pipelines.rerank.contrastive import ContrastiveScorer
     from pipelines.rerank.early_pruning import HeldRuns, PrunedCandidate
@@ -85,6 +91,61 @@ def _whole_request_steps(on_step: StepCallback | None, part: int, parts: int) ->
     return forward
 
 
+@dataclass(frozen=True)
+class Part:
+    """Candidates ``start`` .. ``start + n - 1`` denoised together; ``until``: stop them after that step, as
+    the skip that stopped the rest of their A1111 batch did (None: run them to the end)."""
+
+    start: int
+    n: int
+    until: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n
+
+
+def skipped_batch_end(index: int, skip_batch_size: int, n: int) -> int:
+    """One past the last candidate of the A1111 batch of ``skip_batch_size`` that candidate ``index`` is in."""
+    return min((index // skip_batch_size + 1) * skip_batch_size, n)
+
+
+def after_skip(part: Part, end: int, step: int, parts: list[Part]) -> list[Part]:
+    """The parts left once a skip stopped ``part`` at ``step`` and with it the candidates before ``end``: the
+    part's candidates from ``end`` on are made again as a part of their own, those of later parts before
+    ``end`` are run to ``step`` and stopped there (none when ``step`` is 0: they would have no picture)."""
+    if end < part.end:
+        return [Part(end, part.end - end), *parts]
+    rest: list[Part] = []
+    for later in parts:  # in generation order, the first ones within the skipped batch
+        if later.start >= end:
+            rest.append(later)
+            continue
+        if step:
+            rest.append(Part(later.start, min(later.end, end) - later.start, step))
+        if later.end > end:
+            rest.append(Part(end, later.end - end))
+    return rest
+
+
+def _run_until(pipe: TextToImagePipeline, request: GenerationRequest, until: int, on_step: StepCallback | None,
+               cancel: threading.Event | None, progress: bool, interruption: Interruption | None
+               ) -> TextToImageOutput:
+    """Run ``request`` and stop it after step ``until`` as a skip does (GenerationInterrupted); an interrupt
+    asked meanwhile stops it within a step, as an interrupt."""
+    stop = Interruption()
+
+    def forward(info: StepInfo) -> None:
+        if on_step is not None:
+            on_step(info)
+        if info.step >= until:
+            stop.skip()
+        if interruption is not None and interruption.interrupted:
+            stop.interrupt()
+
+    return pipe(request, on_step=forward, cancel=cancel, progress=progress, interruption=stop)
+
+
 def check_keep(keep: int | None, n: int) -> None:
     """ValueError unless ``keep`` is None or an integer in 1..n (how many of the best candidates to keep)."""
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n):
@@ -104,6 +165,7 @@ def best_of_n(
     progress: bool = False,
     hold_pruned: bool = False,
     interruption: Interruption | None = None,
+    skip_batch_size: int | None = None,
 ) -> BestOfOutput:
     """Generate ``request.n`` candidates, rank them by CLIP score if ``scorer`` is given, keep the top ``keep``.
 
@@ -112,11 +174,15 @@ def best_of_n(
     (by ``early_scorer`` when given, else by ``scorer``), and with ``hold_pruned`` ``held`` has their runs,
     stopped where they were pruned, for the caller to finish if it needs them. ``interruption``: A1111's
     interrupt and skip (module docstring); the candidates they stopped come last, unscored (``stopped``).
+    ``skip_batch_size``: A1111's ``batch_size``, the candidates one skip stops together (None: the part being
+    denoised, up to ``batch_size``).
     """
     require_request(request)
     check_keep(keep, request.n)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    sizes = {"batch_size": batch_size, **({"skip_batch_size": skip_batch_size} if skip_batch_size is not None else {})}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if request.prune_to:
         if scorer is None:
             raise ValueError(f"early pruning (prune_to={request.prune_to}) needs a reranker to score the candidates")
@@ -155,27 +221,39 @@ def best_of_n(
             early_label = run.ranking.label
         model_hash = pipe.components.model_hash
     else:
-        parts = range(0, request.n, batch_size)
-        for part_index, start in enumerate(parts):
+        parts = [Part(start, min(batch_size, request.n - start)) for start in range(0, request.n, batch_size)]
+        done = 0
+        while parts:
+            part, parts = parts[0], parts[1:]
             if interruption is not None:
                 if interruption.interrupted:  # asked between two batches: the rest are not started
                     interrupted = True
                     break
                 interruption.clear_skip()  # a skip asked after the last batch ended stops none (as A1111)
-            part = replace(request, seed=request.seeds()[start], n=min(batch_size, request.n - start))
+            steps = _whole_request_steps(on_step, done, done + 1 + len(parts))
+            done += 1
+            part_request = replace(request, seed=request.seeds()[part.start], n=part.n)
             try:
-                output = pipe(part, on_step=_whole_request_steps(on_step, part_index, len(parts)), cancel=cancel,
-                              progress=progress, interruption=interruption)
+                if part.until is None:
+                    output = pipe(part_request, on_step=steps, cancel=cancel, progress=progress,
+                                  interruption=interruption)
+                else:
+                    output = _run_until(pipe, part_request, part.until, steps, cancel, progress, interruption)
             except GenerationInterrupted as stop:
-                stopped.update({start + i: picture for i, picture in stop.unfinished.items()})
                 model_hash, extra = pipe.components.model_hash, stop.extra
-                if stop.skipped:
-                    continue
-                interrupted = True
-                break
+                end = part.end  # the candidates this stop stops are those before it
+                if stop.skipped and part.until is None and skip_batch_size is not None:
+                    end = skipped_batch_end(part.start, skip_batch_size, request.n)
+                stopped.update({part.start + i: kept for i, kept in stop.unfinished.items() if part.start + i < end})
+                if not stop.skipped:
+                    interrupted = True
+                    break
+                if part.until is None:  # (else: the rest of a skipped batch, stopped at its step)
+                    parts = after_skip(part, end, stop.step, parts)
+                continue
             images.extend(output.images)
             seeds.extend(output.seeds)
-            made.extend(range(start, start + len(output.images)))
+            made.extend(range(part.start, part.start + len(output.images)))
             model_hash = output.model_hash
             extra = output.extra
     scores: list[float | None] = [None] * len(images)

@@ -147,13 +147,15 @@ def best_of_until_pass(
     cancel: threading.Event | None = None,
     progress: bool = False,
     interruption: Interruption | None = None,
+    skip_batch_size: int | None = None,
 ) -> MinScoreOutput:
     """Generate rounds of ``request.n`` candidates until one reaches ``thresholds`` (label -> minimum).
 
     With ``request.prune_to`` each round of new seeds is pruned early (``early_scorer`` ranks the x0
     pictures, default ``scorer``); a round whose kept candidates all fall short is followed by one that
     finishes the pruned ones (module docstring). ``output.pruned`` lists the candidates never finished;
-    ``interruption``: A1111's interrupt and skip (module docstring)."""
+    ``interruption``: A1111's interrupt and skip (module docstring); ``skip_batch_size``: the candidates of a
+    round one skip stops together (``best_of_n``)."""
     if isinstance(extra_rounds, bool) or not isinstance(extra_rounds, int) or not 0 <= extra_rounds <= MAX_EXTRA_ROUNDS:
         raise ValueError(f"extra rounds must be an integer between 0 and {MAX_EXTRA_ROUNDS}, got {extra_rounds!r}")
     if not thresholds:
@@ -190,7 +192,7 @@ def best_of_until_pass(
             last = best_of_n(
                 pipe, part, scorer if request.prune_to else None, batch_size=batch_size, early_scorer=early_scorer,
                 cancel=cancel, progress=progress, on_step=round_steps, hold_pruned=round_index < max_rounds - 1,
-                interruption=interruption,
+                interruption=interruption, skip_batch_size=skip_batch_size,
             )
             made = sorted(last.finished, key=lambda c: c.generation_index)
             new_images, new_seeds = [c.image for c in made], [c.seed for c in made]  # generation order
