@@ -7,6 +7,7 @@ Format: the prompt (one or more lines), an optional ``Negative prompt: ...`` lin
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -55,6 +56,9 @@ def format_parameters(
     if model_hash:
         pairs["Model hash"] = model_hash
     pairs["Model"] = model_name
+    # The initial noise comes from a CPU generator per image on every device (A1111's "Random number generator
+    # source: CPU", which it writes as RNG: CPU): pasted into A1111, the infotext selects the same noise.
+    pairs["RNG"] = "CPU"
     pairs.update(extra or {})
     pairs["Version"] = VERSION
     lines = [request.prompt]
@@ -191,14 +195,42 @@ def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:
         raise ValueError(f"parameters cannot be reused: {error}") from error
 
 
+# What A1111's parse_generation_parameters (modules/infotext_utils.py) fills in for a key the text lacks: the value
+# that key had when the image was made (a missing ``RNG`` meant the GPU's generator, the option's default).
+A1111_DEFAULTS: dict[str, Any] = {
+    "Clip skip": "1",
+    "Hires resize-1": 0,
+    "Hires resize-2": 0,
+    "Hires sampler": "Use same sampler",
+    "Hires checkpoint": "Use same checkpoint",
+    "Hires prompt": "",
+    "Hires negative prompt": "",
+    "Mask mode": "Inpaint masked",
+    "Masked content": "original",
+    "Inpaint area": "Whole picture",
+    "Masked area padding": 32,
+    "RNG": "GPU",
+    "Schedule type": "Automatic",
+    "Schedule max sigma": 0,
+    "Schedule min sigma": 0,
+    "Schedule rho": 0,
+    "VAE Encoder": "Full",
+    "VAE Decoder": "Full",
+    "FP8 weight": "Disable",
+}
+
+
 def a1111_parameters(text: str) -> dict[str, Any]:
     """A ``parameters`` text as A1111's ``parse_generation_parameters`` gives it (``/sdapi/v1/png-info``):
     ``Prompt``, ``Negative prompt``, then each pair as a string, a ``WxH`` value split into ``Key-1`` and
-    ``Key-2`` (``Size-1``, ``Size-2``). A text without a settings line is all prompt, as A1111 reads it."""
+    ``Key-2`` (``Size-1``, ``Size-2``), then A1111's value for each key it fills in when missing
+    (``A1111_DEFAULTS``; ``Hires resize`` only when neither half is there), and an old hires fix's ``First pass
+    size`` read as A1111 reads it (the first pass's size becomes ``Size``, the final one ``Hires resize``). A text
+    without a settings line is all prompt, as A1111 reads it."""
     try:
         parsed = parse_parameters(text)
     except ValueError:
-        return {"Prompt": text.strip(), "Negative prompt": ""}
+        parsed = {"prompt": text.strip(), "negative_prompt": ""}
     result: dict[str, Any] = {"Prompt": parsed.pop("prompt"), "Negative prompt": parsed.pop("negative_prompt")}
     for key, value in parsed.items():
         size = re.fullmatch(r"(\d+)x(\d+)", str(value))
@@ -206,7 +238,28 @@ def a1111_parameters(text: str) -> dict[str, Any]:
             result[f"{key}-1"], result[f"{key}-2"] = size.groups()
         else:
             result[key] = str(value)
+    has_hires_size = "Hires resize-1" in result
+    for key, value in A1111_DEFAULTS.items():
+        if key.startswith("Hires resize-") and has_hires_size:
+            continue
+        result.setdefault(key, value)
+    _restore_first_pass_size(result)
     return result
+
+
+def _restore_first_pass_size(result: dict[str, Any]) -> None:
+    """A1111's reading of its old hires fix (before 1.0: ``First pass size: WxH`` beside the final ``Size``; 0x0
+    meant a first pass of about 512x512 pixels, sides rounded up to multiples of 64)."""
+    try:
+        first = int(result["First pass size-1"]), int(result["First pass size-2"])
+        width, height = int(result.get("Size-1", 512)), int(result.get("Size-2", 512))
+    except (KeyError, ValueError):
+        return
+    if 0 in first and width > 0 and height > 0:
+        scale = math.sqrt(512 * 512 / (width * height))
+        first = math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+    result["Size-1"], result["Size-2"] = first
+    result["Hires resize-1"], result["Hires resize-2"] = width, height
 
 
 def read_png_parameters(image: Any) -> str | None:

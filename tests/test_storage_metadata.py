@@ -69,7 +69,7 @@ def test_parameters_format_matches_a1111_and_round_trips():
     assert text == (
         "a red circle on a blue background\nNegative prompt: blurry\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x512, "
-        "Model hash: 6ce0161689, Model: shapes-tiny, CLIP score: 31.24, Reranker: x, Version: sd-app 0.1.0"
+        "Model hash: 6ce0161689, Model: shapes-tiny, RNG: CPU, CLIP score: 31.24, Reranker: x, Version: sd-app 0.1.0"
     )
     parsed = parse_parameters(text)
     assert parsed["prompt"] == request.prompt and parsed["negative_prompt"] == "blurry"
@@ -168,3 +168,36 @@ def test_img2img_and_inpaint_keys_are_written_and_read_back():
         "strength": 0.75, "invert_mask": False, "inpaint_full_res": False,
     }
     assert image_settings_from_parameters(parse_parameters(format_parameters(GenerationRequest(seed=1), 1, "m"))) == {}
+
+
+def test_png_info_parameters_fill_in_what_a1111_fills_in():
+    """``/sdapi/v1/png-info``'s parameters are A1111's parse_generation_parameters: a key the text lacks gets the
+    value it had when the image was made (no Clip skip line: clip skip 1), and a key the text has keeps its value."""
+    from sd_app.metadata import a1111_parameters
+
+    plain = a1111_parameters("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 512x768")
+    assert (plain["Prompt"], plain["Size-1"], plain["Size-2"], plain["Seed"]) == ("a cat", "512", "768", "3")
+    assert (plain["Clip skip"], plain["RNG"], plain["Schedule type"], plain["VAE Decoder"]) == ("1", "GPU",
+                                                                                                "Automatic", "Full")
+    assert (plain["Hires resize-1"], plain["Hires resize-2"], plain["Masked area padding"]) == (0, 0, 32)
+    assert plain["Hires sampler"] == "Use same sampler" and plain["Inpaint area"] == "Whole picture"
+    given = a1111_parameters("a cat\nSteps: 20, Seed: 3, Clip skip: 2, RNG: CPU, Hires resize: 1024x640, "
+                             "Schedule type: Karras, VAE Decoder: TAESD")
+    assert (given["Clip skip"], given["RNG"], given["Schedule type"], given["VAE Decoder"]) == ("2", "CPU", "Karras",
+                                                                                              "TAESD")
+    assert (given["Hires resize-1"], given["Hires resize-2"]) == ("1024", "640")
+    prompt_only = a1111_parameters("just a prompt, no settings")
+    assert prompt_only["Prompt"] == "just a prompt, no settings" and prompt_only["Clip skip"] == "1"
+
+
+@pytest.mark.parametrize(("first_pass", "size", "expected"), [
+    ("640x384", "1280x768", (640, 384, 1280, 768)),
+    ("0x0", "1024x1024", (512, 512, 1024, 1024)),  # 0x0: about 512x512 pixels, sides rounded up to 64
+    ("0x0", "1536x768", (768, 384, 1536, 768)),
+])
+def test_an_old_hires_fix_first_pass_size_reads_as_a1111_reads_it(first_pass, size, expected):
+    from sd_app.metadata import a1111_parameters
+
+    parsed = a1111_parameters(f"a cat\nSteps: 20, Seed: 3, Size: {size}, First pass size: {first_pass}, "
+                              "Denoising strength: 0.7")
+    assert (parsed["Size-1"], parsed["Size-2"], parsed["Hires resize-1"], parsed["Hires resize-2"]) == expected
