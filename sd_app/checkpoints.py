@@ -12,6 +12,7 @@ pipelines stay in memory (1 by default: a switch frees the old model before load
 from __future__ import annotations
 
 import gc
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -35,9 +36,10 @@ def checkpoint_path(library: ModelLibrary, spec: str) -> str:
     try:
         entry = library.find("checkpoint", text)
     except ModelLoadError:
-        if text.startswith(("/", "~", ".")) or (text.count("/") == 1 and not text.endswith(".safetensors")):
+        repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith(".safetensors")
+        if text.startswith(("/", "~", ".")) or repo_id:
             return text  # a path, or a Hugging Face repo id in the local cache: loading says what is wrong
-        raise
+        raise  # a name, or a title (no repo id has a space or brackets)
     return "embedded" if entry.folder == "shipped" else str(entry.path)
 
 
