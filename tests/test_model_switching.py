@@ -347,6 +347,28 @@ def test_automatic_vae_is_a1111s_near_the_checkpoint(tmp_path):
     assert vae_path(library, str(checkpoint), "None") is None
 
 
+def test_automatic_vae_of_a_diffusers_folder_uses_the_folders_name_as_its_stem(tmp_path):
+    """A1111's rule (it lists files only) applied to a diffusers folder: its stem is its name."""
+    from pipelines.models.library import ModelLibrary
+    from sd_app.checkpoints import vae_path
+
+    models = tmp_path / "models"
+    folder = models / "Stable-diffusion" / "dream-v2"
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    matching = models / "VAE" / "dream-v2-ft.safetensors"
+    matching.parent.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(matching))
+    library = ModelLibrary([tmp_path], shipped=False)
+    assert vae_path(library, str(folder), "Automatic") == str(matching)
+    beside = folder.with_name("dream-v2.vae.safetensors")
+    save_file({"w": torch.zeros(1)}, str(beside))
+    library.refresh()
+    assert vae_path(library, str(folder), "Automatic") == str(beside)
+    assert vae_path(library, str(models / "Stable-diffusion"), "Automatic") is None  # no model: no stem
+    assert vae_path(library, "embedded", "Automatic") is None
+
+
 def test_a_page_opened_after_a_switch_shows_the_selection_as_it_is(server):
     """The page is built once, at start; each page load asks for the current checkpoint, VAE and clip skip."""
     from sd_app.ui import build_demo
