@@ -184,13 +184,15 @@ def check_server_options(engine: Engine, wanted: Mapping[str, Any]) -> None:
 
 def apply_options(engine: Engine, wanted: Mapping[str, Any]) -> dict[str, Any]:
     """Switch checkpoint / VAE (after the running job) and set the default clip skip and VAE decoder; the
-    options after. Nothing changes when any value is refused."""
+    options after. Nothing changes when any value is refused (a clip skip beyond the text encoder's layers of the
+    checkpoint selected after, too)."""
     check_server_options(engine, wanted)
     checkpoint, vae = client_switch(engine, wanted)
+    clip_skip = wanted.get("CLIP_stop_at_last_layers")  # checked against the (new) checkpoint's text encoder
     if checkpoint is not None or vae is not None:
-        engine.switch(checkpoint=checkpoint, vae=vae)
-    if "CLIP_stop_at_last_layers" in wanted:
-        engine.clip_skip = wanted["CLIP_stop_at_last_layers"]
+        engine.switch(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip)
+    elif clip_skip is not None:
+        engine.set_clip_skip(clip_skip)
     if "sd_vae_decode_method" in wanted:
         engine.vae_decoder = wanted["sd_vae_decode_method"]
     return options_payload(engine)

@@ -3,7 +3,7 @@
 A1111's option values: ``sd_model_checkpoint`` is a checkpoint's title (``sub/model.safetensors
 [hash]``), its name, file name, stem or short hash; ``sd_vae`` is ``Automatic`` (a ``<checkpoint
 stem>.vae.safetensors`` beside the checkpoint, else a VAE of the folders whose file name starts with the
-checkpoint's stem, else the checkpoint's own), ``None`` (the checkpoint's
+checkpoint's stem, else the checkpoint's own; a diffusers folder's stem is its name), ``None`` (the checkpoint's
 own) or a VAE's name. Paths and ``embedded`` work too, as on the command line; a client of the server
 (HTTP API, browser UI) names library entries only (:func:`client_selection`). At most ``max_loaded``
 pipelines stay in memory (1 by default: a switch frees the old model before loading the new).
@@ -12,6 +12,7 @@ pipelines stay in memory (1 by default: a switch frees the old model before load
 from __future__ import annotations
 
 import gc
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -35,9 +36,10 @@ def checkpoint_path(library: ModelLibrary, spec: str) -> str:
     try:
         entry = library.find("checkpoint", text)
     except ModelLoadError:
-        if text.startswith(("/", "~", ".")) or (text.count("/") == 1 and not text.endswith(".safetensors")):
+        repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith(".safetensors")
+        if text.startswith(("/", "~", ".")) or repo_id:
             return text  # a path, or a Hugging Face repo id in the local cache: loading says what is wrong
-        raise
+        raise  # a name, or a title (no repo id has a space or brackets)
     return "embedded" if entry.folder == "shipped" else str(entry.path)
 
 
@@ -46,10 +48,12 @@ def vae_path(library: ModelLibrary, checkpoint: str, spec: str | None) -> str | 
     if spec is None or spec == OWN_VAE:
         return None
     if spec == AUTOMATIC_VAE:  # A1111's find_vae_near_checkpoint
-        if not checkpoint.endswith(".safetensors"):
+        path = Path(checkpoint)
+        # A1111's stem is the path without its extension: a diffusers folder's is its name (A1111 lists files only)
+        if not (checkpoint.endswith(".safetensors") or (path.is_dir() and (path / "model_index.json").is_file())):
             return None
-        stem = Path(checkpoint).stem
-        beside = Path(checkpoint).with_name(stem + ".vae.safetensors")
+        stem = path.name.removesuffix(".safetensors")
+        beside = path.with_name(stem + ".vae.safetensors")
         if beside.is_file():
             return str(beside)
         named = [e for e in library.files("vae") if e.refused is None and e.path.name.startswith(stem)]

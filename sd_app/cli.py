@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sd_app.remote import add_server_arguments
 
     add_server_arguments(generate)
-    commands.add_parser("info", help="list models and samplers")
+    info = commands.add_parser("info", help="list models and samplers")
+    info.add_argument("--models-dir", type=Path, action="append", default=[], metavar="DIR",
+                      help="an A1111 or ComfyUI folder (or its models/): list its checkpoints and VAEs too")
     from sd_app.models_command import add_models_arguments
 
     add_models_arguments(commands.add_parser("models", help="list model folders: checkpoints, VAEs, LoRAs, embeddings"))
@@ -136,15 +138,21 @@ def local_report(result: GenerationResult, out_dir: Path, seconds: float) -> Run
     )
 
 
-def run_info() -> int:
+def run_info(models_dirs: Sequence[Path] = ()) -> int:
     from pipelines.generation.schedulers import sampler_names
+    from pipelines.models.library import ModelLibrary
     from pipelines.models.shipped import EMBEDDED_MODEL_DIR
     from pipelines.speed.options import default_device
 
     built = (EMBEDDED_MODEL_DIR / "model_index.json").is_file()
     print("models:")
     print(f"  embedded  {EMBEDDED_MODEL_DIR}  ({'ready' if built else 'not built yet'})")
-    print("  or any local diffusers folder / SD 1.x .safetensors file / cached HF repo id")
+    library = ModelLibrary(list(models_dirs), shipped=False)  # names only: nothing is hashed
+    for kind in ("checkpoint", "vae"):
+        for entry in library.files(kind):
+            print(f"  {entry.name}  ({kind}{', REFUSED: ' + entry.refused if entry.refused else ''})")
+    more = "; sd-app models lists LoRAs, embeddings and hashes" if models_dirs else " (--models-dir DIR: its models)"
+    print(f"  or any local diffusers folder / SD 1.x .safetensors file / cached HF repo id{more}")
     print("samplers:")
     for name in sampler_names():
         print(f"  {name}")
@@ -236,7 +244,7 @@ def run_command(args: argparse.Namespace) -> int:
             from sd_app.bench import run_bench
 
             return run_bench(args)
-        return run_info()
+        return run_info(args.models_dir)
     except BrokenPipeError:  # the reader went away (`sd-app models --json | head -1`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
         return 1

@@ -174,18 +174,50 @@ class Engine:
         with self._load_lock:
             return self._pipelines.keys() if self._pipelines is not None else []
 
-    def switch(self, checkpoint: str | None = None, vae: str | None = None) -> TextToImagePipeline:
-        """Select another checkpoint and/or VAE (A1111's option values) and load it, after the running job.
+    def switch(
+        self, checkpoint: str | None = None, vae: str | None = None, clip_skip: int | None = None
+    ) -> TextToImagePipeline:
+        """Select another checkpoint and/or VAE (A1111's option values) and load it, after the running job;
+        ``clip_skip``: the default clip skip too (None: unchanged).
 
-        On a bad name or a failed load the previous selection stays (ModelLoadError / ValueError).
+        On a bad name, a clip skip beyond the new checkpoint's text encoder layers (the default one kept, too: a
+        switch never leaves every request failing) or a failed load, the previous selection stays
+        (ModelLoadError / ValueError).
         """
         with self._use_lock:
+            if checkpoint is not None or clip_skip is not None:
+                from pipelines.generation.prompts import check_clip_skip
+
+                layers = self.text_layers(checkpoint)
+                if clip_skip is None and self.clip_skip > layers:  # the default kept: say which, and what to do
+                    raise ValueError(f"not switched to {checkpoint}: its text encoder has {layers} layers, fewer than "
+                                     f"the default clip skip {self.clip_skip}; set CLIP_stop_at_last_layers to at "
+                                     f"most {layers} with the switch")
+                check_clip_skip(self.clip_skip if clip_skip is None else clip_skip, layers, "CLIP_stop_at_last_layers")
             previous = self._select(checkpoint, vae)
             try:
-                return self.pipeline()
+                pipe = self.pipeline()
             except BaseException:
                 self.model, self.vae = previous
                 raise
+            if clip_skip is not None:
+                self.clip_skip = clip_skip
+            return pipe
+
+    def set_clip_skip(self, clip_skip: int) -> None:
+        """Set the default clip skip (A1111's ``CLIP_stop_at_last_layers``); ValueError, nothing set, when the
+        selected checkpoint's text encoder has fewer layers."""
+        from pipelines.generation.prompts import check_clip_skip
+
+        check_clip_skip(clip_skip, self.text_layers(), "CLIP_stop_at_last_layers")
+        self.clip_skip = clip_skip
+
+    def text_layers(self, checkpoint: str | None = None) -> int:
+        """The text encoder layers (the largest clip skip) of ``checkpoint`` (an A1111 checkpoint value; None: the
+        selected one), from its config: no weights are read."""
+        from pipelines.models.loading import text_encoder_layers
+
+        return text_encoder_layers(checkpoint_path(self.library(), self.model if checkpoint is None else checkpoint))
 
     def _select(self, checkpoint: str | None, vae: str | None) -> tuple[str, str | None]:
         """Set ``model``/``vae`` (None: unchanged); returns the previous pair."""

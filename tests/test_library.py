@@ -242,3 +242,81 @@ def test_cli_models_lists_the_folders(a1111, capsys):
     assert "styles/ink" in out and "SD 1.x" in out and "legacy" in out and "REFUSED" in out
     assert main(["models", "--models-dir", str(a1111 / "nope")]) == 2
     assert "models folder not found" in capsys.readouterr().err
+
+
+def test_a_vae_is_named_by_its_short_hash_and_title_like_a_checkpoint(a1111, tmp_path):
+    """README: VAEs by stem, title ``name [hash]`` or short hash; two different VAEs of one name are told apart
+    by their titles, which the error names."""
+    library = ModelLibrary([a1111], shipped=False)
+    entry = library.find("vae", "vae-ft-mse.safetensors")
+    short = library.short_hash(entry)  # hashed (and cached), as sd-app models lists it
+    assert library.find("vae", short) == entry and library.find("vae", short.upper()) == entry
+    assert library.find("vae", f"vae-ft-mse.safetensors [{short}]") == entry
+    with pytest.raises(ModelLoadError, match="a short hash names a file once it is hashed"):
+        library.find("vae", "0123456789")
+    other = _file(tmp_path / "ComfyUI" / "models" / "vae" / "vae-ft-mse.safetensors", {"w": torch.ones(3)})
+    both = ModelLibrary([a1111, tmp_path / "ComfyUI"], shipped=False)
+    titles = [f"vae-ft-mse.safetensors [{both.hashes.short_hash(path)}]" for path in (entry.path, other)]
+    with pytest.raises(ModelLoadError, match="ambiguous") as error:
+        both.find("vae", "vae-ft-mse.safetensors")
+    assert all(title in str(error.value) for title in titles) and "rename one of them" in str(error.value)
+    assert [both.find("vae", title).path for title in titles] == [entry.path, other]
+
+
+def test_a_title_whose_hash_is_another_files_is_refused_naming_both(a1111):
+    """A stale title (pasted from another machine, or of a replaced file) names no file: not the file of its
+    name, silently, and not the file of its hash either."""
+    library = ModelLibrary([a1111], shipped=False)
+    sd15, other = library.find("checkpoint", "sd15"), library.find("checkpoint", "other")
+    theirs = library.short_hash(other)
+    with pytest.raises(ModelLoadError, match="does not match its file") as error:
+        library.find("checkpoint", f"sd15.safetensors [{theirs}]")
+    message = str(error.value)
+    assert f"{sd15.path} has hash {library.short_hash(sd15)}, not {theirs}" in message
+    assert f"{theirs} is the hash of {other.path} ('anime/other.safetensors [{theirs}]')" in message
+    with pytest.raises(ModelLoadError, match="no checkpoint of the model folders is known by the hash 0000000000"):
+        library.find("checkpoint", "sd15 [0000000000]")
+    vae, ink, sd15_hash = library.find("vae", "vae-ft-mse"), library.find("lora", "ink"), library.short_hash(sd15)
+    with pytest.raises(ModelLoadError, match=f"{vae.path} has hash"):
+        library.find("vae", f"vae-ft-mse.safetensors [{sd15_hash}]")
+    with pytest.raises(ModelLoadError, match=f"{ink.path} has hash"):
+        library.find("lora", f"styles/ink [{sd15_hash}]")
+    assert library.find("lora", f"styles/ink [{library.short_hash(ink)}]") == ink
+    from sd_app.checkpoints import checkpoint_path
+
+    with pytest.raises(ModelLoadError, match="does not match its file"):  # a title of a subfolder: no repo id
+        checkpoint_path(library, f"anime/other.safetensors [{sd15_hash}]")
+
+
+@pytest.mark.parametrize("given", ["checkpoints folder", "empty folder"])
+def test_a_models_dir_without_the_layout_warns_and_a_missing_name_says_why(a1111, tmp_path, given):
+    """The checkpoints folder itself (a common mistake) or an empty folder is read with a warning naming the
+    folders looked for; a name not found then says so too. A correct install with empty kind folders does not."""
+    root = a1111 / "models" / "Stable-diffusion" if given == "checkpoints folder" else tmp_path / "empty"
+    root.mkdir(exist_ok=True)
+    with pytest.warns(UserWarning, match=f"models folder {root} has none of the model folders") as warned:
+        library = ModelLibrary([root], shipped=True)
+    message = str(warned[0].message)
+    assert "models/Stable-diffusion" in message and "models/checkpoints" in message
+    assert ("give its parent, " + str(root.parent)) in message if given == "checkpoints folder" else True
+    with pytest.raises(ModelLoadError, match=r"no checkpoint named 'sd15' .*available: shapes-tiny\); models folder "
+                                             f"{root} has none of the model folders"):
+        library.find("checkpoint", "sd15")
+    for kind in ("Stable-diffusion", "VAE", "Lora"):
+        (tmp_path / "fresh" / "models" / kind).mkdir(parents=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = ModelLibrary([tmp_path / "fresh"], shipped=True)
+    with pytest.raises(ModelLoadError, match=r"available: shapes-tiny\)$"):
+        fresh.find("checkpoint", "sd15")
+
+
+def test_cli_info_lists_the_models_dirs_checkpoints_and_vaes(a1111, capsys):
+    from sd_app.cli import main
+
+    assert main(["info", "--models-dir", str(a1111)]) == 0
+    out = capsys.readouterr().out
+    assert "sd15.safetensors  (checkpoint)" in out and "tiny-folder  (checkpoint)" in out
+    assert "vae-ft-mse.safetensors  (vae)" in out and "sd-app models" in out

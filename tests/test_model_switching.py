@@ -171,6 +171,45 @@ def test_vae_and_clip_skip_options(server):
     assert "Clip skip" not in txt2img(url)[1]
 
 
+def test_a_clip_skip_beyond_the_models_text_encoder_is_refused_and_changes_nothing(server):
+    """CLIP_stop_at_last_layers is checked against the selected model's text encoder when it is set: accepted, it
+    would fail every request after it."""
+    url, _ = server
+    before = httpx.get(f"{url}/sdapi/v1/options").json()
+    response = options(url, CLIP_stop_at_last_layers=3)  # the tiny models' text encoders have 2 layers
+    assert response.status_code == 422
+    assert "CLIP_stop_at_last_layers must be between 1 and 2 (this model's text encoder has 2 layers), got 3" in (
+        response.json()["detail"])
+    response = options(url, sd_model_checkpoint="tiny-b", CLIP_stop_at_last_layers=3)
+    assert response.status_code == 422 and "between 1 and 2" in response.json()["detail"]
+    assert httpx.get(f"{url}/sdapi/v1/options").json() == before
+    txt2img(url)
+
+
+def test_a_switch_to_fewer_text_encoder_layers_than_the_clip_skip_is_refused(tmp_path, tiny_config):
+    """A switch never leaves the default clip skip beyond the new model's text encoder: refused (nothing loaded),
+    unless the same options lower it."""
+    from sd_app.api_models import apply_options
+    from sd_app.engine import Engine
+
+    checkpoints = tmp_path / "webui" / "models" / "Stable-diffusion"
+    two = write_random_model(tiny_config, checkpoints / "two", seed=1)
+    one = Path(shutil.copytree(two, checkpoints / "one"))  # its config says 1 layer (never loaded here)
+    config = json.loads((one / "text_encoder" / "config.json").read_text())
+    (one / "text_encoder" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    engine = Engine(model="two", reranker=None, output_dir=tmp_path / "out", device="cpu",
+                    models_dirs=[tmp_path / "webui"])
+    assert apply_options(engine, {"CLIP_stop_at_last_layers": 2})["CLIP_stop_at_last_layers"] == 2
+    with pytest.raises(ValueError, match=f"not switched to {one}: its text encoder has 1 layers, fewer than the "
+                                         "default clip skip 2; set CLIP_stop_at_last_layers to at most 1"):
+        apply_options(engine, {"sd_model_checkpoint": "one"})
+    with pytest.raises(ValueError, match="CLIP_stop_at_last_layers must be between 1 and 1"):
+        apply_options(engine, {"sd_model_checkpoint": "one", "CLIP_stop_at_last_layers": 2})
+    with pytest.raises(ValueError, match="not switched"):
+        engine.switch(checkpoint="one")  # the UI's dropdown switches so
+    assert engine.model == "two" and engine.clip_skip == 2 and engine.loaded() == []
+
+
 def test_a_switch_waits_for_the_running_job(server):
     url, _ = server
     known = hashes(url)
@@ -306,6 +345,28 @@ def test_automatic_vae_is_a1111s_near_the_checkpoint(tmp_path):
     assert vae_path(library, str(checkpoint), "Automatic") == str(beside)
     assert vae_path(library, str(models / "Stable-diffusion" / "plain.safetensors"), "Automatic") is None
     assert vae_path(library, str(checkpoint), "None") is None
+
+
+def test_automatic_vae_of_a_diffusers_folder_uses_the_folders_name_as_its_stem(tmp_path):
+    """A1111's rule (it lists files only) applied to a diffusers folder: its stem is its name."""
+    from pipelines.models.library import ModelLibrary
+    from sd_app.checkpoints import vae_path
+
+    models = tmp_path / "models"
+    folder = models / "Stable-diffusion" / "dream-v2"
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    matching = models / "VAE" / "dream-v2-ft.safetensors"
+    matching.parent.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(matching))
+    library = ModelLibrary([tmp_path], shipped=False)
+    assert vae_path(library, str(folder), "Automatic") == str(matching)
+    beside = folder.with_name("dream-v2.vae.safetensors")
+    save_file({"w": torch.zeros(1)}, str(beside))
+    library.refresh()
+    assert vae_path(library, str(folder), "Automatic") == str(beside)
+    assert vae_path(library, str(models / "Stable-diffusion"), "Automatic") is None  # no model: no stem
+    assert vae_path(library, "embedded", "Automatic") is None
 
 
 def test_a_page_opened_after_a_switch_shows_the_selection_as_it_is(server):

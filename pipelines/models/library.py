@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ FOLDERS: dict[str, tuple[str, ...]] = {
     "lora": ("models/lora", "models/lycoris", "models/loras"),
     "embedding": ("embeddings", "models/embeddings"),
 }
+# other folders of a known layout: TAESD's tiny decoders (pipelines.models.tiny_decoder)
+OTHER_FOLDERS = ("models/vae-approx", "models/vae_approx")
 IMAGE_EMBEDDINGS = {".png", ".webp", ".jxl", ".avif"}  # A1111 hides pickled embeddings in images
 MAX_HEADER_BYTES = 100_000_000
 NETWORK_HASH_DIGITS = 12  # A1111's Network.shorthash / Embedding.shorthash: hash[0:12]
@@ -271,6 +274,46 @@ def _entries(folder: Path, kind: str, label: str) -> Iterable[ModelFile]:
             )
 
 
+def has_layout(root: Path) -> bool:
+    """``root`` holds a folder of A1111's or ComfyUI's layout (any kind's, or TAESD's), as :func:`kind_folders`
+    finds them."""
+    if any(kind_folders(root, kind) for kind in KINDS):
+        return True
+    for relative in OTHER_FOLDERS:
+        for candidate in (relative, relative.removeprefix("models/")):
+            folder: Path | None = root
+            for part in candidate.split("/"):
+                folder = _child(folder, part) if folder is not None else None
+            if folder is not None:
+                return True
+    return False
+
+
+def layout_hint(root: Path) -> str:
+    """What is wrong with a models folder without the layout, and the folders looked for."""
+    looked_for = ("A1111's models/Stable-diffusion, models/VAE, models/Lora, models/LyCORIS, embeddings or ComfyUI's "
+                  "models/checkpoints, models/vae, models/loras, models/embeddings, in it or as its models/ folder")
+    leaves = {relative.rsplit("/", 1)[-1] for folders in FOLDERS.values() for relative in folders}
+    advice = (f"it looks like one of those folders itself: give its parent, {root.parent}"
+              if root.name.lower() in leaves else "give the A1111 or ComfyUI install folder or its models/ folder")
+    return f"models folder {root} has none of the model folders sd-app reads ({looked_for}); {advice}"
+
+
+def title_hash(text: str) -> str:
+    """The hash of an A1111 title ``name [hash]``, lower case; "" when ``text`` is no title."""
+    _, _, rest = text.partition(" [")
+    return rest[:-1].strip().lower() if rest.endswith("]") else ""
+
+
+def _is_short_hash(text: str) -> bool:
+    return len(text) in (8, 10) and all(c in "0123456789abcdef" for c in text.lower())
+
+
+def _spellings(entry: ModelFile) -> tuple[str, ...]:
+    """The names :meth:`ModelLibrary.find` knows ``entry`` by, its title aside."""
+    return entry.name, entry.name.removesuffix(".safetensors"), entry.stem, entry.path.name
+
+
 @dataclass
 class ModelLibrary:
     """The model folders of one app (``--models-dir``, repeatable) plus what ships with the package.
@@ -285,12 +328,18 @@ class ModelLibrary:
     _listing: dict[str, list[ModelFile]] = field(default_factory=dict, init=False, repr=False)
     _stamps: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    unrecognised: list[Path] = field(default_factory=list, init=False)  # roots holding no known model folder
 
     def __post_init__(self) -> None:
         self.roots = [Path(root).expanduser() for root in self.roots]
         for root in self.roots:
             if not root.is_dir():
                 raise ModelLoadError(f"models folder not found: {root}")
+        # A folder without the layout is read (an install may gain its folders later), with a warning: it is most
+        # often the checkpoints folder itself, given by mistake, whose models would otherwise silently be missing.
+        self.unrecognised = [root for root in self.roots if not has_layout(root)]
+        for root in self.unrecognised:
+            warnings.warn(layout_hint(root), stacklevel=2)
 
     def refresh(self, kind: str | None = None) -> None:
         """Forget the cached listing (of one kind, or all); the next call rescans the folders."""
@@ -349,8 +398,9 @@ class ModelLibrary:
         return []
 
     def find(self, kind: str, name: str) -> ModelFile:
-        """The entry named ``name`` (A1111's name, or a unique stem; a checkpoint also by file name, title
-        "name [hash]" or short hash). ModelLoadError when there is none, it is ambiguous, or refused."""
+        """The entry named ``name`` (A1111's name, or a unique stem; a checkpoint or VAE also by file name, title
+        "name [hash]" or short hash). ModelLoadError when there is none, it is ambiguous, refused, or a title's
+        hash is not its file's (a stale title names another file: A1111 looks titles up exactly)."""
         text = name.strip()
         for attempt in range(2):
             matches = self._matches(kind, text)
@@ -359,33 +409,56 @@ class ModelLibrary:
             self.refresh(kind)  # a file added since the last listing
         if not matches:
             known = ", ".join(e.name for e in self.files(kind) if e.refused is None) or "none"
-            raise ModelNotFound(f"no {kind} named {text!r} in the model folders (available: {known})")
+            hint = ""
+            if kind in ("checkpoint", "vae") and _is_short_hash(text):
+                hint = "; a short hash names a file once it is hashed (sd-app models lists the hashes)"
+            hint += "".join(f"; {layout_hint(root)}" for root in self.unrecognised)
+            raise ModelNotFound(f"no {kind} named {text!r} in the model folders (available: {known}){hint}")
+        wanted = title_hash(text)
+        if wanted and not any(text in _spellings(m) for m in matches):  # matched by the title's name
+            matches = self._of_hash(kind, text, matches, wanted)
         if len(matches) > 1:
-            matches = self._one_of(matches, text)
+            matches = self._one_of(matches)
         if len(matches) > 1:
             paths = ", ".join(str(m.path) for m in matches)
-            advice = ("name it by its title with the hash, 'name [hash]' (sd-app models lists them)"
-                      if kind == "checkpoint" else "rename one of them")
+            advice = "rename one of them"
+            if kind in ("checkpoint", "vae"):
+                titles = " or ".join(f"'{m.name} [{self.short_hash(m)}]'" for m in matches if m.refused is None)
+                advice = f"name it by its title with the hash, {titles} (sd-app models lists them), or {advice}"
             raise ModelNotFound(f"{kind} name {text!r} is ambiguous: {paths} differ; {advice}")
         entry = matches[0]
         if entry.refused:
             raise ModelLoadError(f"{entry.path}: refused: {entry.refused}")
         return entry
 
-    def _one_of(self, matches: list[ModelFile], text: str) -> list[ModelFile]:
-        """The entries of one name (under several roots) that ``text`` means: those of its hash when it is a title
-        ``name [hash]``, and one of them when they are copies of one file (the same real path, or the same bytes:
-        an A1111 and a ComfyUI folder sharing a checkpoint). A user's file shadows a shipped example of its name."""
+    def _of_hash(self, kind: str, text: str, matches: list[ModelFile], wanted: str) -> list[ModelFile]:
+        """The entries of a title's name whose short hash begins with the title's hash; ModelNotFound naming the
+        files when none does (a title from another machine, or of a file since replaced)."""
+        usable = [m for m in matches if m.refused is None]
+        if not usable:
+            return matches  # refused: find says why
+        fitting = [m for m in usable if self.hashes.short_hash(m.weights).startswith(wanted)]
+        if fitting:
+            return fitting
+        have = " and ".join(f"{m.path} has hash {self.short_hash(m)}" for m in usable)
+        others = [e for e in self.files(kind)
+                  if e.refused is None and (self.hashes.cached(e.weights) or "").startswith(wanted)]
+        if others:
+            where = "; ".join(f"{wanted} is the hash of {e.path} ('{e.name} [{self.short_hash(e)}]')" for e in others)
+        else:
+            where = f"no {kind} of the model folders is known by the hash {wanted} (sd-app models lists the hashes)"
+        raise ModelNotFound(f"{kind} title {text!r} does not match its file: {have}, not {wanted}; {where}. "
+                            "Name the file by its own title, or by its name alone")
+
+    def _one_of(self, matches: list[ModelFile]) -> list[ModelFile]:
+        """The entries of one name (under several roots) that mean one model: one of them when they are copies of
+        one file (the same real path, or the same bytes: an A1111 and a ComfyUI folder sharing a checkpoint). A
+        user's file shadows a shipped example of its name."""
         own = [m for m in matches if m.folder != "shipped"]
         matches = own or matches
         if len(matches) == 1:
             return matches
-        _, _, rest = text.partition(" [")
-        wanted = rest[:-1].strip().lower() if rest.endswith("]") else ""
-        usable = [m for m in matches if m.refused is None]
-        if wanted:
-            matches = [m for m in usable if self.hashes.short_hash(m.weights).startswith(wanted)] or matches
-        if len(matches) > 1 and len(usable) == len(matches):
+        if all(m.refused is None for m in matches):
             real = {m.weights.resolve() for m in matches}
             if len(real) == 1 or (len({m.size for m in matches}) == 1
                                   and len({self.hashes.sha256(m.weights) for m in matches}) == 1):
@@ -406,8 +479,10 @@ class ModelLibrary:
             by_stem = [e for e in entries if candidate in (e.stem, e.path.name)]
             if by_stem:
                 return by_stem
-        if kind == "checkpoint" and len(text) in (8, 10) and all(c in "0123456789abcdef" for c in text.lower()):
-            return [e for e in entries if e.refused is None and (self.hashes.cached(e.weights) or "").startswith(text)]
+        if kind in ("checkpoint", "vae") and _is_short_hash(text):  # hashes already computed (A1111's too)
+            wanted = text.lower()
+            return [e for e in entries
+                    if e.refused is None and (self.hashes.cached(e.weights) or "").startswith(wanted)]
         return []
 
     def short_hash(self, entry: ModelFile) -> str | None:
