@@ -400,7 +400,7 @@ class ModelLibrary:
     def find(self, kind: str, name: str) -> ModelFile:
         """The entry named ``name`` (A1111's name, or a unique stem; a checkpoint or VAE also by file name, title
         "name [hash]" or short hash). ModelLoadError when there is none, it is ambiguous, refused, or a title's
-        hash is not its file's (a stale title names another file: A1111 looks titles up exactly)."""
+        hash is another file's (:meth:`_of_hash`)."""
         text = name.strip()
         for attempt in range(2):
             matches = self._matches(kind, text)
@@ -432,8 +432,10 @@ class ModelLibrary:
         return entry
 
     def _of_hash(self, kind: str, text: str, matches: list[ModelFile], wanted: str) -> list[ModelFile]:
-        """The entries of a title's name whose short hash begins with the title's hash; ModelNotFound naming the
-        files when none does (a title from another machine, or of a file since replaced)."""
+        """The entries of a title's name whose short hash begins with the title's hash. When none does: ModelNotFound
+        naming both files if another file is known by that hash (the title means two files); else the entries of the
+        name, with a warning (A1111's ``get_closet_checkpoint_match`` also falls back to the title without its hash:
+        a file updated since, a title from another machine, or A1111's old 8-digit hash, which sd-app never makes)."""
         usable = [m for m in matches if m.refused is None]
         if not usable:
             return matches  # refused: find says why
@@ -443,10 +445,11 @@ class ModelLibrary:
         have = " and ".join(f"{m.path} has hash {self.short_hash(m)}" for m in usable)
         others = [e for e in self.files(kind)
                   if e.refused is None and (self.hashes.cached(e.weights) or "").startswith(wanted)]
-        if others:
-            where = "; ".join(f"{wanted} is the hash of {e.path} ('{e.name} [{self.short_hash(e)}]')" for e in others)
-        else:
-            where = f"no {kind} of the model folders is known by the hash {wanted} (sd-app models lists the hashes)"
+        if not others:
+            warnings.warn(f"{kind} title {text!r}: {have}, not {wanted}, and no {kind} of the model folders is known "
+                          "by that hash; using the file of its name", stacklevel=3)
+            return usable
+        where = "; ".join(f"{wanted} is the hash of {e.path} ('{e.name} [{self.short_hash(e)}]')" for e in others)
         raise ModelNotFound(f"{kind} title {text!r} does not match its file: {have}, not {wanted}; {where}. "
                             "Name the file by its own title, or by its name alone")
 
