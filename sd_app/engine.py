@@ -137,12 +137,16 @@ class Engine:
         return checkpoint, vae_path(library, checkpoint, self.vae)
 
     def check_selection(self) -> None:
-        """An error now, naming it, when the selected checkpoint, VAE or reranker cannot be found; loads nothing.
+        """An error now, naming it, when the selected checkpoint, VAE or reranker cannot be found, or the default clip
+        skip is beyond the checkpoint's text encoder; loads nothing.
         (``selection`` finds the VAE file or raises; ``resolve_spec`` does the same for the checkpoint.)"""
         from pipelines.models.loading import resolve_spec
 
         checkpoint, _ = self.selection()
         resolve_spec(checkpoint)
+        from pipelines.generation.prompts import check_clip_skip
+
+        check_clip_skip(self.clip_skip, self.text_layers(), "clip_skip")  # the default every request would carry
         if self.reranker is not None:  # the reranker folder too, checked as its loading checks it
             from pipelines.rerank.clip_scorer import check_clip_folder, resolve_clip_folder, tokenizer_folder
 

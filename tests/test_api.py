@@ -206,7 +206,8 @@ def test_serve_refuses_public_host_without_auth(capsys):
     ("option", "message"),
     [(["--model", "{missing}"], "model not found: {missing}"),
      (["--reranker", "{missing}"], "reranker folder not found: {missing}"),
-     (["--clip-skip", "0"], "--clip-skip must be between 1 and 12, got 0")],
+     (["--clip-skip", "0"], "--clip-skip must be between 1 and 12, got 0"),
+     (["--clip-skip", "6"], "--clip-skip must be between 1 and 4 (this model's text encoder has 4 layers), got 6")],
 )
 def test_serve_stops_at_its_start_on_a_missing_model_or_a_bad_default(tmp_path, option, message):
     import subprocess
