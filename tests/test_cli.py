@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -121,10 +122,15 @@ def test_out_and_device_are_checked_before_any_model_loads(tmp_path, capsys, mon
 
     if os.geteuid() != 0:  # root writes anywhere
         cases.append((["--out", str(read_only / "sub")], f"no permission to write in {read_only}"))
-    for args, message in cases:
-        assert main(["generate", "x", *args]) == 2
-        err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    if Path("/proc/self").is_dir():  # writable by its permissions (as root), but no folder can be made in it
+        cases.append((["--out", "/proc/sd-app-out"], "--out /proc/sd-app-out: cannot create the folder"))
+    for command in ("generate", "batch"):
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("x\n")
+        for args, message in cases:
+            assert main([command, "x" if command == "generate" else str(prompts), *args]) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_a_long_prompt_says_its_tokens_and_chunks(tiny_model, tmp_path):
