@@ -81,6 +81,22 @@ def test_a_clip_skip_beyond_the_models_layers_fails_before_any_job_runs(tiny_mod
     assert f"--clip-skip must be between 1 and {layers}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strength", "0.5"], "--strength has no effect without --init-image or a hires fix"),
+    (["--hires-scale", "2", "--hires-size", "128x128"], "--hires-scale has no effect with --hires-size"),
+    (["--no-rerank", "--keep", "1"], "--keep has no effect without reranking"),
+])
+def test_flags_with_no_effect_are_refused_as_by_generate(tmp_path, capsys, args, message):
+    from sd_app.cli import main
+
+    prompts_file, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts_file.write_text("a\n")
+    assert main(["batch", str(prompts_file), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything was made
+
+
 def test_job_ids_follow_content_not_line_numbers():
     identity = {"model_hash": "abc", "reranker": None}
     first = job_ids([GenerationRequest(prompt="x"), GenerationRequest(prompt="y")], identity)
