@@ -102,13 +102,16 @@ def scores_wanted(args: argparse.Namespace, scorers_named: bool, n: int) -> bool
 
 
 def check_flag_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
-    """ValueError for ``generate`` flags that the other flags make meaningless (they would be silently ignored):
-    ranking flags without ranking, image-to-image and hires fix settings without an init image or a hires fix,
-    ``--extra-rounds`` without ``--min-score``, ``--server-auth`` without ``--server``. ``defaults``: the
-    parser's defaults, to tell a flag given from one left alone."""
+    """ValueError for ``generate`` / ``batch`` flags that the other flags make meaningless (they would be silently
+    ignored): ranking flags without ranking; image-to-image settings without an init image, mask settings without a
+    mask (``--mask`` or the one ``--outpaint`` makes), ``--padding`` without ``--only-masked``, ``--outpaint-sides``
+    without ``--outpaint``; hires fix settings without a hires fix, ``--hires-scale`` beside a ``--hires-size`` (the
+    size wins, A1111's rule); ``--extra-rounds`` without ``--min-score``; ``--server-auth`` without ``--server``.
+    ``defaults``: the parser's defaults, to tell a flag given from one left alone (hence the options whose
+    default is None: a value equal to the default would pass for "not given")."""
 
     def given(name: str) -> bool:
-        return getattr(args, name) != getattr(defaults, name)
+        return hasattr(args, name) and getattr(args, name) != getattr(defaults, name)
 
     def refuse(names: tuple[str, ...], reason: str) -> None:
         flags = [f"--{name.replace('_', '-')}" for name in names if given(name)]
@@ -118,15 +121,28 @@ def check_flag_combinations(args: argparse.Namespace, defaults: argparse.Namespa
     if args.no_rerank or (args.reranker.lower() == "none" and not args.scorer):
         refuse(("scorer", "score", "rerank_by", "keep"), "without reranking (--no-rerank or --reranker "
                "none): nothing is scored, so nothing is ranked")
+    hires = args.hires_scale is not None or args.hires_size is not None
     if args.init_image is None:
         refuse(("mask_blur", "masked_content", "only_masked", "padding", "invert_mask", "resize_mode",
                 "outpaint_sides"), "without --init-image")
-        if args.hires_scale is None and args.hires_size is None:
-            refuse(("strength", "hires_steps", "hires_upscaler"), "without --init-image or a hires fix "
-                   "(--hires-scale or --hires-size)")
+        if not hires:
+            refuse(("strength",), "without --init-image or a hires fix (--hires-scale or --hires-size)")
+    if not hires:
+        refuse(("hires_steps", "hires_upscaler"), "without a hires fix (--hires-scale or --hires-size)")
+    if not args.outpaint:
+        refuse(("outpaint_sides",), "without --outpaint")
+    if args.mask is None and not args.outpaint:
+        refuse(("mask_blur", "masked_content", "only_masked", "padding", "invert_mask"),
+               "without a mask (--mask, or the border --outpaint repaints)")
+    if not args.only_masked:
+        refuse(("padding",), "without --only-masked (it pads the mask's box that --only-masked generates)")
+    if args.hires_scale is not None and args.hires_size is not None and any(
+            parse_hires_size(args.hires_size, "--hires-size")):
+        raise ValueError("--hires-scale has no effect with --hires-size (the size wins, as A1111's hr_resize_x/y "
+                         "over hr_scale); give one of them")
     if not args.min_score:
         refuse(("extra_rounds",), "without --min-score")
-    if args.server is None:
+    if getattr(args, "server", None) is None:
         refuse(("server_auth", "server_timeout"), "without --server")
 
 
@@ -155,23 +171,27 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
         "--strength", type=float, default=None,
         help="denoising strength 0-1 (default 0.75 for img2img, 0.7 for the hires fix)",
     )
-    group.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the mask, px (default 4)")
+    group.add_argument("--mask-blur", type=int, default=None, help="Gaussian blur of the mask, px (default 4)")
     group.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
                        help="what the masked area starts from (default original; fill when outpainting)")
     group.add_argument("--only-masked", action="store_true",
                        help="inpaint area 'only masked': generate the mask's box at full size, paste it back")
-    group.add_argument("--padding", type=int, default=32, help="pixels around the mask with --only-masked")
+    group.add_argument("--padding", type=int, default=None,
+                       help="pixels around the mask with --only-masked (default 32)")
     group.add_argument("--invert-mask", action="store_true", help="repaint what is black in the mask")
-    group.add_argument("--resize-mode", choices=tuple(RESIZE_MODES), default="just resize",
-                       help="fit the init image to --width x --height")
+    group.add_argument("--resize-mode", choices=tuple(RESIZE_MODES), default=None,
+                       help="fit the init image to --width x --height (default: just resize)")
     group.add_argument("--outpaint", type=int, default=0, metavar="PIXELS",
                        help="pad the init image by PIXELS on --outpaint-sides and inpaint the new border")
-    group.add_argument("--outpaint-sides", default=",".join(SIDES), help="comma-separated: left,right,top,bottom")
+    group.add_argument("--outpaint-sides", default=None,
+                       help="comma-separated, some of left,right,top,bottom (default: all four)")
     hires = parser.add_argument_group("hires fix (text to image)")
     hires.add_argument("--hires-scale", type=float, default=None, help="upscale the first pass by this (e.g. 2)")
     hires.add_argument("--hires-size", default=None, metavar="WxH", help="or upscale to this size (0 = keep aspect)")
-    hires.add_argument("--hires-upscaler", choices=(*LATENT_UPSCALERS, *PIXEL_UPSCALERS), default="Latent")
-    hires.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0 = same as --steps)")
+    hires.add_argument("--hires-upscaler", choices=(*LATENT_UPSCALERS, *PIXEL_UPSCALERS), default=None,
+                       help="default Latent")
+    hires.add_argument("--hires-steps", type=int, default=None,
+                       help="second-pass steps (0, the default: same as --steps)")
 
 
 def request_from_args(args: argparse.Namespace, prompt: str) -> GenerationRequest:
@@ -232,21 +252,20 @@ def image_from_args(args: argparse.Namespace):  # noqa: ANN201 - (ImageCondition
     mask = open_image_file(args.mask, "--mask", mask=True) if args.mask is not None else None
     outpaint = None
     if args.outpaint:
-        sides = [side.strip() for side in args.outpaint_sides.split(",") if side.strip()]
+        text = ",".join(SIDES) if args.outpaint_sides is None else args.outpaint_sides
+        sides = [side.strip() for side in text.split(",") if side.strip()]
         unknown = [side for side in sides if side not in SIDES]
         if unknown or not sides:
             raise ValueError(f"--outpaint-sides must name some of {', '.join(SIDES)}, got {args.outpaint_sides!r}")
         outpaint = {side: args.outpaint for side in sides}
     settings: dict[str, object] = {
         "strength": 0.75 if args.strength is None else args.strength,
-        "mask_blur": args.mask_blur,
         "inpaint_full_res": args.only_masked,
-        "padding": args.padding,
         "invert_mask": args.invert_mask,
-        "resize_mode": args.resize_mode,
     }
-    if args.masked_content is not None:
-        settings["masked_content"] = args.masked_content
+    for name in ("mask_blur", "padding", "resize_mode", "masked_content"):  # None: ImageConditioning's default
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     return image_conditioning(init, mask, outpaint=outpaint, **settings)
 
 
@@ -268,8 +287,8 @@ def hires_from_args(args: argparse.Namespace):  # noqa: ANN201 - HiresFix | None
     resize_x, resize_y = parse_hires_size(args.hires_size, "--hires-size") if args.hires_size is not None else (0, 0)
     return HiresFix(
         scale=2.0 if args.hires_scale is None else args.hires_scale,
-        upscaler=args.hires_upscaler,
-        steps=args.hires_steps,
+        upscaler="Latent" if args.hires_upscaler is None else args.hires_upscaler,
+        steps=0 if args.hires_steps is None else args.hires_steps,
         denoising_strength=0.7 if args.strength is None else args.strength,
         resize_x=resize_x,
         resize_y=resize_y,

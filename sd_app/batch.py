@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,9 +60,13 @@ class Job:
     job_id: str
 
 
-def read_prompts(path: Path, base: GenerationRequest, text_layers: int | None = None) -> list[GenerationRequest]:
+def read_prompts(
+    path: Path, base: GenerationRequest, text_layers: int | None = None,
+    check: Callable[[GenerationRequest], None] | None = None,
+) -> list[GenerationRequest]:
     """Requests of a .txt or .jsonl prompts file; ValueError names the file and line. ``text_layers``: the model's
-    text encoder layers, the largest ``clip_skip`` a line may ask for (checked here, before any job runs)."""
+    text encoder layers, the largest ``clip_skip`` a line may ask for; ``check``: more checks of each line's request
+    (its LoRAs and embeddings); both run here, before any job runs."""
     if path.suffix.lower() not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompts file must end in .txt or .jsonl")
     try:
@@ -77,7 +81,10 @@ def read_prompts(path: Path, base: GenerationRequest, text_layers: int | None = 
         if not text or (path.suffix.lower() == ".txt" and text.startswith("#")):
             continue
         try:
-            requests.append(_line_request(text, path.suffix.lower() == ".jsonl", base, text_layers))
+            request = _line_request(text, path.suffix.lower() == ".jsonl", base, text_layers)
+            if check is not None:
+                check(request)
+            requests.append(request)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path}:{number}: {error}") from None
     if not requests:
@@ -267,7 +274,8 @@ def run_batch(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from pipelines.models.loading import text_encoder_layers
+    from pipelines.models.loading import text_encoder_layers, text_encoder_width
+    from pipelines.models.network_checks import NetworkChecker
     from sd_app.arguments import ranking_options, scorer_specs
     from sd_app.checks import check_device, check_output_folder
     from sd_app.engine import Engine
@@ -282,11 +290,15 @@ def run_batch(args: argparse.Namespace) -> int:
         model=args.model, vae=args.vae, reranker=None if str(args.reranker).lower() == "none" else args.reranker,
         output_dir=args.out, device=args.device, models_dirs=args.models_dir, scorers=specs,
     )  # loads nothing yet
-    # The largest clip skip, from the model's config (no weights read): a bad line fails before any job runs
-    layers = text_encoder_layers(engine.selection()[0])
+    # The largest clip skip and the embeddings' width from the model's config, the LoRAs and embeddings from the
+    # folders' listing and the files' headers (no weights read): a bad line fails before any job runs
+    checkpoint = engine.selection()[0]
+    layers = text_encoder_layers(checkpoint)
     base = base_request(args)
     check_clip_skip(base.clip_skip, layers, "--clip-skip")
-    requests = read_prompts(args.prompts, base, layers)
+    networks = NetworkChecker(engine.library(), text_encoder_width(checkpoint))
+    requests = read_prompts(args.prompts, base, layers,
+                            check=lambda request: networks.check(request.prompt, request.negative_prompt))
     if args.keep is not None and any(not 1 <= args.keep <= r.n for r in requests):
         raise ValueError(f"--keep must be between 1 and --n, got {args.keep}")
     state = PartialState(cpu=_cpu_only(args.device))

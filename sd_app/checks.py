@@ -8,7 +8,11 @@ from pathlib import Path
 
 
 def check_output_folder(folder: Path, option: str = "--out") -> None:
-    """``folder`` is a folder we can write in, or can be created where we can write; ValueError otherwise."""
+    """Create ``folder`` (parents too) and write a probe file in it, so that a folder that cannot be made or
+    written (no permission, a read-only filesystem, a pseudo-filesystem like ``/proc``) is found before any
+    model loads, not after the work; ValueError naming ``option`` otherwise."""
+    import tempfile
+
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {folder}: exists and is not a folder")
@@ -19,6 +23,15 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
         raise ValueError(f"{option} {folder}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {folder}: no permission to write in {existing}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option} {folder}: cannot create the folder ({error.strerror or error})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass  # removed on closing
+    except OSError as error:
+        raise ValueError(f"{option} {folder}: cannot write files in it ({error.strerror or error})") from None
 
 
 def check_device(device: str | None, option: str = "--device") -> None:

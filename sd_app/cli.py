@@ -70,9 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_defaults(command: str) -> argparse.Namespace:
+    """The options of ``command`` (``generate`` or ``batch``) as they are when no flag is given."""
+    return build_parser().parse_args([command, "defaults"])
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Generate locally, or on ``--server`` (the warm path: no torch in this process)."""
-    check_flag_combinations(args, build_parser().parse_args(["generate", "defaults"]))  # the flags' defaults
+    check_flag_combinations(args, flag_defaults("generate"))
     if args.server is not None:
         from sd_app.remote import run_remote_generate
 
@@ -235,6 +240,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command == "batch":
             from sd_app.batch import run_batch
 
+            check_flag_combinations(args, flag_defaults("batch"))
             return run_batch(args)
         if args.command == "models":
             from sd_app.models_command import run_models

@@ -282,6 +282,14 @@ def test_img2img_returns_images_with_a1111_infotext(live_server):
     assert info["is_using_inpainting_conditioning"] is False
 
 
+def test_img2img_with_one_step_denoises_it(live_server):
+    """steps 1 at strength 0.75: int(0.75) is 0, but one step runs (A1111 never runs none), so the picture is not
+    the init image through the VAE that strength 0 returns."""
+    one_step, unchanged = (np.asarray(decode(img2img(live_server.url, seed=12, steps=1, denoising_strength=strength,
+                                                     rerank=False)["images"][0])).astype(int) for strength in (0.75, 0))
+    assert np.abs(one_step - unchanged).max() > 2
+
+
 def test_img2img_seed_alone_or_in_a_batch(live_server):
     batch = img2img(live_server.url, seed=60, batch_size=2, rerank=False)
     alone = img2img(live_server.url, seed=61)

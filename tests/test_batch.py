@@ -81,6 +81,86 @@ def test_a_clip_skip_beyond_the_models_layers_fails_before_any_job_runs(tiny_mod
     assert f"--clip-skip must be between 1 and {layers}" in capsys.readouterr().err
 
 
+@pytest.fixture
+def network_folder(tmp_path, tiny_model):
+    """An A1111 folder with a LoRA and an embedding that fit the tiny model, and one of each defect."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipelines.models.loading import text_encoder_width
+
+    width = text_encoder_width(tiny_model)
+    loras, embeddings = tmp_path / "webui" / "models" / "Lora", tmp_path / "webui" / "embeddings"
+    for folder in (loras / "a", loras / "b", embeddings):
+        folder.mkdir(parents=True)
+    down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    save_file({down: torch.zeros(2, width)}, str(loras / "fits.safetensors"),
+              metadata={"ss_base_model_version": "sd_v1"})
+    save_file({down: torch.zeros(2, 2048)}, str(loras / "xl.safetensors"),
+              metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    for seed, twin in enumerate((loras / "a" / "twin.safetensors", loras / "b" / "twin.safetensors")):
+        save_file({down: torch.full((2, width), float(seed))}, str(twin))  # one name, two different files
+    (loras / "pickled.ckpt").write_bytes(b"pickle")
+    save_file({"emb_params": torch.zeros(2, width)}, str(embeddings / "fitword.safetensors"))
+    save_file({"emb_params": torch.zeros(2, width + 8)}, str(embeddings / "wideword.safetensors"))
+    (embeddings / "pickword.pt").write_bytes(b"pickle")
+    return tmp_path / "webui"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "x <lora:nosuch:1>"}', "p.jsonl:2: no lora named 'nosuch' in the model folders"),
+    ('{"prompt": "x <lora:twin:1>"}', "p.jsonl:2: lora name 'twin' is ambiguous"),
+    ('{"prompt": "x <lora:pickled:1>"}', "pickled.ckpt: refused"),
+    ('{"prompt": "x <lora:xl:0.5>"}', "xl.safetensors: a LoRA for another base (SDXL); this model is SD 1.x"),
+    ('{"prompt": "x <hypernet:fits:1>"}', "p.jsonl:2: <hypernet:fits:1>: extra network type 'hypernet' is not"),
+    ('{"prompt": "x <lora:fits:lots>"}', "p.jsonl:2: <lora:fits:lots>: weight 'lots' is not a number"),
+    ('{"prompt": "x", "negative_prompt": "<lora:fits:1>"}', "p.jsonl:2: negative_prompt: <lora:...> tags belong in"),
+    ('{"prompt": "x pickword"}', "pickword.pt: embedding 'pickword' is in the prompt but refused"),
+    ('{"prompt": "x", "negative_prompt": "wideword"}', "wideword.safetensors: embedding of width"),
+])
+def test_a_lines_loras_and_embeddings_are_checked_before_any_job_runs(tiny_model, network_folder, tmp_path, capsys,
+                                                                       line, message):
+    """A LoRA or embedding a line could not use stops the batch with file:line before the first job is made."""
+    from sd_app.cli import main
+
+    prompts_file, out = tmp_path / "p.jsonl", tmp_path / "out"
+    prompts_file.write_text(f'{{"prompt": "good one <lora:fits:0.5> fitword"}}\n{line}\n{{"prompt": "good two"}}\n')
+    assert main([*_batch(prompts_file, out, tiny_model), "--models-dir", str(network_folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "p.jsonl:2: " in err and len(err.strip().splitlines()) == 1, err
+    assert not list(out.glob("*.png")) and not (out / MANIFEST).exists()  # line 1 was not made either
+
+
+def test_network_checker_passes_what_fits_and_reads_each_file_once(tiny_model, network_folder, monkeypatch):
+    import pipelines.models.network_checks as checks
+    from pipelines.models.library import ModelLibrary
+    from pipelines.models.loading import text_encoder_width
+
+    checker = checks.NetworkChecker(ModelLibrary([network_folder], shipped=False), text_encoder_width(tiny_model))
+    read = []
+    real = checks.read_header
+    monkeypatch.setattr(checks, "read_header", lambda path: read.append(path.name) or real(path))
+    for _ in range(3):
+        checker.check("a <lora:fits:1> and fitword, <lora:fits:0.2>", "not fitword")
+    assert sorted(read) == ["fits.safetensors", "fitword.safetensors"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strength", "0.5"], "--strength has no effect without --init-image or a hires fix"),
+    (["--hires-scale", "2", "--hires-size", "128x128"], "--hires-scale has no effect with --hires-size"),
+    (["--no-rerank", "--keep", "1"], "--keep has no effect without reranking"),
+])
+def test_flags_with_no_effect_are_refused_as_by_generate(tmp_path, capsys, args, message):
+    from sd_app.cli import main
+
+    prompts_file, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts_file.write_text("a\n")
+    assert main(["batch", str(prompts_file), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything was made
+
+
 def test_job_ids_follow_content_not_line_numbers():
     identity = {"model_hash": "abc", "reranker": None}
     first = job_ids([GenerationRequest(prompt="x"), GenerationRequest(prompt="y")], identity)

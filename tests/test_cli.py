@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -53,8 +54,12 @@ def test_random_seed_is_written_into_metadata(tiny_model, tmp_path):
         (["--n", "2", "--no-rerank", "--keep", "1"], "--keep has no effect without reranking"),
         (["--no-rerank", "--score", "--rerank-by", "mixed"], "--score, --rerank-by have no effect without reranking"),
         (["--strength", "0.5"], "--strength has no effect without --init-image or a hires fix"),
-        (["--hires-steps", "5"], "--hires-steps has no effect without --init-image or a hires fix"),
+        (["--hires-steps", "5"], "--hires-steps has no effect without a hires fix (--hires-scale or --hires-size)"),
         (["--mask-blur", "8"], "--mask-blur has no effect without --init-image"),
+        (["--mask-blur", "4"], "--mask-blur has no effect without --init-image"),  # given, though it is the default
+        (["--hires-steps", "0"], "--hires-steps has no effect without a hires fix"),
+        (["--hires-scale", "2", "--hires-size", "256x256"], "--hires-scale has no effect with --hires-size (the size "
+                                                            "wins, as A1111's hr_resize_x/y over hr_scale)"),
         (["--extra-rounds", "5"], "--extra-rounds has no effect without --min-score"),
         (["--server-auth", "a:b"], "--server-auth has no effect without --server"),
         (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: DPM++ 2M, DPM++ 2M Uniform"),
@@ -121,10 +126,15 @@ def test_out_and_device_are_checked_before_any_model_loads(tmp_path, capsys, mon
 
     if os.geteuid() != 0:  # root writes anywhere
         cases.append((["--out", str(read_only / "sub")], f"no permission to write in {read_only}"))
-    for args, message in cases:
-        assert main(["generate", "x", *args]) == 2
-        err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    if Path("/proc/self").is_dir():  # writable by its permissions (as root), but no folder can be made in it
+        cases.append((["--out", "/proc/sd-app-out"], "--out /proc/sd-app-out: cannot create the folder"))
+    for command in ("generate", "batch"):
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("x\n")
+        for args, message in cases:
+            assert main([command, "x" if command == "generate" else str(prompts), *args]) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_a_long_prompt_says_its_tokens_and_chunks(tiny_model, tmp_path):
@@ -162,10 +172,10 @@ def test_img2img_inpaint_outpaint_and_hires_from_the_command_line(tiny_model, in
     out = init_files / "out"
     assert _generate(tiny_model, out, "--init-image", str(init_files / "init.png"), "--strength", "0.5") == 0
     assert _generate(tiny_model, out, "--init-image", str(init_files / "init.png"), "--mask",
-                     str(init_files / "mask.png"), "--only-masked", "--mask-blur", "2") == 0
+                     str(init_files / "mask.png"), "--only-masked", "--mask-blur", "2", "--padding", "16") == 0
     assert "note: mask 36x32 resized to the init image's 72x64" in capsys.readouterr().err
     assert _generate(tiny_model, out, "--init-image", str(init_files / "init.png"), "--outpaint", "8",
-                     "--outpaint-sides", "left,right") == 0
+                     "--outpaint-sides", "left,right", "--mask-blur", "3") == 0  # the border is the mask
     assert _generate(tiny_model, out, "--width", "64", "--height", "64", "--hires-scale", "1.5",
                      "--hires-upscaler", "Lanczos", "--hires-steps", "2") == 0
     files = sorted(out.glob("*.png"))
@@ -174,7 +184,8 @@ def test_img2img_inpaint_outpaint_and_hires_from_the_command_line(tiny_model, in
     assert sizes == [(72, 64), (72, 64), (88, 64), (96, 96)]  # init size (floored to 8), outpaint canvas, hires
     assert params[0]["Denoising strength"] == "0.5" and params[0]["Size"] == "72x64"
     assert params[1]["Inpaint area"] == "Only masked" and params[1]["Mask blur"] == "2"
-    assert params[2]["Masked content"] == "fill"
+    assert params[1]["Masked area padding"] == "16"
+    assert params[2]["Masked content"] == "fill" and params[2]["Mask blur"] == "3"
     hires = (params[3]["Hires upscale"], params[3]["Hires steps"], params[3]["Hires upscaler"])
     assert hires == ("1.5", "2", "Lanczos")
     assert params[3]["Denoising strength"] == "0.7" and params[3]["Size"] == "64x64"
@@ -192,6 +203,17 @@ def test_img2img_inpaint_outpaint_and_hires_from_the_command_line(tiny_model, in
         (["--hires-size", "big"], "--hires-size must look like 1024x768"),
         (["--init-image", "{dir}/init.png", "--hires-scale", "2"], "are for text to image"),
         (["--init-image", "{dir}/init.png", "--outpaint", "8", "--outpaint-sides", "up"], "--outpaint-sides must"),
+        # flags that have no effect with the others are refused, not ignored
+        (["--init-image", "{dir}/init.png", "--hires-steps", "5", "--hires-upscaler", "Lanczos"],
+         "--hires-steps, --hires-upscaler have no effect without a hires fix (--hires-scale or --hires-size)"),
+        (["--init-image", "{dir}/init.png", "--outpaint-sides", "left"], "--outpaint-sides has no effect without "
+                                                                         "--outpaint"),
+        *[(["--init-image", "{dir}/init.png", *flag], f"{flag[0]} has no effect without a mask (--mask, or the border "
+                                                      "--outpaint repaints)")
+          for flag in (["--only-masked"], ["--masked-content", "fill"], ["--mask-blur", "3"], ["--invert-mask"],
+                       ["--padding", "8"])],
+        (["--init-image", "{dir}/init.png", "--mask", "{dir}/mask.png", "--padding", "40"],
+         "--padding has no effect without --only-masked"),
     ],
 )
 def test_bad_image_input_is_one_clear_line_and_writes_nothing(tiny_model, init_files, args, message, capsys):

@@ -125,7 +125,28 @@ def test_img2img_step_count_follows_strength(tiny_pipe):
                           image=ImageConditioning(drawing(), strength=0.55)),
         on_step=lambda info: seen.append((info.step, info.total)),
     )
-    assert seen == [(k, 5) for k in range(1, 6)]  # int(10 * 0.55) = 5, as diffusers and A1111 count
+    assert seen == [(k, 5) for k in range(1, 6)]  # int(10 * 0.55) = 5, as diffusers counts (A1111 runs one more)
+
+
+@pytest.mark.parametrize(("sampler", "steps", "strength", "mask"),
+                         [("Euler", 1, 0.75, False), ("LCM", 4, 0.2, False), ("DPM++ 2M", 2, 0.3, True)])
+def test_a_strength_above_zero_runs_at_least_one_step(tiny_pipe, sampler, steps, strength, mask):
+    """int(steps * strength) rounds to 0 here; A1111 still denoises (t_enc + 1 steps), so sd-app runs one
+    step rather than returning the init image through the VAE while the infotext says it was denoised."""
+
+    def run(value: float) -> tuple[Image.Image, list]:
+        seen = []
+        image = ImageConditioning(drawing(), strength=value, mask=box_mask() if mask else None, mask_blur=0)
+        request = GenerationRequest(prompt=PROMPT, steps=steps, cfg_scale=1.5, seed=3, width=SIZE, height=SIZE,
+                                    sampler=sampler, image=image)
+        out = tiny_pipe(request, on_step=lambda info: seen.append((info.step, info.total)))
+        assert out.request.total_steps == len(seen)
+        return out.images[0], seen
+
+    denoised, seen = run(strength)
+    unchanged, none = run(0.0)
+    assert int(steps * strength) == 0 and seen == [(1, 1)] and none == []
+    assert _max_diff(denoised, unchanged) > 2  # the step changed the picture
 
 
 # ---- inpainting -------------------------------------------------------------------------------

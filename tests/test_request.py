@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -56,6 +57,9 @@ def test_image_and_hires_settings_are_validated_and_counted():
     with pytest.raises(ValueError, match="hires fix is for text-to-image"):
         GenerationRequest(image=image, hires=HiresFix())
     assert GenerationRequest(steps=20, image=image).total_steps == 11  # int(20 * 0.55)
+    assert GenerationRequest(steps=1, image=image).total_steps == 1  # int(0.55) is 0: at least one step runs
+    assert GenerationRequest(steps=4, image=replace(image, strength=0.2)).total_steps == 1
+    assert GenerationRequest(steps=20, image=replace(image, strength=0.0)).total_steps == 0  # the init image as is
     assert GenerationRequest(steps=20, hires=HiresFix(steps=5)).total_steps == 25
     assert GenerationRequest(steps=20, hires=HiresFix(denoising_strength=0)).total_steps == 20
     assert GenerationRequest(steps=20).total_steps == 20

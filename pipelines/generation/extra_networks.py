@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 TAG_RE = re.compile(r"<(\w+):([^>]+)>")
 LORA_TYPES = ("lora", "lyco")
 MAX_WEIGHT = 100.0  # |W| past this only overflows the merged weights (NaN pictures); users go to about 2
+NEGATIVE_PROMPT_TAGS = "negative_prompt: <lora:...> tags belong in the prompt (a negative weight subtracts one)"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 img2img is SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations"): encode the init image with the VAE, noise it to the timestep where the last
-``int(steps * strength)`` steps of the schedule begin, and denoise from there. For the same components,
+``int(steps * strength)`` steps of the schedule begin (at least the last step when the strength is above 0),
+and denoise from there. For the same components,
 seed, strength and sampler it draws diffusers' ``StableDiffusionImg2ImgPipeline`` picture; strength 1
 starts from pure noise (the init image is ignored, as diffusers' inpainting pipeline does), strength 0
 returns the init image through the VAE.
@@ -111,7 +112,7 @@ def image_to_image(
     settings = request.image
     assert settings is not None
     n = len(seeds)
-    # 3. Timesteps: the last int(steps * strength) steps of a fresh scheduler's schedule.
+    # 3. Timesteps: the last int(steps * strength) steps (at least 1) of a fresh scheduler's schedule.
     scheduler = build_scheduler(request.sampler, pipe.components.scheduler_config, noise_seeds=seeds)
     scheduler.set_timesteps(request.steps, device=pipe.device)
     run = request.total_steps

@@ -179,10 +179,13 @@ class GenerationRequest:
 
     @property
     def total_steps(self) -> int:
-        """Denoising steps actually run: img2img runs ``int(steps * strength)`` (diffusers' and A1111's
-        default), the hires fix adds its second pass."""
+        """Denoising steps actually run: img2img runs ``int(steps * strength)`` (diffusers' count), but at
+        least one when the strength is above 0 (A1111 never runs none: its ``setup_img2img_steps`` and k-diffusion
+        sigma slice run ``int(strength * steps) + 1``); the hires fix adds its second pass."""
         if self.image is not None:
-            return min(int(self.steps * self.image.strength), self.steps)
+            if self.image.strength <= 0:
+                return 0  # the init image through the VAE
+            return max(1, min(int(self.steps * self.image.strength), self.steps))
         if self.hires is not None and self.hires.denoising_strength > 0:
             return self.steps + (self.hires.steps or self.steps)
         return self.steps

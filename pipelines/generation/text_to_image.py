@@ -22,7 +22,12 @@ from pipelines.generation.denoising import (  # noqa: F401 - public here too
     StepCallback,
     StepInfo,
 )
-from pipelines.generation.extra_networks import ExtraNetworks, TextualInversion, parse_network_tags
+from pipelines.generation.extra_networks import (
+    NEGATIVE_PROMPT_TAGS,
+    ExtraNetworks,
+    TextualInversion,
+    parse_network_tags,
+)
 from pipelines.generation.prompts import TokenCount, count_tokens, encode_prompt_pair, tokenize_prompt
 from pipelines.generation.request import GenerationRequest, require_request
 from pipelines.generation.schedulers import build_scheduler, guidance_warning
@@ -268,7 +273,7 @@ class TextToImagePipeline:
         """
         _, tags = parse_network_tags(prompt)
         if parse_network_tags(negative_prompt)[1]:
-            raise ValueError("negative_prompt: <lora:...> tags belong in the prompt (a negative weight subtracts one)")
+            raise ValueError(NEGATIVE_PROMPT_TAGS)
         if self.extra_networks is None:
             if tags:
                 raise ValueError(f"the prompt names LoRA {tags[0].name!r} but this pipeline has no model library")

@@ -62,18 +62,29 @@ def text_encoder_layers(spec: str | Path, config: str | Path | None = None) -> i
     """The text encoder's layer count (the largest clip skip) of a model spec, from the config ``load_pipeline``
     builds it from, without reading weights: a diffusers folder's ``text_encoder/config.json``, a single file's
     from ``config`` (default: SD 1.x, 12 layers). ModelLoadError when the spec or config cannot be read."""
+    return _text_encoder_number(spec, config, "num_hidden_layers", "layer count")
+
+
+def text_encoder_width(spec: str | Path, config: str | Path | None = None) -> int:
+    """The text encoder's hidden size (an embedding's vector width; 768 for SD 1.x), read as
+    :func:`text_encoder_layers` reads the layer count, without weights."""
+    return _text_encoder_number(spec, config, "hidden_size", "width")
+
+
+def _text_encoder_number(spec: str | Path, config: str | Path | None, key: str, what: str) -> int:
+    """A positive integer ``key`` of the text encoder config a model spec is built from."""
     import json
 
     path = resolve_spec(spec)
     folder = path if path.is_dir() else Path(config) if config else SD1_CONFIG_DIR
     file = folder / "text_encoder" / "config.json"
     try:
-        layers = json.loads(file.read_text(encoding="utf-8"))["num_hidden_layers"]
+        value = json.loads(file.read_text(encoding="utf-8"))[key]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelLoadError(f"{file}: cannot read the text encoder's layer count ({error})") from None
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise ModelLoadError(f"{file}: num_hidden_layers must be a positive integer, got {layers!r}")
-    return layers
+        raise ModelLoadError(f"{file}: cannot read the text encoder's {what} ({error})") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"{file}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def cached_repo(repo_id: str, cache_dir: str | Path | None = None) -> Path:

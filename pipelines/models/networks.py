@@ -100,7 +100,7 @@ class LibraryNetworks:
         found: dict[str, TextualInversion] = {}
         for entry in self.library.current_files("embedding"):
             name = entry.stem
-            if not _mentions(joined, name):
+            if not mentions_word(joined, name):
                 continue
             if entry.refused:
                 raise ModelLoadError(f"{entry.path}: embedding {name!r} is in the prompt but refused: {entry.refused}")
@@ -121,7 +121,7 @@ class LibraryNetworks:
             except ModelLoadError:
                 continue  # merging the tags reports it; a LoRA that cannot be read bundles nothing
             for name, tensors in lora.embeddings.items():
-                if not _mentions(joined, name):
+                if not mentions_word(joined, name):
                     continue
                 if name.lower() in taken:
                     if (str(lora.path), name) not in self._shadowed:
@@ -135,7 +135,7 @@ class LibraryNetworks:
         return bundled
 
 
-def _mentions(text: str, name: str) -> bool:
+def mentions_word(text: str, name: str) -> bool:
     """Whether ``name`` occurs in ``text`` as a word (any case: CLIP's tokenizer lowercases)."""
     return re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", text, flags=re.IGNORECASE) is not None
 
