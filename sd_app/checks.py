@@ -10,7 +10,8 @@ from pathlib import Path
 def check_output_folder(folder: Path, option: str = "--out") -> None:
     """Create ``folder`` (parents too) and write a probe file in it, so that a folder that cannot be made or
     written (no permission, a read-only filesystem, a pseudo-filesystem like ``/proc``) is found before any
-    model loads, not after the work; ValueError naming ``option`` otherwise."""
+    model loads, not after the work; ValueError naming ``option`` otherwise. The folders it created are removed
+    again (the run makes them when it writes), so a run that fails later leaves no empty folder behind."""
     import tempfile
 
     path = Path(folder).expanduser()
@@ -23,6 +24,7 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
         raise ValueError(f"{option} {folder}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {folder}: no permission to write in {existing}")
+    created = [path, *path.parents[: len(path.relative_to(existing).parts) - 1]] if path != existing else []
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -32,6 +34,12 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
             pass  # removed on closing
     except OSError as error:
         raise ValueError(f"{option} {folder}: cannot write files in it ({error.strerror or error})") from None
+    finally:
+        for made in created:  # innermost first
+            try:
+                made.rmdir()
+            except OSError:
+                break  # no longer empty (another process writes there too): keep it and those above
 
 
 def check_device(device: str | None, option: str = "--device") -> None:

@@ -251,3 +251,16 @@ def test_library_warnings_are_one_line_notes(tiny_model, tmp_path):
     notes = [line for line in done.stderr.splitlines() if "note:" in line]
     assert notes and all(line.startswith("sd-app: note: ") for line in notes), done.stderr
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
+
+
+def test_a_run_that_fails_after_the_output_check_leaves_no_empty_folder(tmp_path, capsys):
+    """--out is made and test-written before any model loads, then removed again: a run stopped by a later error
+    (here a missing model) leaves nothing behind; a folder that was there stays."""
+    out = tmp_path / "new" / "nested"
+    assert main(["generate", "x", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "model not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["generate", "x", "--model", str(tmp_path / "missing"), "--out", str(kept)]) == 2
+    assert kept.is_dir() and not any(kept.iterdir())
