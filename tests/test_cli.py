@@ -264,3 +264,21 @@ def test_a_run_that_fails_after_the_output_check_leaves_no_empty_folder(tmp_path
     kept.mkdir()
     assert main(["generate", "x", "--model", str(tmp_path / "missing"), "--out", str(kept)]) == 2
     assert kept.is_dir() and not any(kept.iterdir())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["a cat <lora:nope:1>"], "no lora named 'nope'"),
+    (["a cat", "--negative", "<lora:hexagon:1>"], "negative"),
+    (["a cat", "--clip-skip", "6"], "--clip-skip must be between 1 and 4 (this model's text encoder has 4 layers)"),
+])
+def test_what_the_config_and_folders_tell_is_checked_before_the_model_loads(args, message, tmp_path, capsys,
+                                                                            monkeypatch):
+    import sd_app.engine
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(sd_app.engine.Engine, "pipeline", no_loading)
+    assert main(["generate", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
