@@ -266,3 +266,34 @@ def test_a_schedule_type_of_automatic_in_the_name_is_the_samplers_own(name, same
     """The README: a schedule type may follow the name, Automatic included (A1111's "Schedule type" values)."""
     assert resolve_sampler(name) == resolve_sampler(same_as)
     assert resolve_sampler("DPM++ 2M Automatic", "Karras") == resolve_sampler("DPM++ 2M", "Karras")
+
+
+def test_dpmpp_sde_says_nothing_of_its_brownian_trees_edges_and_gives_the_same_noise(tiny_pipe):
+    """torchsde warns "Should have ta>=t0" when DPM++ SDE asks a hair below its tree's start (a rounding of
+    sigma_min) and clamps the query itself; the pipeline clamps first, so library users see nothing printed and the
+    latents are those of diffusers' own scheduler stepping, bit for bit."""
+    import warnings
+
+    from pipelines.generation.denoising import clamp_brownian_queries
+
+    request = GenerationRequest(prompt="a star", steps=6, width=64, height=64, sampler="DPM++ SDE", seed=7, n=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_pipe(request)
+    assert not [w for w in caught if "Should have" in str(w.message)], [str(w.message) for w in caught]
+    config = read_scheduler_config(SD1_CONFIG_DIR)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for clamped in (False, True):
+        scheduler = build_scheduler("DPM++ SDE", config, noise_seeds=[7, 8])
+        scheduler.set_timesteps(6)
+        x = sample * scheduler.init_noise_sigma
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in scheduler.timesteps:
+                if clamped:
+                    clamp_brownian_queries(scheduler, x)
+                x = scheduler.step(-0.1 * x, t, x).prev_sample
+        outputs.append(x)
+        assert any("Should have" in str(w.message) for w in caught) != clamped  # unclamped, torchsde says so
+    assert torch.equal(outputs[0], outputs[1])

@@ -146,6 +146,38 @@ def keep_scheduler_rows(scheduler: Any, rows: Sequence[int]) -> None:
             tree.batched = False
 
 
+class _EdgeClampedInterval:
+    """A torchsde ``BrownianInterval`` whose queries are clamped to its own ends before it sees them. diffusers'
+    DPM++ SDE asks its tree for ``sigma_fn(t_fn(sigma_min))``, which rounding puts a hair below the tree's start;
+    torchsde then clamps to the start itself, after a "Should have ta>=t0" UserWarning each time. Clamped here
+    first, the noise is the same to the bit and nothing is printed."""
+
+    def __init__(self, interval: Any) -> None:
+        self.interval = interval
+
+    def __call__(self, ta: float, tb: float) -> torch.Tensor:
+        start, end = self.interval._start, self.interval._end  # torchsde's own bounds, as it clamps to them
+        return self.interval(min(max(float(ta), start), end), min(max(float(tb), start), end))
+
+
+def clamp_brownian_queries(scheduler: Any, sample: torch.Tensor) -> None:
+    """Before a DPM++ SDE step: the scheduler's Brownian-tree noise sampler built as its ``step`` builds it when it
+    has none (from the sigmas > 0 and the per-image seeds; ``sample`` [n, C, h, w] gives the shape), and each
+    tree's queries clamped to its ends (:class:`_EdgeClampedInterval`). Other schedulers are left alone."""
+    if not hasattr(scheduler, "noise_sampler"):  # (no import for the samplers without one)
+        return
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDEScheduler
+
+    if not isinstance(scheduler, DPMSolverSDEScheduler):
+        return
+    if scheduler.noise_sampler is None:
+        sigmas, seeds = scheduler.sigmas, scheduler.noise_sampler_seed
+        low, high = sigmas[sigmas > 0].min(), sigmas.max()
+        scheduler.noise_sampler = BrownianTreeNoiseSampler(sample, low.item(), high.item(), seeds)
+    tree = scheduler.noise_sampler.tree
+    tree.trees = [t if isinstance(t, _EdgeClampedInterval) else _EdgeClampedInterval(t) for t in tree.trees]
+
+
 def copy_scheduler(scheduler: Any) -> Any:
     """A deep copy of a scheduler mid-run. A DPM++ SDE Brownian-tree noise sampler is not copied (torchsde's
     interval cache breaks under deepcopy): the copy builds its own from the per-image seeds at its next
@@ -310,6 +342,7 @@ class DenoisingRun:
             if self.track_clean:
                 self.clean = predicted_clean(scheduler, scaled.float(), noise, t, index)  # [n, C, h, w]
             self._last_evaluation = (scaled, noise, t, index, getattr(scheduler, "step_index", None))
+            clamp_brownian_queries(scheduler, latents)
             latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if self.after_step is not None:
                 # Contiguous: a blend with a broadcast mask can come out channels_last, and other strides
