@@ -257,3 +257,27 @@ def test_batch_ranks_with_scorers_and_records_them(tiny_model, tiny_clip, head, 
     assert {"Weighted score", "CLIP score", "Aesthetic score", "Min score passed"} <= set(params)
     assert main(common) == 0  # other scorers: another job, not "already done"
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+SYNTAX_PROMPT = "(a red hexagon:1.5) on a [blue] background <lora:hexagon:0.8>"
+
+
+def test_score_command_and_rerank_view_give_the_generation_scores_for_a_prompt_with_syntax(tmp_path, capsys):
+    """Emphasis and a LoRA tag: every path scores ``scoring_prompt`` of it, so the numbers are the same."""
+    engine = Engine(output_dir=tmp_path / "out", device="cpu")  # the embedded model, CLIP and example LoRA
+    request = GenerationRequest(prompt=SYNTAX_PROMPT, steps=2, width=64, height=64, seed=1, n=2)
+    made = sorted(engine.generate(request).candidates, key=lambda c: c.seed)  # generation order, as scored
+    paths = [str(c.path) for c in made]
+    generated = {Path(c.path).name: c.score for c in made}
+    assert len(set(generated.values())) == 2
+
+    table = tmp_path / "table.csv"
+    assert main(["score", *paths, "--prompt", SYNTAX_PROMPT, "--csv", str(table), "--device", "cpu"]) == 0
+    scored = {row["file"]: float(row["CLIP score"]) for row in csv.DictReader(table.open(encoding="utf-8"))}
+    assert scored == generated
+    assert "scored against: 'a red hexagon on a blue background'" in capsys.readouterr().out
+
+    session = UserSession()
+    status, *_ = RerankView(engine).rerank(paths, "", SYNTAX_PROMPT, ["clip"], "", session)
+    assert {row.path.name: row.score for row in session.last_ranking.rows} == generated
+    assert "scored against: 'a red hexagon on a blue background'" in status
