@@ -148,10 +148,12 @@ def check_flag_combinations(args: argparse.Namespace, defaults: argparse.Namespa
 
 def ranking_options(args: argparse.Namespace, specs: tuple) -> dict:
     """``engine.generate`` options of the scorer flags: scorers and weights, minimum scores, extra rounds."""
-    from pipelines.rerank.scorer_specs import parse_min_scores
+    from pipelines.rerank.scorer_specs import parse_min_scores, thresholds_by_label
 
     try:
         thresholds = parse_min_scores(args.min_score)
+        if thresholds:  # named for scorers in use, within their range: checked before anything loads
+            thresholds_by_label(thresholds, [spec.kind for spec in specs] or [args.rerank_by])
     except ValueError as error:
         raise ValueError(f"--min-score: {error}") from None
     if not 0 <= args.extra_rounds <= 10:

@@ -43,6 +43,14 @@ class FileRanking:
     rows: list[RankedFile]
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
     truncated: bool = False  # the prompt was cut to CLIP's 77 tokens
+    scored_text: str | None = None  # what the scorers read (``scoring_prompt``); None: the prompt itself
+
+    @property
+    def note(self) -> str | None:
+        """``scored against: ...`` when the scorers read the prompt without its A1111 syntax, else None."""
+        from pipelines.rerank.prompt_text import scoring_note
+
+        return scoring_note(self.prompt)
 
     @property
     def labels(self) -> list[str]:
@@ -99,12 +107,14 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 def rank_files(
     paths: Sequence[str | Path], prompt: str, scorer: Scorer, *, convert: bool = True, strict: bool = False
 ) -> FileRanking:
-    """Score the images of ``paths`` against ``prompt`` with ``scorer``; best first.
+    """Score the images of ``paths`` against ``prompt`` with ``scorer``; best first. The scorer reads
+    ``scoring_prompt(prompt)``, as when the images were generated, so the numbers are the generation's.
 
     ``convert``: alpha / gray images become RGB (else ValueError); ``strict``: an unreadable file is an
     error instead of being skipped and listed in ``skipped``."""
     from pipelines.rerank.clip_scorer import load_image_file
     from pipelines.rerank.min_score import candidate_scores
+    from pipelines.rerank.prompt_text import scoring_prompt
 
     readable, images, skipped = [], [], []
     for path in expand_paths(paths):
@@ -117,12 +127,13 @@ def rank_files(
             skipped.append((path, str(error)))
     if not images:
         raise ValueError("none of the files is a readable image: " + "; ".join(why for _, why in skipped[:3]))
-    result = scorer.score(images, prompt)
+    text = scoring_prompt(prompt)
+    result = scorer.score(images, text)
     rows = []
     for i in result.order():
         scores = candidate_scores(result.scores[i], result.label, result.details[i] if result.details else {})
         rows.append(RankedFile(readable[i], result.scores[i], scores))
-    return FileRanking(prompt, result.label, scorer.name, rows, skipped, result.truncated)
+    return FileRanking(prompt, result.label, scorer.name, rows, skipped, result.truncated, text)
 
 
 def keep_best(ranking: FileRanking, k: int, folder: str | Path) -> list[Path]:

@@ -31,6 +31,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     from pipelines.rerank.clip_scorer import ClipScorer, load_image_file
+    from pipelines.rerank.prompt_text import scoring_prompt
     from sd_app.checks import check_device
 
     check_device(args.device, "--device")
@@ -40,8 +41,9 @@ def run_score(args: argparse.Namespace) -> int:
         raise ValueError("--scorer, --csv and --keep-best go with --prompt")
     images = [load_image_file(path, convert=args.convert) for path in args.images]
     scorer = ClipScorer.load(args.reranker, device=args.device)
+    texts = [scoring_prompt(text) for text in args.texts]  # as generation scores its prompt
     for path, image in zip(args.images, images):
-        rows = scorer.zero_shot(image, args.texts)
+        rows = scorer.zero_shot(image, texts)
         width = max(len(row.text) for row in rows)
         print(f"{path}  ({scorer.name}, logit scale {scorer.logit_scale:.1f})")
         print(f"  {'text':<{width}}  cosine   logit    prob")
@@ -80,9 +82,11 @@ def _rank_against_prompt(args: argparse.Namespace) -> int:
     engine = Engine(reranker=None if str(args.reranker).lower() == "none" else args.reranker, scorers=specs,
                     device=args.device)
     scorer = engine.ranking_scorer({spec.kind: spec.weight for spec in specs} or {args.rerank_by: 1.0})
-    if isinstance(scorer, ContrastiveScorer):
-        print("counterfactual captions:", "; ".join(c.text for c in scorer.captions(args.prompt)) or "none")
     ranking = rank_files(paths, args.prompt, scorer, convert=args.convert, strict=True)
+    if ranking.note:
+        print(ranking.note)
+    if isinstance(scorer, ContrastiveScorer):
+        print("counterfactual captions:", "; ".join(c.text for c in scorer.captions(ranking.scored_text)) or "none")
     width = max(len(str(row.path)) for row in ranking.rows)
     labels = ranking.labels
     print(f"{'image':<{width}}  " + "  ".join(f"{label:>17}" for label in labels) + f"  ({ranking.scorer})")

@@ -747,8 +747,9 @@ class UiHandlers:
                 integer("candidates", n),
             )
             from pipelines.rerank.counterfactuals import counterfactual_captions
+            from pipelines.rerank.prompt_text import scoring_prompt
 
-            captions = counterfactual_captions(prompt or "")
+            captions = counterfactual_captions(scoring_prompt(prompt or ""))
             if captions:
                 shapes += "\n\n**Counterfactual captions** (what contrastive reranking weighs the prompt against):\n"
                 shapes += "\n".join(f"- {c.text} ({c.kind})" for c in captions)
@@ -780,6 +781,7 @@ class UiHandlers:
     def score(self, files: list[str] | None, texts: str) -> list[list[Any]]:
         """Zero-shot table: for each uploaded image, every text with cosine, logit and probability."""
         from pipelines.rerank.clip_scorer import load_image_file
+        from pipelines.rerank.prompt_text import scoring_prompt
 
         try:
             lines = self.texts_to_score(texts)
@@ -797,7 +799,7 @@ class UiHandlers:
             for file in files:
                 path = Path(file)
                 image = load_image_file(path, convert=True)
-                for row in scorer.zero_shot(image, lines):
+                for row in scorer.zero_shot(image, [scoring_prompt(line) for line in lines]):
                     rows.append(
                         [path.name, row.text, round(row.cosine, 4), round(row.logit, 2), round(row.probability, 4)]
                     )

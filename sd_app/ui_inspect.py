@@ -69,8 +69,9 @@ def similarity(
 ) -> tuple[dict[str, Any], Image.Image]:
     """CLIP score table (100 * cosine) of the result's images vs its prompt + extra texts, and the PCA map."""
     from pipelines.rerank.embedding_map import embedding_map
+    from pipelines.rerank.prompt_text import scoring_prompt
 
-    texts = list(dict.fromkeys([result.request.prompt, *extra_texts]))  # unique, prompt first
+    texts = list(dict.fromkeys([scoring_prompt(result.request.prompt), *extra_texts]))  # unique, prompt first
     images = result.images
     image_features = scorer.image_features(images)  # [N, D]
     text_features, _ = scorer.text_features(texts)  # [T, D]

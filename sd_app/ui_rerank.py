@@ -120,6 +120,8 @@ class RerankView:
             status += f" · skipped {len(ranking.skipped)} unreadable: {names}"
         if ranking.truncated:
             status += " · the scorer read only the prompt's first 77 tokens"
+        if ranking.note:
+            status += f" · {ranking.note}"
         return status
 
     @staticmethod

@@ -65,6 +65,10 @@ def test_random_seed_is_written_into_metadata(tiny_model, tmp_path):
         (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: DPM++ 2M, DPM++ 2M Uniform"),
         (["--model", "/no/such/model"], "model not found: /no/such/model"),
         (["--vae-decoder", "fast"], "--vae-decoder must be one of Full, TAESD, got 'fast'"),
+        (["--scorer", "clip:abc"], "--scorer 'clip:abc': scorer weight must be a number, got 'clip:abc'"),
+        (["--scorer", "clip:inf"], "--scorer 'clip:inf': scorer weight must be a number, got 'clip:inf'"),
+        (["--min-score", "200"], "--min-score: minimum score for clip must be between 0 and 100"),
+        (["--rerank-by", "mixed", "--min-score", "mixed=-1"], "minimum score for mixed must be between 0 and 100"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, capsys):

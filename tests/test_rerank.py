@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipelines.rerank import clip_scorer as rerank
 from pipelines.rerank.clip_scorer import ClipScorer, load_image_file
+from pipelines.rerank.prompt_text import scoring_note, scoring_prompt
 from tests.clip_fixtures import (
     blob_images,
     hf_cache_copy,
@@ -293,3 +294,11 @@ def test_clip_folder_sharing_its_text_tower_with_a_text_encoder(tmp_path, clip_d
     token = "text_model.embeddings.token_embedding.weight"
     assert torch.equal(tuned.model.state_dict()[token], state[token])
     assert tuned.score(images, "a red blob").scores != pytest.approx(whole.score(images, "a red blob").scores)
+
+
+def test_scoring_prompt_drops_lora_tags_and_emphasis_syntax_and_notes_it():
+    prompt = "(a red hexagon:1.5) on a  [blue] ((background)) <lora:hexagon:0.8>"
+    assert scoring_prompt(prompt) == "a red hexagon on a blue background"
+    assert scoring_prompt(r"a \(literal\) bracket, embedding-name") == "a (literal) bracket, embedding-name"
+    assert scoring_note(prompt) == "scored against: 'a red hexagon on a blue background'"
+    assert scoring_note(" a red  circle ") is None

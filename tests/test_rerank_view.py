@@ -190,6 +190,9 @@ def test_engine_records_each_score_and_the_minimum_in_the_metadata(tiny_model, t
     assert lone.score_label == "Aesthetic score" and lone.rounds == 1 and lone.passed is True
     with pytest.raises(ValueError, match="name the scorer"):
         engine.generate(request, scorers="clip, aesthetic", min_score=5, save=False)
+    for minimum in ({"clip": 200}, {"clip": -0.5}):  # CLIP score is max(100 * cos, 0): refused, not run in vain
+        with pytest.raises(ValueError, match="minimum score for clip must be between 0 and 100"):
+            engine.generate(request, scorers="clip, aesthetic", min_score=minimum, save=False)
     from sd_app.limits import RequestLimits
 
     engine.limits = RequestLimits(max_pixel_steps=64 * 64 * 2 * 2 * 3)  # 3 rounds of this request, not 4
@@ -217,6 +220,9 @@ def test_api_scorers_by_name_only_and_their_scores_in_info(live_server, head, ti
     for scorers, message in [("aesthetic=/etc/passwd", "not files"), ({"pickscore": 1}, "not available")]:
         refused = httpx.post(f"{url}/txt2img", json={**body, "scorers": scorers}, timeout=60)
         assert refused.status_code == 422 and message in refused.json()["detail"]
+    out_of_range = httpx.post(f"{url}/txt2img", json={**body, "min_score": {"clip": 200}}, timeout=60)
+    assert out_of_range.status_code == 422
+    assert "minimum score for clip must be between 0 and 100" in out_of_range.json()["detail"]
 
 
 def test_rerank_and_generate_views_through_gradio(live_server, folder):
@@ -235,12 +241,16 @@ def test_rerank_and_generate_views_through_gradio(live_server, folder):
     # Generate with a minimum score: prompt, negative, sampler, steps, cfg, width, height, seed, candidates,
     # rerank by, hires fix (5), clip skip, scorers, minimum score, extra rounds
     args = (PROMPT, "", "Euler", 2, 7, 64, 64, 21, 2, "clip", False, 2, "Latent", 0, 0.7, 1)
-    status, _, gallery, parameters, _ = client.predict(*args, "", "clip=-1000", 2, api_name="/generate")
-    assert "minimum CLIP score -1000 reached in round 1" in status and len(gallery) == 2
+    status, _, gallery, parameters, _ = client.predict(*args, "", "clip=0", 2, api_name="/generate")
+    assert "minimum CLIP score 0 reached in round 1" in status and len(gallery) == 2  # max(100 cos, 0) >= 0
     assert parse_parameters(parameters)["Min score passed"] == "yes"
-    status, _, gallery, _, _ = client.predict(*args, "", "1000", 1, api_name="/generate")
-    assert "no candidate reached the minimum CLIP score 1000 in 2 round(s)" in status and len(gallery) == 4
+    status, _, gallery, _, _ = client.predict(*args, "", "100", 1, api_name="/generate")  # cos 1: never
+    assert "no candidate reached the minimum CLIP score 100 in 2 round(s)" in status and len(gallery) == 4
     assert all(item["caption"].endswith(f"below min · seed {item['caption'].split()[-1]}") for item in gallery)
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="minimum score for clip must be between 0 and 100"):
+        client.predict(*args, "", "clip=200", 1, api_name="/generate")
 
 
 def test_batch_ranks_with_scorers_and_records_them(tiny_model, tiny_clip, head, tmp_path):
@@ -257,3 +267,27 @@ def test_batch_ranks_with_scorers_and_records_them(tiny_model, tiny_clip, head, 
     assert {"Weighted score", "CLIP score", "Aesthetic score", "Min score passed"} <= set(params)
     assert main(common) == 0  # other scorers: another job, not "already done"
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+SYNTAX_PROMPT = "(a red hexagon:1.5) on a [blue] background <lora:hexagon:0.8>"
+
+
+def test_score_command_and_rerank_view_give_the_generation_scores_for_a_prompt_with_syntax(tmp_path, capsys):
+    """Emphasis and a LoRA tag: every path scores ``scoring_prompt`` of it, so the numbers are the same."""
+    engine = Engine(output_dir=tmp_path / "out", device="cpu")  # the embedded model, CLIP and example LoRA
+    request = GenerationRequest(prompt=SYNTAX_PROMPT, steps=2, width=64, height=64, seed=1, n=2)
+    made = sorted(engine.generate(request).candidates, key=lambda c: c.seed)  # generation order, as scored
+    paths = [str(c.path) for c in made]
+    generated = {Path(c.path).name: c.score for c in made}
+    assert len(set(generated.values())) == 2
+
+    table = tmp_path / "table.csv"
+    assert main(["score", *paths, "--prompt", SYNTAX_PROMPT, "--csv", str(table), "--device", "cpu"]) == 0
+    scored = {row["file"]: float(row["CLIP score"]) for row in csv.DictReader(table.open(encoding="utf-8"))}
+    assert scored == generated
+    assert "scored against: 'a red hexagon on a blue background'" in capsys.readouterr().out
+
+    session = UserSession()
+    status, *_ = RerankView(engine).rerank(paths, "", SYNTAX_PROMPT, ["clip"], "", session)
+    assert {row.path.name: row.score for row in session.last_ranking.rows} == generated
+    assert "scored against: 'a red hexagon on a blue background'" in status

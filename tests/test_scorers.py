@@ -97,6 +97,8 @@ def test_scorer_specs_parse_kind_files_and_weight():
         ("pickscore", "needs its file"),
         ("beauty=/x", "scorer kind must be one of"),
         ("clip:-1", "weight must be a number >= 0"),
+        ("clip:abc", r"^scorer weight must be a number, got 'clip:abc'$"),  # the weight, as parse_weights says
+        ("clip:inf", r"^scorer weight must be a number, got 'clip:inf'$"),
         ("clip=/a@/b", "'@' is for pickscore"),
         ("aesthetic=", "no file after '='"),
         ("", "KIND"),
@@ -123,6 +125,12 @@ def test_weights_and_minimum_scores_by_name():
         thresholds_by_label({"": 30.0}, ["clip", "aesthetic"])
     with pytest.raises(ValueError, match="not among the scorers in use"):
         thresholds_by_label({"pickscore": 20.0}, ["clip"])
+    for kind, value in [("clip", 200.0), ("clip", -1.0), ("contrastive", 100.5), ("mixed", -0.1)]:
+        with pytest.raises(ValueError, match=f"minimum score for {kind} must be between 0 and 100"):
+            thresholds_by_label({"": value}, [kind])
+    assert thresholds_by_label({"clip": 100.0, "pickscore": 200.0, "aesthetic": -3.0},
+                               ["clip", "pickscore", "aesthetic"]) == {
+        "CLIP score": 100.0, "PickScore": 200.0, "Aesthetic score": -3.0}  # no fixed range: left alone
     assert passes({"CLIP score": 30.0, "Aesthetic score": 5.0}, {"CLIP score": 30.0})
     assert not passes({"CLIP score": 29.99}, {"CLIP score": 30.0})
     assert not passes({"CLIP score": 31.0}, {"Aesthetic score": 1.0})  # a missing score never passes
@@ -318,7 +326,7 @@ def test_min_score_regenerates_with_the_next_seeds_until_one_passes():
     assert [r.passed for r in reports] == [0, 0, 1] and reports[1].best == {"CLIP score": 3.0}
     assert "none reached CLIP score >= 5 (best: CLIP score 3.00); generating more" in reports[1].text()
     assert steps == [(1, 6), (2, 6), (3, 6)]  # progress of the whole bounded request, only forward
-    assert set(seed_scorer.prompts) == {"a red circle "}  # scorers read plain text: no emphasis, no LoRA tags
+    assert set(seed_scorer.prompts) == {"a red circle"}  # scorers read plain text: no emphasis, no LoRA tags
 
 
 def test_min_score_is_bounded_and_says_when_none_passed():

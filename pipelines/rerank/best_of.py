@@ -23,9 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pipelines.generation.denoising import GenerationInterrupted, Interruption
-from pipelines.generation.extra_networks import strip_network_tags
-from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import GenerationRequest, require_request
+from pipelines.rerank.prompt_text import scoring_prompt
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -189,8 +188,7 @@ def best_of_n(
         if keep is not None and keep > request.prune_to:
             raise ValueError(f"keep must be at most prune_to={request.prune_to}, got {keep}")
     request = request.resolved()
-    plain = parse_emphasis(strip_network_tags(request.prompt))
-    plain_prompt = "".join(span.text for span in plain)  # CLIP reads plain text
+    plain_prompt = scoring_prompt(request.prompt)  # what every scorer reads (tags and emphasis removed)
     images: list[Image.Image] = []
     seeds: list[int] = []
     made: list[int] = []  # generation index of each image

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pipelines.generation.denoising import GenerationInterrupted
-from pipelines.generation.extra_networks import strip_network_tags
-from pipelines.generation.prompts import parse_emphasis
 from pipelines.generation.request import MAX_SEED, GenerationRequest
 from pipelines.rerank.best_of import DEFAULT_BATCH_SIZE, BestOfOutput, RankedImage, _whole_request_steps, best_of_n
+from pipelines.rerank.prompt_text import scoring_prompt
 from pipelines.rerank.scorer_specs import passes
 
 if TYPE_CHECKING:
@@ -79,11 +78,6 @@ class MinScoreOutput:
     @property
     def any_passed(self) -> bool:
         return any(flag is True for flag in self.passed)
-
-
-def scoring_prompt(prompt: str) -> str:
-    """What a scorer reads: the prompt without ``<lora:...>`` tags and emphasis syntax."""
-    return "".join(span.text for span in parse_emphasis(strip_network_tags(prompt)))
 
 
 def candidate_scores(score: float | None, label: str, details: Mapping[str, float]) -> dict[str, float]:

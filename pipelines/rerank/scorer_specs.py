@@ -17,6 +17,10 @@ SCORER_LABELS = {
     "aesthetic": "Aesthetic score",
 }
 NEEDS_SOURCE = ("pickscore", "aesthetic")
+# The values a scorer's number can take, where they are fixed: torchmetrics' CLIP score max(100 * cos, 0), the
+# prompt's probability x 100, and their blend (pipelines.rerank.contrastive). PickScore (logit_scale x cos, per
+# model) and the aesthetic head (an unbounded MLP) have no fixed range.
+SCORE_RANGES = {"clip": (0.0, 100.0), "contrastive": (0.0, 100.0), "mixed": (0.0, 100.0)}
 WEIGHTED_LABEL = "Weighted score"
 _WEIGHT = re.compile(r"^(?P<head>.*):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
 _NAME = re.compile(r"^[a-z]+$")
@@ -63,6 +67,11 @@ def _split_weight(text: str) -> tuple[str, float | None]:
     return match["head"], float(match["weight"])
 
 
+def _weight_not_a_number(text: str) -> ValueError:
+    """The error for ``name:WEIGHT`` whose weight is no finite number (``clip:abc``, ``clip:inf``)."""
+    return ValueError(f"scorer weight must be a number, got {text!r}")
+
+
 def parse_scorer(text: str) -> ScorerSpec:
     """``clip``, ``clip:0.5``, ``pickscore=/m/PickScore_v1@/m/CLIP-ViT-H-14:1``, ``aesthetic=/m/head.safetensors``...
 
@@ -73,6 +82,8 @@ def parse_scorer(text: str) -> ScorerSpec:
     head, weight = _split_weight(text.strip())
     kind, sep, files = head.partition("=")
     kind = kind.strip().lower()
+    if ":" in kind:  # a weight the pattern did not take: not a number
+        raise _weight_not_a_number(text.strip())
     source, companion = None, None
     if sep:
         source, at, companion = files.rpartition("@") if "@" in files else (files, "", "")
@@ -112,7 +123,7 @@ def _weight_items(text: str) -> list[tuple[str, float]]:
             raise ValueError(f"give scorers by name and weight (e.g. aesthetic:0.5), not files: {part!r}")
         name, weight = _split_weight(part)
         if ":" in name:
-            raise ValueError(f"scorer weight must be a number, got {part!r}")
+            raise _weight_not_a_number(part)
         items.append((name, 1.0 if weight is None else weight))
     return items
 
@@ -161,8 +172,18 @@ def thresholds_by_label(thresholds: Mapping[str, float], kinds: Sequence[str]) -
             name = kinds[0]
         if name not in kinds:
             raise ValueError(f"minimum score for {name!r}, which is not among the scorers in use ({', '.join(kinds)})")
+        check_min_score_range(name, value)
         labels[SCORER_LABELS[name]] = value
     return labels
+
+
+def check_min_score_range(kind: str, value: float) -> None:
+    """ValueError for a minimum that scorer ``kind`` can never reach or always reaches (``SCORE_RANGES``)."""
+    if kind in SCORE_RANGES:
+        low, high = SCORE_RANGES[kind]
+        if not low <= value <= high:
+            raise ValueError(f"minimum score for {kind} must be between {low:g} and {high:g} "
+                             f"({SCORER_LABELS[kind]} is on that scale), got {value:g}")
 
 
 def passes(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> bool:
