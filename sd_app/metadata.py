@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.generation.conditioning import HiresFix
 from pipelines.generation.request import GenerationRequest
 from pipelines.generation.schedulers import resolve_sampler
+
+if TYPE_CHECKING:
+    from pipelines.models.library import ModelLibrary
 
 VERSION = "sd-app 0.1.0"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -162,6 +165,16 @@ def parse_parameters(text: str) -> dict[str, Any]:
             line = line[len(NEGATIVE_PREFIX) :].lstrip()
         target.append(line)
     return {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), **pairs}
+
+
+def with_local_loras(params: dict[str, Any], library: ModelLibrary | None, key: str = "prompt") -> dict[str, Any]:
+    """``params`` with its prompt (``key``) naming the local LoRA files its ``Lora hashes`` give, as A1111 does when
+    an infotext is pasted (``pipelines.models.network_hashes.local_lora_names``); unchanged without a library."""
+    if library is None or not params.get("Lora hashes") or not isinstance(params.get(key), str):
+        return params
+    from pipelines.models.network_hashes import local_lora_names
+
+    return {**params, key: local_lora_names(params[key], str(params["Lora hashes"]), library)}
 
 
 def request_from_parameters(params: dict[str, Any]) -> GenerationRequest:

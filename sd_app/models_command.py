@@ -41,6 +41,8 @@ def run_models(args: argparse.Namespace) -> int:
         for row in rows:
             meta = row["metadata"]
             trained = f", dim {meta['ss_network_dim']}" if "ss_network_dim" in meta else ""
+            stem = row["name"].rsplit("/", 1)[-1]
+            trained += f", alias {row['alias']}" if row.get("alias") not in (None, stem) else ""
             state = f"  REFUSED: {row['refused']}" if row["refused"] else ""
             print(f"  {row['name']:<40} {row['format']:<11} {_size(row['size']):>9}  {row['hash'] or '-':<10}  "
                   f"{row['base_model'] or '-'}{trained}{state}")

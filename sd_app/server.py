@@ -183,7 +183,7 @@ def create_app(
 
     app.include_router(build_api_router(engine, tracker))  # before the mount, so these routes win
     app.include_router(build_models_router(engine))
-    app.include_router(build_png_info_router())
+    app.include_router(build_png_info_router(engine))
     app.include_router(build_listings_router(flags))
     demo = build_demo(engine, tracker=tracker, max_queue=max_queue, local_paths=local_paths)
     output_dir = str(Path(engine.output_dir).expanduser().resolve())

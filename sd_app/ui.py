@@ -383,7 +383,7 @@ def build_demo(
             api_name=False,
         )
         send_png_image.click(
-            handlers.send_png_to_image,
+            lambda file, text: handlers.send_png_to_image(file, text, engine.library()),
             [png_file, png_text],
             [editor, i_prompt, i_negative, i_sampler, i_steps, i_cfg, i_seed, strength, mask_blur, masked_content,
              inpaint_area, padding, mask_mode, resize_mode, i_vae_decoder, tabs],
@@ -414,7 +414,7 @@ def build_demo(
         add_network.click(handlers.add_network, [prompt, network, network_weight], prompt, queue=False,
                           api_name="add_network")
         send_button.click(
-            handlers.send_to_generate,
+            lambda text: handlers.send_to_generate(text, engine.library()),
             png_text,
             [prompt, negative, sampler, steps, cfg, width, height, seed, *hires_inputs, clip_skip, vae_decoder,
              hires_resize, tabs],

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from pipelines.generation.denoising import Interruption
+    from pipelines.models.library import ModelLibrary
     from sd_app.engine import Candidate, Engine, GenerationResult
 
 log = logging.getLogger("sd_app.ui")
@@ -829,13 +830,14 @@ class UiHandlers:
             return text, {"error": str(error)}
 
     @staticmethod
-    def send_to_generate(text: str) -> tuple[Any, ...]:
-        """Fill the Generate view (hires fix included) from a parameters text and switch to it."""
+    def send_to_generate(text: str, library: ModelLibrary | None = None) -> tuple[Any, ...]:
+        """Fill the Generate view (hires fix included) from a parameters text and switch to it; with a ``library``,
+        its LoRAs found by their ``Lora hashes`` as A1111 does on a paste (``local_lora_names``)."""
         from pipelines.generation.conditioning import LATENT_UPSCALERS, PIXEL_UPSCALERS, HiresFix
-        from sd_app.metadata import parse_parameters, request_from_parameters
+        from sd_app.metadata import parse_parameters, request_from_parameters, with_local_loras
 
         try:
-            params = parse_parameters(text or "")
+            params = with_local_loras(parse_parameters(text or ""), library)
             upscaler = params.get("Hires upscaler")
             if upscaler is not None and upscaler not in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS):
                 # e.g. A1111's R-ESRGAN 4x+: fill in the rest rather than refuse the whole text
@@ -866,11 +868,17 @@ class UiHandlers:
         )
 
     @staticmethod
-    def send_png_to_image(file: str | None, text: str) -> tuple[Any, ...]:
-        """The dropped PNG and its parameters (img2img settings included) into the Image to image view."""
+    def send_png_to_image(file: str | None, text: str, library: ModelLibrary | None = None) -> tuple[Any, ...]:
+        """The dropped PNG and its parameters (img2img settings included) into the Image to image view (LoRAs as
+        :meth:`send_to_generate` finds them)."""
         from PIL import Image, UnidentifiedImageError
 
-        from sd_app.metadata import image_settings_from_parameters, parse_parameters, request_from_parameters
+        from sd_app.metadata import (
+            image_settings_from_parameters,
+            parse_parameters,
+            request_from_parameters,
+            with_local_loras,
+        )
         from sd_app.ui_image import INPAINT_AREAS, MASK_MODES
 
         if not file:
@@ -882,7 +890,7 @@ class UiHandlers:
             raise user_error(f"{Path(file).name} is not a readable image") from None
         skip = gr.update()
         try:
-            params = parse_parameters(text or "")
+            params = with_local_loras(parse_parameters(text or ""), library)
             request = request_from_parameters(params)
             settings = image_settings_from_parameters(params)
         except ValueError:  # no usable parameters: send the picture alone

@@ -31,8 +31,10 @@ def _gen(seed: int) -> torch.Generator:
 def kohya_lora(components, path: Path, rank: int = 4, alpha: float = 2.0, seed: int = 0,
                modules: tuple[tuple[str, str], ...] = (("unet", UNET_LINEAR), ("unet", UNET_CONV),
                                                        ("unet", UNET_PROJ), ("text_encoder", TE_LINEAR),
-                                                       ("text_encoder", TE_OUT))) -> Path:
-    """kohya LoRA (conv 3x3 downs as kohya's conv_dim / LoCon write them), alpha given."""
+                                                       ("text_encoder", TE_OUT)),
+               output_name: str | None = None) -> Path:
+    """kohya LoRA (conv 3x3 downs as kohya's conv_dim / LoCon write them), alpha given; its header's
+    ``ss_output_name`` (A1111's alias) is ``output_name``, the file stem by default, as kohya writes it."""
     g = _gen(seed)
     state = {}
     for component, module in modules:
@@ -46,7 +48,8 @@ def kohya_lora(components, path: Path, rank: int = 4, alpha: float = 2.0, seed: 
             state[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
         state[f"{name}.alpha"] = torch.tensor(alpha)
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                          "ss_base_model_version": "sd_v1", "ss_output_name": path.stem})
+                                          "ss_base_model_version": "sd_v1",
+                                          "ss_output_name": path.stem if output_name is None else output_name})
     return path
 
 

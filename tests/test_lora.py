@@ -279,7 +279,7 @@ def test_kohya_file_loads_in_diffusers_and_fuses_to_our_merge(tiny_model, pipe, 
 def test_lora_hashes_in_the_png_and_png_info_reads_them_back(pipe, tiny_model, models_dir, tmp_path):
     from PIL import Image
 
-    from pipelines.models.networks import parse_hashes_text
+    from pipelines.models.network_hashes import parse_hashes_text
     from sd_app.engine import Engine
     from sd_app.metadata import parse_parameters, request_from_parameters
     from sd_app.ui_handlers import UiHandlers

@@ -84,8 +84,9 @@ class HashCache:
         """A1111's AutoV2 short hash: the first 10 hex digits of the SHA-256."""
         return self.sha256(path)[:SHORT_HASH_DIGITS]
 
-    def cached(self, path: Path) -> str | None:
-        """The SHA-256 if it is cached and still valid, without hashing."""
+    def cached(self, path: Path, field: str = "sha256") -> str | None:
+        """The SHA-256 (``field``: "sha256", or "tensors_sha256" of :meth:`tensors_sha256`) if it is cached and still
+        valid, without hashing."""
         try:
             resolved = path.resolve()
             stat = resolved.stat()
@@ -94,7 +95,7 @@ class HashCache:
         with self._lock:
             entry = self._entries.get(str(resolved))
         if entry and entry.get("mtime_ns") == stat.st_mtime_ns and entry.get("size") == stat.st_size:
-            digest = entry.get("sha256")
+            digest = entry.get(field)
             return str(digest) if digest else None
         return None
 

@@ -10,8 +10,10 @@ checkpoints are VAEs, as in A1111. A PEFT adapter folder (``adapter_model.safete
 (A1111 lists files only). Pickle files (.ckpt, .pt, .bin, ...) are listed as refused, with
 the reason, and never opened. Names are A1111's: the path under the kind's folder, without the
 extension for LoRAs and embeddings (``<lora:name:1>``; a unique file stem works too) and with it for
-checkpoints and VAEs (``sd_model_checkpoint``, ``sd_vae``). Short hashes are A1111's AutoV2, from a
-``HashCache``; the embedded model and the example LoRAs shipped with the package are always listed.
+checkpoints and VAEs (``sd_model_checkpoint``, ``sd_vae``). A .safetensors LoRA is also found by its alias,
+kohya's ``ss_output_name`` in its header (A1111's ``NetworkOnDisk.alias``), when no name or stem is the text
+and no other file has that alias (A1111 then forbids it: only names work). Short hashes are A1111's AutoV2,
+from a ``HashCache``; the embedded model and the example LoRAs shipped with the package are always listed.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ OTHER_FOLDERS = ("models/vae-approx", "models/vae_approx")
 IMAGE_EMBEDDINGS = {".png", ".webp", ".jxl", ".avif"}  # A1111 hides pickled embeddings in images
 MAX_HEADER_BYTES = 100_000_000
 NETWORK_HASH_DIGITS = 12  # A1111's Network.shorthash / Embedding.shorthash: hash[0:12]
+ALIAS_KEY = "ss_output_name"  # kohya's output name in a LoRA header: A1111's NetworkOnDisk.alias
+FORBIDDEN_ALIASES = ("none",)  # A1111's list_available_networks never resolves these as aliases
 EMBEDDED_NAME = EMBEDDED_MODEL_DIR.name
 
 
@@ -327,6 +331,7 @@ class ModelLibrary:
     shipped: bool = True  # list the embedded model and the shipped example LoRAs
     _listing: dict[str, list[ModelFile]] = field(default_factory=dict, init=False, repr=False)
     _stamps: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict, init=False, repr=False)
+    _aliases: dict[tuple[str, int, int], str] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     unrecognised: list[Path] = field(default_factory=list, init=False)  # roots holding no known model folder
 
@@ -412,6 +417,8 @@ class ModelLibrary:
             hint = ""
             if kind in ("checkpoint", "vae") and _is_short_hash(text):
                 hint = "; a short hash names a file once it is hashed (sd-app models lists the hashes)"
+            if kind == "lora":
+                hint = f"; a LoRA is named by its file name, stem or alias ({ALIAS_KEY} in its header)"
             hint += "".join(f"; {layout_hint(root)}" for root in self.unrecognised)
             raise ModelNotFound(f"no {kind} named {text!r} in the model folders (available: {known}){hint}")
         wanted = title_hash(text)
@@ -419,6 +426,11 @@ class ModelLibrary:
             matches = self._of_hash(kind, text, matches, wanted)
         if len(matches) > 1:
             matches = self._one_of(matches)
+        if len(matches) > 1 and kind == "lora" and not any(text in _spellings(m) for m in matches):
+            names = " or ".join(f"<lora:{m.name}:...>" for m in matches)
+            raise ModelNotFound(f"lora alias {text!r} ({ALIAS_KEY} in their headers) is shared by "
+                                f"{', '.join(str(m.path) for m in matches)}, so it names none of them (as in A1111); "
+                                f"name the file instead: {names}")
         if len(matches) > 1:
             paths = ", ".join(str(m.path) for m in matches)
             advice = "rename one of them"
@@ -482,11 +494,77 @@ class ModelLibrary:
             by_stem = [e for e in entries if candidate in (e.stem, e.path.name)]
             if by_stem:
                 return by_stem
+        if kind == "lora" and text.lower() not in FORBIDDEN_ALIASES:  # headers read only when no name fits
+            return [e for e in entries if e.refused is None and self.alias(e) == text]
         if kind in ("checkpoint", "vae") and _is_short_hash(text):  # hashes already computed (A1111's too)
             wanted = text.lower()
             return [e for e in entries
                     if e.refused is None and (self.hashes.cached(e.weights) or "").startswith(wanted)]
         return []
+
+    def alias(self, entry: ModelFile) -> str:
+        """A .safetensors LoRA's alias, kohya's ``ss_output_name`` in its header (A1111's ``NetworkOnDisk.alias``);
+        "" for other entries and files without one. Headers are read once per file version (mtime, size)."""
+        if entry.kind != "lora" or entry.format != "safetensors" or entry.refused:
+            return ""
+        try:
+            stat = entry.path.stat()
+        except OSError:
+            return ""
+        key = (str(entry.path), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._aliases.get(key)
+        if cached is not None:
+            return cached
+        try:
+            alias = read_header(entry.path).metadata.get(ALIAS_KEY, "").strip()
+        except ModelLoadError:
+            alias = ""  # an unreadable file is reported when it is used by its name
+        with self._lock:
+            self._aliases[key] = alias
+        return alias
+
+    def prompt_name(self, entry: ModelFile) -> str:
+        """What A1111 writes in a prompt for a LoRA (``get_alias()`` with its default "Alias from file"): the alias
+        when it names this file, else the file stem when that does, else the name."""
+        for candidate in (self.alias(entry), entry.stem):
+            if not candidate:
+                continue
+            try:
+                if self.find("lora", candidate).path == entry.path:
+                    return candidate
+            except ModelLoadError:
+                continue
+        return entry.name
+
+    def known_network_hash(self, entry: ModelFile) -> str | None:
+        """:meth:`network_hash` when it needs no hashing (the header's ``sshs_model_hash``, or a digest already
+        cached), else None: what A1111's ``available_network_hash_lookup`` knows."""
+        if entry.refused or entry.kind != "lora":
+            return None
+        if entry.format == "safetensors":
+            try:
+                digest = read_header(entry.path).metadata.get("sshs_model_hash") or ""
+            except ModelLoadError:
+                return None
+            digest = digest or self.hashes.cached(entry.path, "tensors_sha256") or ""
+            return digest[:NETWORK_HASH_DIGITS] or None
+        if entry.format == "peft":
+            parts = adapter_weights(entry.path)
+            if parts and all(self.hashes.cached(path, "tensors_sha256") for path in parts):
+                return self.network_hash(entry)  # every part cached: nothing is read
+        return None
+
+    def find_by_network_hash(self, short_hash: str) -> ModelFile | None:
+        """The usable LoRA whose known 12-digit network hash is ``short_hash`` (A1111's hash lookup when an
+        infotext is pasted), or None."""
+        wanted = short_hash.strip().lower()
+        if len(wanted) != NETWORK_HASH_DIGITS:
+            return None
+        for entry in self.files("lora"):
+            if entry.refused is None and self.known_network_hash(entry) == wanted:
+                return entry
+        return None
 
     def short_hash(self, entry: ModelFile) -> str | None:
         """AutoV2 short hash of the entry's weights (None for refused pickles: they are never read)."""
@@ -517,6 +595,7 @@ class ModelLibrary:
             "name": entry.name, "kind": entry.kind, "format": entry.format, "path": str(entry.path),
             "size": entry.size, "folder": entry.folder, "refused": entry.refused,
             "hash": self.short_hash(entry) if hashes else None, "base_model": None, "metadata": {},
+            "alias": self.alias(entry) or None,
         }
         if entry.refused:
             return row

@@ -4,7 +4,8 @@
 ``models/LyCORIS``, ComfyUI's ``models/loras`` and the LoRAs shipped with the package), parsed once
 (a few are kept, keyed by path, mtime and size) and merged by a ``LoraPatcher``; embeddings come from
 the ``embeddings`` folders by file name, and from the LoRAs a prompt names when they bundle some (kohya's
-``bundle_emb``: A1111 registers them while the LoRA is loaded). Infotext: A1111's ``Lora hashes`` and
+``bundle_emb``: A1111 registers them while the LoRA is loaded). A LoRA is found by its file name, stem or alias
+(``ModelLibrary.find``). Infotext: A1111's ``Lora hashes`` (``pipelines.models.network_hashes``) and
 ``TI hashes`` (a bundled embedding's "hash" is its LoRA's name, as A1111 writes it).
 """
 
@@ -28,6 +29,7 @@ from pipelines.models.embeddings import embedding_from_tensors, read_embedding
 from pipelines.models.errors import ModelLoadError
 from pipelines.models.lora import LoraPatcher, WeightedLora
 from pipelines.models.lora_formats import LoraFile, read_lora
+from pipelines.models.network_hashes import lora_hashes_text
 from pipelines.models.peft_layout import adapter_files
 
 if TYPE_CHECKING:
@@ -36,21 +38,6 @@ if TYPE_CHECKING:
 
 KEPT_FILES = 8  # parsed LoRA / embedding files kept in memory
 log = logging.getLogger(__name__)
-
-
-def hashes_text(pairs: Sequence[tuple[str, str]]) -> str:
-    """A1111's ``Lora hashes`` / ``TI hashes`` value: ``name: hash, name: hash``."""
-    return ", ".join(f"{name}: {short_hash}" for name, short_hash in pairs)
-
-
-def parse_hashes_text(text: str) -> dict[str, str]:
-    """The inverse of :func:`hashes_text` (PNG info reads ``Lora hashes`` back)."""
-    pairs = {}
-    for item in text.split(","):
-        name, sep, short_hash = item.strip().rpartition(":")
-        if sep and name.strip():
-            pairs[name.strip()] = short_hash.strip()
-    return pairs
 
 
 class LibraryNetworks:
@@ -90,7 +77,8 @@ class LibraryNetworks:
         self.patcher.apply(weighted)
         if not weighted:
             return {}
-        return {"Lora hashes": hashes_text([(tag.name, w.lora.short_hash) for tag, w in zip(tags, weighted)])}
+        text = lora_hashes_text([(tag.name, w.lora.short_hash) for tag, w in zip(tags, weighted)])
+        return {"Lora hashes": text} if text else {}
 
     def embeddings(self, texts: Sequence[str]) -> dict[str, TextualInversion]:
         """Embeddings whose names occur as words in ``texts`` outside ``<lora:...>`` tags (the encoder then
