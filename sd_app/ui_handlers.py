@@ -861,17 +861,14 @@ class UiHandlers:
             raise user_error("Upload at least one image.")
         if not lines:
             raise user_error("Type at least one text (one per line).")
-        with reported_to_user("score"):
+        with reported_to_user("score"), uploads_named_as_uploaded(files):  # not the server's temporary copies
             scorer = self.engine.scorer()
             if scorer is None:
                 raise ValueError("no CLIP model is loaded (the server was started with --reranker none)")
             rows = []
             for file in files:
                 path = Path(file)
-                try:
-                    image = load_image_file(path, convert=True)
-                except (OSError, ValueError):  # its message names the server's temporary copy
-                    raise ValueError(f"{path.name} is not a readable image file") from None
+                image = load_image_file(path, convert=True)
                 for row in scorer.zero_shot(image, lines):
                     rows.append(
                         [path.name, row.text, round(row.cosine, 4), round(row.logit, 2), round(row.probability, 4)]
