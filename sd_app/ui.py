@@ -46,6 +46,7 @@ def build_demo(
     from sd_app.ui_inspect import TOKEN_HEADERS
     from sd_app.ui_jobs import JobTracker
     from sd_app.ui_rerank import RerankView
+    from sd_app.ui_uploads import checked_upload, refuse_unreadable
 
     handlers = UiHandlers(engine, tracker or JobTracker(max_waiting=max_queue))
     rerank_view = RerankView(engine, local_paths=local_paths)
@@ -177,15 +178,17 @@ def build_demo(
                 image_defaults = ImageConditioning(Image.new("RGB", (8, 8)))
                 with gr.Row():
                     with gr.Column(scale=3):
-                        editor = gr.ImageEditor(
+                        editor = checked_upload(gr.ImageEditor(
                             label="Init image: paint over what to repaint (no strokes = img2img)",
                             type="pil",
                             format="png",
                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
                             elem_id="init-image",
-                        )
+                        ), "Init image")
                         with gr.Accordion("Or upload a mask (white = repaint)", open=False):
-                            mask_upload = gr.Image(label="Mask", type="pil", image_mode="L", format="png")
+                            mask_upload = checked_upload(
+                                gr.Image(label="Mask", type="pil", image_mode="L", format="png", elem_id="mask-upload"),
+                                "Mask")
                     with gr.Column(scale=2):
                         i_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="img2img-prompt")
                         i_negative = gr.Textbox(label="Negative prompt", lines=1)
@@ -361,19 +364,30 @@ def build_demo(
             api_name="img2img",
             concurrency_id=MODEL_GROUP,
             concurrency_limit=1,
+            validator=refuse_unreadable,  # an upload that is no image: one line under it, the results kept
         )
-        # After each run the page's selection follows a switch made elsewhere (another page, the HTTP API)
+        # After each run the page's selection follows a switch made elsewhere (another page, the HTTP API): after a
+        # success and after a failure (a refused run's included) or a cancel. (Gradio 6.31's page runs a ``.then``
+        # only after a success or a cancel, not after an error, so each of the two gets its own listener.)
         selection = [checkpoint, vae, clip_skip, vae_decoder, i_vae_decoder, shown]
         for event in (generate_event, image_event):
-            event.then(handlers.follow_server, [shown, clip_skip, vae_decoder, i_vae_decoder], selection, queue=False,
-                       api_name=False, show_progress="hidden")
+            for after in (event.success, event.failure):
+                after(handlers.follow_server, [shown, clip_skip, vae_decoder, i_vae_decoder], selection, queue=False,
+                      api_name=False, show_progress="hidden")
+        for event, view_session, view_status, view_previews in ((generate_event, session, status, previews),
+                                                                (image_event, image_session, i_status, i_previews)):
+            event.failure(handlers.after_cancel, view_session, [view_status, view_previews], concurrency_limit=None,
+                          api_name=False, show_progress="hidden")
         outpaint.change(handlers.outpaint_content, [outpaint, masked_content], masked_content, queue=False,
                         api_name=False)
         # Interrupt and Skip keep what the view's job made; Cancel keeps nothing and also drops the view's job from
         # the queue when it has not started (Gradio's cancels, which would also close a running job's stream)
-        i_interrupt.click(handlers.interrupt, image_session, i_status, concurrency_limit=None, api_name=False)
-        i_skip.click(handlers.skip, image_session, i_status, concurrency_limit=None, api_name=False)
-        i_cancel.click(handlers.cancel, image_session, i_status, concurrency_limit=None, api_name=False,
+        # Each button says when the view's job still waits in the queue; Cancel's click closes the job's stream, so
+        # the view's last line comes after it (the page runs a run event's failure listeners after a cancel too)
+        image_interrupt, image_skip, image_cancel = handlers.stop_buttons("img2img")
+        i_interrupt.click(image_interrupt, image_session, i_status, concurrency_limit=None, api_name=False)
+        i_skip.click(image_skip, image_session, i_status, concurrency_limit=None, api_name=False)
+        i_cancel.click(image_cancel, image_session, i_status, concurrency_limit=None, api_name=False,
                        cancels=[image_event])
         i_gallery.select(handlers.select_candidate, image_session, i_parameters, queue=False, api_name=False)
         send_result.click(
@@ -389,9 +403,10 @@ def build_demo(
              inpaint_area, padding, mask_mode, resize_mode, i_vae_decoder, tabs],
             api_name=False,
         )
-        interrupt_button.click(handlers.interrupt, session, status, concurrency_limit=None, api_name="interrupt")
-        skip_button.click(handlers.skip, session, status, concurrency_limit=None, api_name="skip")
-        cancel_button.click(handlers.cancel, session, status, concurrency_limit=None, api_name="cancel",
+        generate_interrupt, generate_skip, generate_cancel = handlers.stop_buttons("generate")
+        interrupt_button.click(generate_interrupt, session, status, concurrency_limit=None, api_name="interrupt")
+        skip_button.click(generate_skip, session, status, concurrency_limit=None, api_name="skip")
+        cancel_button.click(generate_cancel, session, status, concurrency_limit=None, api_name="cancel",
                             cancels=[generate_event])
         reuse.click(handlers.reuse_seed, session, seed, queue=False, api_name=False)
         gallery.select(handlers.select_candidate, session, parameters, queue=False, api_name=False)
@@ -423,7 +438,11 @@ def build_demo(
         # The page was built at start: each page load shows the selection as it is now
         demo.load(handlers.current_settings, None, selection, queue=False, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
-    from sd_app.ui_admission import limit_waiting_per_client
+    from functools import partial
+
+    from sd_app.ui_admission import limit_waiting_per_client, queued_events
+
+    handlers.waiting_in_queue = partial(queued_events, demo)
 
     # --max-waiting-per-client, as the API applies it (the refusal shows under the view's prompt)
     limit_waiting_per_client(demo, handlers.tracker.max_waiting_per_client,

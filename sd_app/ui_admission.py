@@ -85,3 +85,15 @@ def limit_waiting_per_client(demo: gr.Blocks, max_per_client: int, prompt_inputs
                 del joining[client]
 
     queue.push = admitting_push
+
+
+def queued_events(demo: gr.Blocks, session_hash: str, api_name: str) -> int:
+    """How many events of the function ``api_name`` the page ``session_hash`` has waiting in Gradio's queue (not
+    started); 0 where the queue is not the one sd-app knows (gradio 6.31's, as ``limit_waiting_per_client``)."""
+    queue = getattr(demo, "_queue", None)
+    per_concurrency_id = getattr(queue, "event_queue_per_concurrency_id", None)
+    if not isinstance(per_concurrency_id, dict):
+        return 0
+    return sum(1 for events in per_concurrency_id.values() for event in getattr(events, "queue", [])
+               if getattr(event, "session_hash", None) == session_hash
+               and getattr(getattr(event, "fn", None), "api_name", None) == api_name)

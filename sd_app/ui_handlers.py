@@ -21,7 +21,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,11 @@ log = logging.getLogger("sd_app.ui")
 PREVIEW_PX = 192  # longest side of live latent previews
 THUMB_PX = 64  # per-step thumbnails in the Inspect view
 MAX_TEXTS = 64  # texts one request scores images against (Inspect's extra texts, the Score tab)
+HIRES_RESIZE_LABEL = 'Hires fix "Or resize to WxH"'  # the view's label of the hires resize (A1111's hr_resize_x, _y)
+CANCEL_WAIT_S = 120  # how long the report of a cancel waits for the job to stop (it checks at every step)
+DROPPED_NOTE = "Dropped from the queue: the job had not started; nothing was made."
+WAITING_NOTE = ("Nothing to {action} yet: this view's job is still waiting in the queue (it will run in full); "
+                "use Cancel to drop it from the queue.")
 
 
 class UserSession:
@@ -55,6 +60,8 @@ class UserSession:
         self.last_result: GenerationResult | None = None
         self.cancel: threading.Event | None = None
         self.interruption: Interruption | None = None  # the running job's Interrupt and Skip (None: no job)
+        self.finished: threading.Event | None = None  # set when the running job's worker has ended
+        self.cancel_unreported = False  # Cancel stopped the job, and its stream (closed by the click) did not say so
         self.step_thumbnails: list[tuple[Image.Image, str]] = []
         self.selected: int = 0  # the gallery image last clicked (what "Send to" sends)
         self.last_ranking: Any = None  # the Rerank view's last ranking (sd_app.rerank_folder.FileRanking)
@@ -171,12 +178,30 @@ def reported_to_user(action: str) -> Iterator[None]:
         raise user_error(error_message(error)) from None
 
 
+@contextlib.contextmanager
+def uploads_named_as_uploaded(files: list[str]) -> Iterator[None]:
+    """A ValueError inside naming an uploaded file by the server's temporary copy (``/tmp/gradio/<hash>/cat.png``)
+    names it as the user uploaded it (``cat.png``: Gradio keeps the uploaded name)."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        for file in sorted(map(str, files), key=len, reverse=True):
+            message = message.replace(file, Path(file).name)
+        if message == str(error):
+            raise
+        raise ValueError(message) from None
+
+
 class UiHandlers:
     """Handlers of every view, bound to one engine and one job tracker."""
 
     def __init__(self, engine: Engine, tracker: JobTracker) -> None:
         self.engine = engine
         self.tracker = tracker
+        # (session hash, view's API name) -> that page's events of the view waiting in Gradio's queue; build_demo
+        # sets it once the queue exists (sd_app.ui_admission.queued_events)
+        self.waiting_in_queue: Callable[[str, str], int] = lambda session_hash, view: 0
 
     # ---- Generate ---------------------------------------------------------------------------
 
@@ -234,12 +259,16 @@ class UiHandlers:
         settings["prune_to"], settings["prune_at"] = integer("prune_to", pruning[0]), integer("prune_at", pruning[1])
         settings["vae_decoder"] = vae_decoder or "Full"
         if hires is not None and hires[0]:
-            from pipelines.generation.conditioning import HiresFix
+            from pipelines.generation.conditioning import MAX_SIDE, HiresFix
             from sd_app.arguments import parse_hires_size
 
             _, scale, upscaler, hires_steps, denoise, *resize = hires
             size = (resize[0] or "").strip() if resize else ""
-            resize_x, resize_y = parse_hires_size(size, "resize to") if size else (0, 0)
+            resize_x, resize_y = parse_hires_size(size, HIRES_RESIZE_LABEL) if size else (0, 0)
+            for side, value in (("width", resize_x), ("height", resize_y)):  # named as the view names them
+                if value > MAX_SIDE or value % 8:
+                    raise ValueError(f"{HIRES_RESIZE_LABEL}: the {side} must be 0 (keep the aspect) or a multiple "
+                                     f"of 8 up to {MAX_SIDE}, got {value}")
             settings["hires"] = HiresFix(
                 scale=number("hr_scale", scale),
                 upscaler=upscaler,
@@ -304,6 +333,9 @@ class UiHandlers:
                 "extra_rounds": integer("extra rounds", extra_rounds),
             }
             if rerank_by == "off" and (ranking["scorers"] or ranking["min_score"]):
+                if self.engine.reranker is None:  # the view's Rerank by is Off and cannot be changed
+                    raise ValueError("This server was started without a reranker (--reranker none): scorers and "
+                                     "a minimum score cannot be used")
                 raise ValueError("Rerank by is Off: turn it on to use scorers or a minimum score")
         except ValueError as error:
             raise user_error(str(error)) from None
@@ -366,15 +398,20 @@ class UiHandlers:
 
         cancel = threading.Event()
         interruption = Interruption()
-        session.cancel, session.interruption = cancel, interruption
+        finished = threading.Event()
+        session.cancel, session.interruption, session.finished = cancel, interruption, finished
+        session.cancel_unreported = False
         session.step_thumbnails = []
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         expected = shown.selection if shown is not None else None
-        worker = threading.Thread(
-            target=self._work,
-            args=(request, rerank_by, cancel, session, events, ranking or {}, expected, interruption),
-            daemon=True, name="generate",
-        )
+
+        def work() -> None:
+            try:
+                self._work(request, rerank_by, cancel, session, events, ranking or {}, expected, interruption)
+            finally:
+                finished.set()  # what the report of a cancel waits for (the click closes this stream: after_cancel)
+
+        worker = threading.Thread(target=work, daemon=True, name="generate")
         round_note = ""
         started = time.monotonic()
         worker.start()
@@ -394,6 +431,7 @@ class UiHandlers:
                     status = f"Step {step}/{total} · {time.monotonic() - started:.1f} s{round_note}"
                     yield status, previews, skip, skip, skip
                 elif kind == "error":
+                    session.cancel_unreported = False  # this stream says it
                     yield from self._failed(payload, shown)
                     return
                 else:
@@ -466,7 +504,7 @@ class UiHandlers:
 
         skip = gr.update()
         if isinstance(error, GenerationCancelled):
-            yield f"Cancelled ({error}).", skip, skip, skip, skip
+            yield f"Cancelled ({error}).", [], skip, skip, skip  # no stale previews; the last results stay
             return
         if isinstance(error, SelectionChanged) and shown is not None:
             message = changed_message(shown, self.shown_selection())  # the page's widgets follow after the run
@@ -530,32 +568,66 @@ class UiHandlers:
         return "fill" if pixels and current == "original" else gr.update()
 
     @staticmethod
-    def cancel(session: UserSession) -> str:
-        """Set the running job's cancel event: it stops within one step and keeps nothing. (Its queued job, if any,
-        the page drops itself: the button's ``cancels``, which Interrupt and Skip cannot have, as it would also
-        close a running job's stream and lose what they keep.)"""
-        if session.cancel is None:
-            return "Nothing to cancel."
+    def cancel(session: UserSession, queued: int = 0) -> str:
+        """Set the running job's cancel event: it stops within one step and keeps nothing. The click also closes the
+        job's stream (the button's ``cancels``), so the view's last line comes from ``after_cancel``. ``queued``: the
+        view's jobs still waiting in Gradio's queue, which that ``cancels`` drops. (Interrupt and Skip cannot have
+        ``cancels``: closing a running job's stream would lose what they keep.)"""
+        if session.cancel is None or (session.finished is not None and session.finished.is_set()):
+            return DROPPED_NOTE if queued else "Nothing to cancel."  # (a cancelled job's event stays set)
+        session.cancel_unreported = session.cancel_unreported or not session.cancel.is_set()
         session.cancel.set()
         return "Cancelling…"
 
     @staticmethod
-    def interrupt(session: UserSession) -> str:
+    def after_cancel(session: UserSession) -> tuple[Any, Any]:
+        """(status, previews) after the view's run event failed or was cancelled: once a job that Cancel stopped has
+        ended, say so and clear its stale previews; otherwise (an error, which said so itself) leave both."""
+        skip = gr.update()
+        if not session.cancel_unreported:
+            return skip, skip
+        session.cancel_unreported = False
+        if session.finished is not None and not session.finished.wait(CANCEL_WAIT_S):
+            return "Cancelling… (the job stops at its next step)", skip
+        return "Cancelled: the job stopped; nothing was kept.", []
+
+    @staticmethod
+    def interrupt(session: UserSession, queued: int = 0) -> str:
         """A1111's Interrupt: stop the view's running job, keeping what it made (its finished images, then the ones
         being denoised as they are at the step reached); the job answers with them."""
         if session.interruption is None:
-            return "Nothing to interrupt."
+            return WAITING_NOTE.format(action="interrupt") if queued else "Nothing to interrupt."
         session.interruption.interrupt()
         return "Interrupting…"
 
     @staticmethod
-    def skip(session: UserSession) -> str:
+    def skip(session: UserSession, queued: int = 0) -> str:
         """A1111's Skip: stop the batch the view's job is denoising, keeping its images as they are, and go on with
         the next batch."""
         if session.interruption is None:
-            return "Nothing to skip."
+            return WAITING_NOTE.format(action="skip") if queued else "Nothing to skip."
         session.interruption.skip()
         return "Skipping…"
+
+    def stop_buttons(self, view: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """The view's Interrupt, Skip and Cancel handlers for Gradio; each also knows whether the page's job of
+        ``view`` (its run event's API name) still waits in Gradio's queue (``self.waiting_in_queue``)."""
+        handlers = self
+
+        def queued(request: gr.Request | None) -> int:
+            session_hash = getattr(request, "session_hash", None)
+            return handlers.waiting_in_queue(session_hash, view) if session_hash else 0
+
+        def interrupt(session: UserSession, request: gr.Request) -> str:
+            return handlers.interrupt(session, queued(request))
+
+        def skip(session: UserSession, request: gr.Request) -> str:
+            return handlers.skip(session, queued(request))
+
+        def cancel(session: UserSession, request: gr.Request) -> str:
+            return handlers.cancel(session, queued(request))
+
+        return interrupt, skip, cancel
 
     @staticmethod
     def reuse_seed(session: UserSession) -> int:
@@ -792,7 +864,7 @@ class UiHandlers:
             raise user_error("Upload at least one image.")
         if not lines:
             raise user_error("Type at least one text (one per line).")
-        with reported_to_user("score"):
+        with reported_to_user("score"), uploads_named_as_uploaded(files):  # not the server's temporary copies
             scorer = self.engine.scorer()
             if scorer is None:
                 raise ValueError("no CLIP model is loaded (the server was started with --reranker none)")

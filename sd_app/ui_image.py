@@ -76,7 +76,11 @@ def image_request(
     field at fault; the notes say what was adjusted (a resized mask, an outpainting canvas).
     """
     from pipelines.generation.masks import generation_size, image_conditioning
+    from sd_app.ui_uploads import UnreadableUpload
 
+    for upload in (editor, uploaded_mask):
+        if isinstance(upload, UnreadableUpload):  # the event's validator refuses it first (sd_app.ui_uploads)
+            raise ValueError(str(upload))
     init, painted = editor_inputs(editor)
     if init is None:
         raise ValueError("init image: upload or send an image to Image to image first")

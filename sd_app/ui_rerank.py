@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd_app.ui_handlers import reported_to_user, user_error
+from sd_app.ui_handlers import reported_to_user, uploads_named_as_uploaded, user_error
 
 if TYPE_CHECKING:
     from sd_app.engine import Engine
@@ -61,12 +61,14 @@ class RerankView:
         """(status, table, gallery, CSV file): the images best first with every scorer's number."""
         from sd_app.rerank_folder import image_files, rank_files
 
+        if not (prompt or "").strip():
+            raise user_error("Type a prompt to rank the images against.")
         folder = (folder or "").strip()
         if folder and not self.local_paths:
             raise user_error("Folders can be read only when the server runs on this computer (localhost); "
                              "upload the images instead.")
         paths: list[str | Path] = list(files or [])
-        with reported_to_user("rerank"):
+        with reported_to_user("rerank"), uploads_named_as_uploaded(files or []):
             if folder:
                 paths += image_files(folder)
             if not paths:

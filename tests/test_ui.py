@@ -387,7 +387,7 @@ def test_hires_resize_goes_from_png_info_into_generate_and_into_the_picture(clie
     status, _, gallery, parameters, _ = client.predict(*args, "128x64", api_name="/generate")
     assert Image.open(gallery[0]["image"]).size == (128, 64)
     assert parse_parameters(parameters)["Hires resize"] == "128x64"
-    with pytest.raises(AppError, match="resize to must look like 1024x768"):
+    with pytest.raises(AppError, match=r"Hires fix \"Or resize to WxH\" must look like 1024x768"):
         client.predict(*args, "big", api_name="/generate")
 
 
