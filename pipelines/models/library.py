@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.models.errors import PICKLE_SUFFIXES, ModelLoadError, ModelNotFound
+from pipelines.models.errors import PICKLE_SUFFIXES, IncompatibleModel, ModelLoadError, ModelNotFound
 from pipelines.models.hash_cache import HashCache
 from pipelines.models.peft_layout import ADAPTER_WEIGHTS, adapter_files, adapter_weights, is_adapter, pickled_part
 from pipelines.models.shipped import EMBEDDED_MODEL_DIR, PACKAGE_DIR
@@ -161,6 +161,14 @@ def base_model(header: SafetensorsHeader) -> str:
     if widths & {2048, 1280}:
         return "SDXL"
     return "unknown"
+
+
+def check_lora_base(path: Path, header: SafetensorsHeader, what: str = "a LoRA") -> None:
+    """IncompatibleModel when the header says ``path`` (``what`` it is) was made for another base than SD 1.x (an
+    unknown base passes: the keys are checked when it is read)."""
+    base = base_model(header)
+    if base not in ("SD 1.x", "unknown"):
+        raise IncompatibleModel(f"{path}: {what} for another base ({base}); this model is SD 1.x")
 
 
 def _child(folder: Path, name: str) -> Path | None:

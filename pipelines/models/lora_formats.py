@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.models.errors import IncompatibleModel, ModelLoadError, refuse_pickle
+from pipelines.models.errors import ModelLoadError, refuse_pickle
 from pipelines.models.lora_keys import PEFT_PREFIXES, split_key
 from pipelines.models.peft_layout import ADAPTER_CONFIG, MODEL_PREFIX
 
@@ -80,7 +80,7 @@ BUNDLE_PREFIX = "bundle_emb."  # kohya's bundled embeddings: bundle_emb.NAME.<th
 def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
     """Parse a LoRA ``.safetensors`` or PEFT adapter folder; ModelLoadError naming the file for pickles, truncation
     or unknown keys."""
-    from pipelines.models.library import base_model, read_header
+    from pipelines.models.library import check_lora_base, read_header
     from pipelines.models.single_file import read_safetensors
 
     if path.is_dir():
@@ -89,9 +89,7 @@ def read_lora(path: Path, name: str, short_hash: str) -> LoraFile:
     state = read_safetensors(path)  # names the file when it is cut short or not safetensors
     header = read_header(path)
     metadata = header.metadata
-    base = base_model(header)
-    if base not in ("SD 1.x", "unknown"):
-        raise IncompatibleModel(f"{path}: a LoRA for another base ({base}); this model is SD 1.x")
+    check_lora_base(path, header)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     bundled: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipelines.generation.extra_networks import NEGATIVE_PROMPT_TAGS, parse_network_tags, strip_network_tags
-from pipelines.models.errors import IncompatibleModel, ModelLoadError
-from pipelines.models.library import base_model, read_header
+from pipelines.models.errors import ModelLoadError
+from pipelines.models.library import check_lora_base, read_header
 from pipelines.models.networks import mentions_word
 from pipelines.models.peft_layout import adapter_weights
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
     from pipelines.models.library import ModelFile, ModelLibrary, SafetensorsHeader
 
-FITTING_BASES = ("SD 1.x", "unknown")  # what read_lora accepts
 
 
 class NetworkChecker:
@@ -47,7 +46,7 @@ class NetworkChecker:
             if ("lora", str(entry.path)) not in self._passed:
                 files = adapter_weights(entry.path) if entry.format == "peft" else [entry.path]
                 for file in files:
-                    check_lora_header(file, _complete_header(file))
+                    check_lora_base(file, _complete_header(file))
                 self._passed.add(("lora", str(entry.path)))
         text = "\n".join(strip_network_tags(part) for part in (prompt, negative_prompt))
         for entry in self.library.current_files("embedding"):
@@ -69,13 +68,6 @@ def _complete_header(path: Path) -> SafetensorsHeader:
     if not header.complete:
         raise ModelLoadError(f"{path}: not a complete .safetensors file (shorter than its header says)")
     return header
-
-
-def check_lora_header(path: Path, header: SafetensorsHeader) -> None:
-    """IncompatibleModel when the header says the LoRA is for another base than SD 1.x (as ``read_lora`` refuses)."""
-    base = base_model(header)
-    if base not in FITTING_BASES:
-        raise IncompatibleModel(f"{path}: a LoRA for another base ({base}); this model is SD 1.x")
 
 
 def check_embedding_header(path: Path, name: str, header: SafetensorsHeader, width: int) -> None:

@@ -149,7 +149,7 @@ def pattern_value(patterns: dict[str, Any] | None, path: str, default: Any) -> A
 
 
 def _read_part(part: Path, component: str | None) -> list[AdapterModule]:
-    from pipelines.models.library import base_model, read_header
+    from pipelines.models.library import check_lora_base, read_header
     from pipelines.models.single_file import read_safetensors
 
     weights = part / ADAPTER_WEIGHTS
@@ -157,9 +157,7 @@ def _read_part(part: Path, component: str | None) -> list[AdapterModule]:
         raise ModelLoadError(f"{part / ADAPTER_PICKLE}: a Python pickle, never loaded (it can run code); save the "
                              f"adapter with safe_serialization=True (PEFT's default) to get {ADAPTER_WEIGHTS}")
     config = read_config(part / ADAPTER_CONFIG)
-    base = base_model(read_header(weights))
-    if base not in ("SD 1.x", "unknown"):
-        raise IncompatibleModel(f"{weights}: an adapter for another base ({base}); this model is SD 1.x")
+    check_lora_base(weights, read_header(weights), "an adapter")
     grouped: dict[str, dict[str, torch.Tensor]] = {}  # module path -> kohya tensor name -> tensor
     unknown: list[str] = []
     for key, tensor in read_safetensors(weights).items():
