@@ -274,10 +274,8 @@ def run_batch(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from pipelines.models.loading import text_encoder_layers, text_encoder_width
-    from pipelines.models.network_checks import NetworkChecker
     from sd_app.arguments import ranking_options, scorer_specs
-    from sd_app.checks import check_device, check_output_folder
+    from sd_app.checks import check_device, check_output_folder, check_selected_model
     from sd_app.engine import Engine
 
     specs = scorer_specs(args)
@@ -292,11 +290,8 @@ def run_batch(args: argparse.Namespace) -> int:
     )  # loads nothing yet
     # The largest clip skip and the embeddings' width from the model's config, the LoRAs and embeddings from the
     # folders' listing and the files' headers (no weights read): a bad line fails before any job runs
-    checkpoint = engine.selection()[0]
-    layers = text_encoder_layers(checkpoint)
     base = base_request(args)
-    check_clip_skip(base.clip_skip, layers, "--clip-skip")
-    networks = NetworkChecker(engine.library(), text_encoder_width(checkpoint))
+    layers, networks = check_selected_model(engine, base.clip_skip)
     requests = read_prompts(args.prompts, base, layers,
                             check=lambda request: networks.check(request.prompt, request.negative_prompt))
     if args.keep is not None and any(not 1 <= args.keep <= r.n for r in requests):

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.models.network_checks import NetworkChecker
+    from sd_app.engine import Engine
 
 
 def check_output_folder(folder: Path, option: str = "--out") -> None:
@@ -49,3 +54,18 @@ def check_device(device: str | None, option: str = "--device") -> None:
     from pipelines.speed.devices import checked_device
 
     checked_device(device, option)
+
+
+def check_selected_model(engine: Engine, clip_skip: int) -> tuple[int, NetworkChecker]:
+    """What the selected checkpoint's config and the model folders tell before any model loads: ``--model`` and
+    ``--vae`` found, and ``clip_skip`` within the text encoder's layers (ValueError naming ``--clip-skip``).
+    Returns the layer count (the largest clip skip) and a checker of the LoRAs and embeddings a prompt names
+    (``pipelines.models.network_checks``: the folders' listing and the files' headers, no weights read)."""
+    from pipelines.generation.prompts import check_clip_skip
+    from pipelines.models.loading import text_encoder_layers, text_encoder_width
+    from pipelines.models.network_checks import NetworkChecker
+
+    checkpoint = engine.selection()[0]
+    layers = text_encoder_layers(checkpoint)
+    check_clip_skip(clip_skip, layers, "--clip-skip")
+    return layers, NetworkChecker(engine.library(), text_encoder_width(checkpoint))

@@ -24,8 +24,7 @@ from sd_app.arguments import (
 )
 
 if TYPE_CHECKING:
-    from pipelines.generation.request import GenerationRequest
-    from sd_app.engine import Engine, GenerationResult
+    from sd_app.engine import GenerationResult
     from sd_app.run_report import RunReport
 
 
@@ -83,7 +82,7 @@ def run_generate(args: argparse.Namespace) -> int:
         from sd_app.remote import run_remote_generate
 
         return run_remote_generate(args)
-    from sd_app.checks import check_device, check_output_folder
+    from sd_app.checks import check_device, check_output_folder, check_selected_model
     from sd_app.engine import Engine
     from sd_app.run_report import print_report
 
@@ -102,7 +101,10 @@ def run_generate(args: argparse.Namespace) -> int:
         models_dirs=args.models_dir,
         scorers=specs,
     )
-    check_before_loading(engine, request)
+    # --model, --vae, --clip-skip and the prompt's LoRAs and embeddings, before the model loads (seconds, or a
+    # minute for a large checkpoint)
+    _, networks = check_selected_model(engine, request.clip_skip)
+    networks.check(request.prompt, request.negative_prompt)
 
     def on_round(report) -> None:  # noqa: ANN001 - pipelines.rerank.min_score.RoundReport
         print(f"min score: {report.text()}", file=sys.stderr)
@@ -111,19 +113,6 @@ def run_generate(args: argparse.Namespace) -> int:
     result = engine.generate(request, rerank=rerank, keep=args.keep, progress=True, on_round=on_round, **options)
     print_report(local_report(result, args.out, time.perf_counter() - started))
     return 0
-
-
-def check_before_loading(engine: Engine, request: GenerationRequest) -> None:
-    """What the request asks of the model that its config and the folders' listing tell, checked before the model
-    loads (seconds, or a minute for a large checkpoint): ``--model`` / ``--vae`` found, ``--clip-skip`` within the
-    text encoder's layers, the LoRAs and embeddings the prompt names usable (``pipelines.models.network_checks``)."""
-    from pipelines.generation.prompts import check_clip_skip
-    from pipelines.models.loading import text_encoder_layers, text_encoder_width
-    from pipelines.models.network_checks import NetworkChecker
-
-    checkpoint = engine.selection()[0]
-    check_clip_skip(request.clip_skip, text_encoder_layers(checkpoint), "--clip-skip")
-    NetworkChecker(engine.library(), text_encoder_width(checkpoint)).check(request.prompt, request.negative_prompt)
 
 
 def local_report(result: GenerationResult, out_dir: Path, seconds: float) -> RunReport:
