@@ -139,14 +139,13 @@ class Engine:
     def check_selection(self) -> None:
         """An error now, naming it, when the selected checkpoint, VAE or reranker cannot be found, or the default clip
         skip is beyond the checkpoint's text encoder; loads nothing.
-        (``selection`` finds the VAE file or raises; ``resolve_spec`` does the same for the checkpoint.)"""
-        from pipelines.models.loading import resolve_spec
+        (``selection`` finds the VAE file or raises; ``text_encoder_layers`` resolves the checkpoint, as
+        ``resolve_spec``, before it reads the text encoder's config.)"""
+        from pipelines.generation.prompts import check_clip_skip
+        from pipelines.models.loading import text_encoder_layers
 
         checkpoint, _ = self.selection()
-        resolve_spec(checkpoint)
-        from pipelines.generation.prompts import check_clip_skip
-
-        check_clip_skip(self.clip_skip, self.text_layers(), "clip_skip")  # the default every request would carry
+        check_clip_skip(self.clip_skip, text_encoder_layers(checkpoint), "clip_skip")  # what every request carries
         if self.reranker is not None:  # the reranker folder too, checked as its loading checks it
             from pipelines.rerank.clip_scorer import check_clip_folder, resolve_clip_folder, tokenizer_folder
 
